@@ -1,0 +1,180 @@
+"""`model.json`: the one contract between `export/` (which writes it) and `engines/` (which reads it).
+
+A model directory holds one ONNX graph per component, the tokenizers, the scheduler config and this
+manifest. Everything the runtime needs to know about the model is stated here, so the runtime never
+guesses from file names or tensor shapes. Every file the manifest names carries its sha256, checked on
+load: a file existing is never enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from engines.errors import ModelInvalid, ModelNotFound
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "model.json"
+
+Family = Literal["sd1", "sd2", "sdxl"]
+Variant = Literal["base", "inpaint", "turbo"]
+PredictionType = Literal["epsilon", "v_prediction"]
+Precision = Literal["fp32", "fp16"]
+Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
+SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
+
+
+class TensorSpec(msgspec.Struct, frozen=True):
+    """One graph input or output. Integer dims are fixed; string dims are named dynamic axes."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class FileRef(msgspec.Struct, frozen=True):
+    path: str  # relative to the model directory
+    sha256: str
+    bytes: int
+
+
+class Component(msgspec.Struct, frozen=True):
+    """One ONNX graph: its file (and external weights file, if any), precision and signature."""
+
+    graph: FileRef
+    precision: Precision
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    external_data: FileRef | None = None
+
+    def files(self) -> list[FileRef]:
+        return [self.graph] if self.external_data is None else [self.graph, self.external_data]
+
+
+class Tokenizer(msgspec.Struct, frozen=True):
+    """A CLIP tokenizer in the `tokenizers` JSON format, with the ids the prompt windows need."""
+
+    file: FileRef
+    max_length: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+
+class TextEncoder(msgspec.Struct, frozen=True):
+    """Which graph outputs a text encoder contributes: the per-token states and, for SDXL's second
+    encoder, the pooled embedding."""
+
+    component: str  # key into Manifest.components
+    tokenizer: str  # key into Manifest.tokenizers
+    hidden_output: str  # e.g. "last_hidden_state" (SD 1.x/2.x) or "hidden_states.11" (SDXL, penultimate)
+    pooled_output: str | None = None  # e.g. "text_embeds" (SDXL's text_encoder_2)
+
+
+class Sizes(msgspec.Struct, frozen=True):
+    """Render sizes this model accepts: both sides in [min, max] and multiples of step."""
+
+    min: int
+    max: int
+    step: int
+
+    def contains(self, width: int, height: int) -> bool:
+        return all(self.min <= side <= self.max and side % self.step == 0 for side in (width, height))
+
+
+class Defaults(msgspec.Struct, frozen=True):
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+
+
+class Source(msgspec.Struct, frozen=True):
+    """Where the weights came from, enough to rebuild the PyTorch reference (bench, tests)."""
+
+    kind: Literal["hub", "folder", "single_file", "random"]
+    id: str  # hub id, folder path, checkpoint file name, or the random preset's name
+    revision: str | None = None
+    sha256: str | None = None  # single-file checkpoints
+    seed: int | None = None  # random presets
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    format_version: int = FORMAT_VERSION
+    name: str
+    family: Family
+    variant: Variant
+    prediction_type: PredictionType
+    defaults: Defaults
+    sizes: Sizes
+    max_batch: int
+    unet_in_channels: int  # 4, or 9 for inpainting UNets (latents + mask + masked-image latents)
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent cell
+    vae_scaling_factor: float
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt → zero negative embeddings
+    requires_aesthetics_score: bool = False  # SDXL refiner-style time ids
+    text_encoders: list[TextEncoder]
+    components: dict[str, Component]
+    tokenizers: dict[str, Tokenizer]
+    scheduler: FileRef  # diffusers scheduler_config.json
+    source: Source
+    exporter: dict[str, str]  # library versions and opset that produced the graphs
+
+    def files(self) -> list[FileRef]:
+        refs = [self.scheduler, *(t.file for t in self.tokenizers.values())]
+        for component in self.components.values():
+            refs.extend(component.files())
+        return refs
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_ref(root: Path, relative: str) -> FileRef:
+    path = root / relative
+    return FileRef(path=relative, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def encode(manifest: Manifest) -> bytes:
+    """Stable, human-readable JSON: the same manifest always gives the same bytes."""
+    return msgspec.json.format(msgspec.json.encode(manifest, order="sorted"), indent=2) + b"\n"
+
+
+def read(model_dir: Path | str, verify: bool = True) -> Manifest:
+    """Read and validate `model.json`; with `verify`, check every named file's size and sha256."""
+    root = Path(model_dir)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelNotFound(str(root), f"no model directory at {root} (missing {MANIFEST_FILE})")
+    try:
+        manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ModelInvalid(f"{path}: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise ModelInvalid(
+            f"{path}: manifest format {manifest.format_version}, this sdserve reads {FORMAT_VERSION};"
+            " re-export the model"
+        )
+    check_files(root, manifest, hashes=verify)
+    return manifest
+
+
+def check_files(root: Path, manifest: Manifest, hashes: bool = True) -> None:
+    for ref in manifest.files():
+        path = root / ref.path
+        if not path.is_file():
+            raise ModelInvalid(f"{root}: {ref.path} is missing")
+        if path.stat().st_size != ref.bytes:
+            raise ModelInvalid(f"{root}: {ref.path} has {path.stat().st_size} bytes, manifest says {ref.bytes}")
+        if hashes and sha256_file(path) != ref.sha256:
+            raise ModelInvalid(f"{root}: {ref.path} does not match its sha256 in {MANIFEST_FILE}")

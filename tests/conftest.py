@@ -1,0 +1,40 @@
+"""Session fixtures: the tiny model directories, exported once per test session (never committed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY = ("tiny-sd15", "tiny-sd15-inpaint", "tiny-sd21", "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_root: Path) -> Callable[[str], Path]:
+    """`tiny_model("tiny-sdxl")` → the exported model directory, built on first use."""
+    from export import ExportSettings, export_model
+
+    def get(name: str) -> Path:
+        target = models_root / name
+        if not (target / "model.json").is_file():
+            export_model(ExportSettings(preset=name, output=str(target)))
+        return target
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def models_dir(tiny_model: Callable[[str], Path], models_root: Path) -> Path:
+    """A models directory holding every tiny model, as a server's --models-dir."""
+    for name in TINY:
+        tiny_model(name)
+    return models_root
