@@ -7,9 +7,10 @@ import errno
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from diffusers import DiffusionPipeline
 
@@ -69,6 +70,7 @@ def write_configs(pipe: DiffusionPipeline, stage: Path, components: list[str]) -
     pipe.save_config(stage)
     _strip_local_paths(stage / "model_index.json")
     pipe.scheduler.save_pretrained(stage / "scheduler")
+    _keep_default_markers(pipe.scheduler.config, stage / "scheduler" / "scheduler_config.json")
     for name in components:
         module = pipe.vae if name.startswith("vae_") else getattr(pipe, name)
         config = module.config
@@ -78,6 +80,17 @@ def write_configs(pipe: DiffusionPipeline, stage: Path, components: list[str]) -
         else:  # diffusers FrozenDict config
             module.save_config(stage / name)
         _strip_local_paths(target)
+
+
+def _keep_default_markers(config: Mapping[str, Any], path: Path) -> None:
+    """`save_pretrained` drops `_use_default_values`, the keys the source config left unset. Without it
+    a sampler swapped in at serve time would inherit the source class's defaults (SD 1.5's PNDM pins
+    "leading" spacing) where diffusers' `from_config` gives the target class's own ("linspace" for Euler)."""
+    markers = config.get("_use_default_values")
+    if markers:
+        saved = json.loads(path.read_text())
+        saved["_use_default_values"] = sorted(markers)
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _strip_local_paths(path: Path) -> None:
