@@ -1,0 +1,101 @@
+"""`python -m engines render MODEL_DIR --prompt … --out out.png`: one image, with per-stage timings.
+`python -m engines info MODEL_DIR`: what a model supports and which backend it loads on."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import msgspec
+from PIL import Image
+
+from engines import SAMPLERS, EngineError, RenderRequest, load
+from engines.backends import BACKENDS
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog="python -m engines", description="Render with sdserve's ONNX pipeline.")
+    commands = cli.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="print a model's capabilities and the backend it loads on")
+    info.add_argument("model_dir")
+    info.add_argument("--backend", choices=BACKENDS, default="auto")
+    render = commands.add_parser("render", help="render images and print per-stage timings")
+    render.add_argument("model_dir", help="a model directory written by `python -m export`")
+    render.add_argument("--prompt", required=True)
+    render.add_argument("--negative-prompt")
+    render.add_argument("--out", default="out.png", help="output PNG; with -n > 1, out-0.png, out-1.png, …")
+    render.add_argument("--size", help="WxH (default: the model's native size)")
+    render.add_argument("--steps", type=int, help="default: the model's")
+    render.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    render.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
+    render.add_argument("--seed", type=int, help="default: random (printed)")
+    render.add_argument("-n", type=int, default=1, help="number of images")
+    render.add_argument("--image", help="input image: image to image, or inpainting with --mask")
+    render.add_argument("--mask", help="mask image, white = repaint (the OpenAI API's alpha masks are the server's)")
+    render.add_argument("--strength", type=float, default=0.75, help="how much of --image to re-imagine (0-1]")
+    render.add_argument("--backend", choices=BACKENDS, default="auto")
+    render.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    return cli
+
+
+def _size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    if text is None:
+        return default
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"engines: error: --size must look like 512x512, not {text!r}") from None
+    return width, height
+
+
+def render(args: argparse.Namespace) -> int:
+    pipe = load(args.model_dir, backend=args.backend, threads=args.threads)
+    defaults = pipe.info.defaults
+    width, height = _size(args.size, (defaults.width, defaults.height))
+    request = RenderRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
+        steps=args.steps or defaults.steps,
+        guidance_scale=defaults.guidance_scale if args.guidance is None else args.guidance,
+        sampler=args.sampler or defaults.sampler, seed=args.seed, n=args.n,
+        image=Image.open(args.image) if args.image else None, mask=Image.open(args.mask) if args.mask else None,
+        strength=args.strength,
+    )
+    result = pipe.render(request, on_step=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    out = Path(args.out)
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
+                                                   for i in range(len(result.images))]
+    for image, path in zip(result.images, paths, strict=True):
+        image.save(path)
+    stages = result.timings.stages
+    print(f"{pipe.info.id} on {pipe.info.backend} ({pipe.info.device}): {width}x{height}, {result.steps_run} steps "
+          f"of {request.sampler}, guidance {request.guidance_scale}, seeds {result.seeds}")
+    for stage in ("text_encoder", "vae_encoder", "unet", "vae_decoder", "total"):
+        if stage in stages:
+            print(f"  {stage:<13}{stages[stage]:8.3f} s")
+    for i, seconds in enumerate(result.timings.steps, 1):
+        print(f"    unet step {i:>3}{seconds:8.3f} s")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "info":
+            print(msgspec.json.format(msgspec.json.encode(load(args.model_dir, backend=args.backend).info)).decode())
+            return 0
+        return render(args)
+    except EngineError as exc:
+        print(f"engines: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an --image/--mask that cannot be read
+        print(f"engines: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The backend interface: one small object per compiled component, so the pipeline never knows what it
+runs on (ONNX Runtime on CPU/CUDA/TensorRT EP today, native TensorRT plans later)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from engines import manifest as mf
+
+
+class Session(ABC):
+    """One loaded component graph. `run` takes and returns named arrays; it casts the feeds to the
+    graph's declared dtypes and returns float outputs as float32."""
+
+    def __init__(self, name: str, component: mf.Component) -> None:
+        self.name = name
+        self.component = component
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in component.inputs}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.component.inputs]
+
+    def cast(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(feeds[name], dtype=self._dtypes[name]) for name in self._dtypes}
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None:  # noqa: B027 - most sessions free themselves when dropped
+        pass
+
+
+class Backend(ABC):
+    name: str  # "cpu", "cuda", "tensorrt-ep", "tensorrt"
+    device: str  # what it runs on, for people: "CPU (2 threads)", "NVIDIA H100 80GB HBM3"
+
+    @abstractmethod
+    def open(self, name: str, component: mf.Component) -> Session: ...

@@ -1,0 +1,52 @@
+"""What a render takes and what it gives back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+import numpy as np
+
+
+class RenderRequest(msgspec.Struct, kw_only=True):
+    """One call into a pipeline. `image` (PIL) turns it into image to image; `image` + `mask` (PIL,
+    white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int | None = None
+    n: int = 1
+    image: Any = None
+    mask: Any = None
+    strength: float = 0.75
+
+
+class Timings(msgspec.Struct):
+    """Seconds per stage (text_encoder, vae_encoder, unet, vae_decoder, total) and per UNet step."""
+
+    stages: dict[str, float] = msgspec.field(default_factory=dict)
+    steps: list[float] = msgspec.field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - started
+
+
+class RenderResult(msgspec.Struct):
+    images: list[Any]  # PIL.Image.Image, one per requested image
+    seeds: list[int]  # the seed that reproduces each image alone
+    timings: Timings
+    pixels: np.ndarray  # (n, H, W, 3) float32 in [0, 1], before 8-bit rounding
+    steps_run: int  # UNet calls per image (fewer than `steps` for image to image)
