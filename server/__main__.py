@@ -1,0 +1,100 @@
+"""`python -m server [standalone|node|router] [flags]`: parse flags and SDSERVE_* variables into Settings,
+log them (secrets masked), and serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+import msgspec
+import uvicorn
+
+from server.app import asgi, create_app, on_terminate
+from server.settings import Settings, add_arguments, from_sources
+
+ROLES = ("standalone", "node", "router")
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(
+        prog="python -m server",
+        description="sdserve: the OpenAI Images API (generations, edits, variations) on Stable Diffusion. "
+        "Every flag can also be set as an SDSERVE_<NAME> environment variable (e.g. SDSERVE_PORT, "
+        "SDSERVE_API_KEYS=key1,key2); a flag wins over the environment.",
+    )
+    cli.add_argument("role", nargs="?", choices=ROLES, default="standalone",
+                     help="standalone (default): one process that renders and serves; node: renders for "
+                     "routers; router: the public front door that spreads requests over nodes")
+    add_arguments(cli)
+    cli.add_argument("--announce", action="store_true", help="print a ready-to-paste example at start-up")
+    return cli
+
+
+def announce(settings: Settings) -> None:
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"""
+sdserve is starting on {url}  (OpenAI base_url: {url}/v1)
+
+  curl {url}/v1/images/generations -H 'Content-Type: application/json' \\
+       -d '{{"prompt": "a lighthouse at dusk", "size": "256x256", "response_format": "url"}}'
+
+The built-in demo model (tiny-sd15) has random weights: its images are noise. For real images export a
+real model, e.g. `.venv/bin/python -m export sd15` (needs the Hugging Face hub), and restart.
+Health: {url}/readyz   API schema: {url}/schema/openapi.json   Stop: Ctrl-C
+""", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = from_sources(args.role, args)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("sdserve.server")
+    log.info("settings: %s", msgspec.json.encode(settings.masked()).decode())
+    if args.announce:
+        announce(settings)
+    problem = check_role(settings)
+    if problem:
+        print(f"server: error: {problem}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(asgi(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(settings.request_timeout))
+    GracefulServer(config, lambda: on_terminate(app)).run()
+    return 0
+
+
+def check_role(settings: Settings) -> str | None:
+    if settings.role == "node":
+        if not settings.routers:
+            return "a node needs at least one --router URL to register with"
+        if not settings.node_token:
+            return "a node needs the shared node token (--node-token or SDSERVE_NODE_TOKEN)"
+    if settings.role == "router" and not settings.node_token:
+        return "a router needs the shared node token (--node-token or SDSERVE_NODE_TOKEN) so that nodes can join"
+    return None
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, with a hook that runs first on SIGTERM/SIGINT (a node starts draining at once), and exit
+    status 0 after a graceful shutdown (uvicorn would re-raise the signal and die by it). A second
+    Ctrl-C forces the exit, as in uvicorn."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        self.on_exit()
+        self.should_exit = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

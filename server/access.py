@@ -1,0 +1,56 @@
+"""The outermost ASGI layer: a request id for every request (the client's `x-request-id` when sane),
+echoed in the response; one access-log line per request; request counts by route and status.
+
+It wraps the whole app, not a route, so unknown routes and early errors are logged and counted too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.metrics import Metrics
+
+log = logging.getLogger("sdserve.access")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def user_hash(user: str | None) -> str:
+    """`user` is logged as a hash only."""
+    return hashlib.sha256(user.encode()).hexdigest()[:12] if user else "-"
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            self.metrics.requests.labels(route, str(status)).inc()
+            log.info("%s %s %s %d model=%s %.0fms", request_id, scope["method"], scope["path"], status,
+                     state.get("model", "-"), (time.perf_counter() - started) * 1000)

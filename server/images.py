@@ -1,0 +1,79 @@
+"""Images at the HTTP edge: decoding and checking uploads, turning OpenAI alpha masks into the engines'
+masks, and encoding rendered images in the requested output format.
+
+An upload's format is decided by decoding its bytes, never by its file name or content type.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from server.errors import ApiError
+
+FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
+    """Bytes → a fully decoded image, or a 400 naming `param`. Checks the pixel count from the header
+    before decoding, so a decompression bomb costs nothing."""
+    if not data:
+        raise ApiError(400, f"'{param}' is empty", param=param, code="invalid_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            kind = image.format
+            if kind not in FORMATS:
+                raise ApiError(400, f"'{param}' must be a PNG, JPEG or WebP image (got {kind or 'unknown'})",
+                               param=param, code="invalid_image_format")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ApiError(400, f"'{param}' is {width}x{height}: over the limit of {max_pixels} pixels",
+                               param=param, code="image_too_large")
+            image.load()
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(400, f"'{param}' is too large to decode: {exc}", param=param, code="image_too_large") from exc
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError… for broken files
+        raise ApiError(400, f"'{param}' could not be decoded as a PNG, JPEG or WebP image ({exc})", param=param,
+                       code="invalid_image_format") from exc
+    return ImageOps.exif_transpose(image)
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def edit_mask(alpha_source: Image.Image) -> Image.Image | None:
+    """OpenAI semantics → engines' mask: fully transparent pixels (alpha 0) are repainted (white).
+    None when nothing is transparent."""
+    alpha = np.asarray(alpha_source.convert("RGBA"))[:, :, 3]
+    repaint = alpha == 0
+    if not repaint.any():
+        return None
+    return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8), mode="L")
+
+
+def png(image: Image.Image) -> bytes:
+    """Lossless transport between the front door and a node."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def encode(image: Image.Image, output_format: str, compression: int | None) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    elif output_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=90 if compression is None else compression)
+    else:
+        image.save(buffer, format="WEBP", quality=90 if compression is None else compression)
+    return buffer.getvalue()

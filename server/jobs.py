@@ -1,0 +1,150 @@
+"""API requests → RenderJobs: the model, size, steps, guidance, sampler, seed and images resolved
+against what the model supports, so that everything a node receives is already valid.
+
+The quality and style mapping (documented in the README):
+    quality  standard | auto | medium → the model's default steps
+             hd | high               → 1.5 × default steps (at least 30 for non-Turbo models)
+             low                     → 0.5 × default steps (at least 1)
+    style    vivid → the model's default guidance;  natural → 0.7 × that
+Explicit `steps` / `guidance_scale` win over both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+
+from PIL import Image
+
+from engines.info import ModelInfo
+from server import images
+from server.errors import ApiError
+from server.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest, RenderJob
+from server.settings import OPENAI_MODEL_NAMES, Settings
+
+MAX_PROMPT = 4000
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+Request = ImageGenerationRequest | ImageEditRequest | ImageVariationRequest
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file part, already read: its bytes and the field it came in."""
+
+    data: bytes
+    param: str
+
+
+def resolve_model(name: str | None, ready: dict[str, ModelInfo], known: set[str], settings: Settings) -> ModelInfo:
+    """A request's `model` → a model that can render now. OpenAI's names and configured aliases map to the
+    default model; unknown names are 404; known models that cannot render now (loading, no healthy node)
+    are 503."""
+    target = name
+    if name is None or name in OPENAI_MODEL_NAMES:
+        target = settings.default_model or (min(ready) if ready else (min(known) if known else None))
+    target = settings.model_aliases.get(name or "", target)
+    if target in ready:
+        return ready[target]
+    if target is None or target in known or name is None:
+        raise ApiError(503, "no model can render right now (still loading, or no healthy node)",
+                       code="model_unavailable", headers={"Retry-After": "10"})
+    available = ", ".join(sorted(known | set(ready))) or "none"
+    raise ApiError(404, f"the model '{name}' does not exist; available: {available}", param="model",
+                   code="model_not_found")
+
+
+def resolve_size(size: str | None, info: ModelInfo) -> tuple[int, int]:
+    sizes, default = info.sizes, (info.defaults.width, info.defaults.height)
+    if size is None or size == "auto":
+        return default
+    match = _SIZE.match(size)
+    allowed = (f"sizes are WIDTHxHEIGHT with both sides multiples of {sizes.step} from {sizes.min} to "
+               f"{sizes.max}, or 'auto' ({default[0]}x{default[1]}) for model '{info.id}'")
+    if not match:
+        raise ApiError(400, f"invalid size '{size}': {allowed}", param="size", code="invalid_size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if not sizes.contains(width, height):
+        raise ApiError(400, f"size '{size}' is not supported: {allowed}", param="size", code="invalid_size")
+    return width, height
+
+
+def resolve_steps(request: Request, info: ModelInfo) -> int:
+    if request.steps is not None:
+        return request.steps
+    default = info.defaults.steps
+    quality = getattr(request, "quality", None)
+    if quality in ("hd", "high"):
+        steps = math.ceil(default * 1.5)
+        return min(150, steps if info.variant == "turbo" else max(30, steps))
+    if quality == "low":
+        return max(1, round(default * 0.5))
+    return default
+
+
+def resolve_guidance(request: Request, info: ModelInfo) -> float:
+    if request.guidance_scale is not None:
+        return request.guidance_scale
+    natural = getattr(request, "style", None) == "natural"
+    return round(info.defaults.guidance_scale * (0.7 if natural else 1.0), 4)
+
+
+def resolve_prompt(prompt: str) -> str:
+    text = prompt.strip()
+    if not text:
+        raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_prompt")
+    if len(text) > MAX_PROMPT:
+        raise ApiError(400, f"prompt is {len(text)} characters; the limit is {MAX_PROMPT}", param="prompt",
+                       code="invalid_prompt")
+    return text
+
+
+def build(request: Request, info: ModelInfo, request_id: str, prompt: str, strength: float,
+          image: bytes | None = None, mask: bytes | None = None) -> RenderJob:
+    width, height = resolve_size(request.size, info)
+    return RenderJob(
+        request_id=request_id,
+        model=info.id,
+        prompt=prompt,
+        negative_prompt=request.negative_prompt,
+        width=width,
+        height=height,
+        steps=resolve_steps(request, info),
+        guidance_scale=resolve_guidance(request, info),
+        sampler=request.sampler or info.defaults.sampler,
+        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        n=request.n or 1,
+        strength=strength,
+        image=image,
+        mask=mask,
+        output_format=request.output_format or "png",
+        output_compression=request.output_compression,
+    )
+
+
+def edit_inputs(image: Upload, mask: Upload | None, settings: Settings) -> tuple[bytes, bytes | None]:
+    """The image (PNG) and the engines' mask (PNG, white = repaint) from OpenAI edit semantics: the
+    mask's fully transparent pixels are the edit area; without a mask, the image's own transparency is;
+    an opaque image without a mask is re-imagined whole (no mask)."""
+    picture = images.decode(image.data, image.param, settings.max_pixels)
+    if mask is not None:
+        alpha_source = images.decode(mask.data, mask.param, settings.max_pixels)
+        if alpha_source.size != picture.size:
+            raise ApiError(400, f"the mask is {_wxh(alpha_source)} but the image is {_wxh(picture)}; they must "
+                           "have the same size", param="mask", code="invalid_mask")
+        if not images.has_alpha(alpha_source):
+            raise ApiError(400, "the mask must have an alpha channel (transparent pixels mark the area to edit)",
+                           param="mask", code="invalid_mask")
+        engine_mask = images.edit_mask(alpha_source) or Image.new("L", picture.size, 0)
+    else:
+        engine_mask = images.edit_mask(picture) if images.has_alpha(picture) else None
+    return images.png(picture.convert("RGB")), None if engine_mask is None else images.png(engine_mask)
+
+
+def variation_input(image: Upload, settings: Settings) -> bytes:
+    return images.png(images.decode(image.data, image.param, settings.max_pixels).convert("RGB"))
+
+
+def _wxh(image: Image.Image) -> str:
+    return f"{image.width}x{image.height}"

@@ -1,0 +1,31 @@
+"""Prometheus metrics, one registry per app (so that several apps in one process stay apart)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+RENDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sdserve_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.render_seconds = Histogram("sdserve_render_seconds", "seconds per render, queue excluded", ["model"],
+                                        buckets=RENDER_BUCKETS, registry=r)
+        self.queue_depth = Gauge("sdserve_queue_depth", "requests waiting for a render slot", ["model"], registry=r)
+        self.in_flight = Gauge("sdserve_renders_in_flight", "renders running now", ["model"], registry=r)
+        self.images = Counter("sdserve_images", "images produced", ["model"], registry=r)
+        # router role
+        self.node_requests = Counter("sdserve_node_requests", "requests sent to each node", ["node"], registry=r)
+        self.node_failures = Counter("sdserve_node_failures", "requests a node failed or refused", ["node"],
+                                     registry=r)
+        self.retries = Counter("sdserve_retries", "requests retried on another node", registry=r)
+        self.node_latency = Histogram("sdserve_node_seconds", "seconds per request to each node", ["node"],
+                                      buckets=RENDER_BUCKETS, registry=r)
+        self.nodes_healthy = Gauge("sdserve_nodes_healthy", "nodes in rotation", registry=r)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,252 @@
+"""The node's engine pool: every model loaded once, a bounded queue and render threads per model.
+
+Renders run on threads (ONNX Runtime releases the GIL), so the event loop keeps answering health checks,
+metrics and other requests while they run. Each model takes `render_slots` renders at once and keeps at
+most `queue_depth` more waiting; beyond that a request is refused at once (429), before any work. A
+request whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already
+running, stopped at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+import engines
+from engines import manifest as mf
+from server import images
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.protocol import RenderedImages, RenderJob
+from server.settings import Settings
+
+log = logging.getLogger("sdserve.server")
+
+
+@dataclass(eq=False)
+class Work:
+    job: RenderJob
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[RenderedImages]
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelQueue:
+    """One model: its pipeline, its waiting requests and its render threads."""
+
+    def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics) -> None:
+        self.pipeline, self.depth, self.metrics = pipeline, depth, metrics
+        self.id = pipeline.info.id
+        self._waiting: deque[Work] = deque()
+        self._ready = threading.Condition()
+        self._running = 0
+        self._running_work = 0
+        self._last_seconds = 5.0  # the latest render's duration, for Retry-After
+        self._closed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
+                         for i in range(slots)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def outstanding_work(self) -> int:
+        with self._ready:
+            return sum(w.job.work for w in self._waiting) + self._running_work
+
+    async def submit(self, job: RenderJob) -> RenderedImages:
+        loop = asyncio.get_running_loop()
+        work = Work(job, loop, loop.create_future())
+        with self._ready:
+            if self._closed:
+                raise ApiError(503, f"model {self.id} is shutting down", code="draining",
+                               headers={"Retry-After": "5"})
+            if len(self._waiting) >= self.depth and self._running + len(self._waiting) >= len(self._threads):
+                raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
+                               code="queue_full", headers={"Retry-After": str(self._retry_after())})
+            self._waiting.append(work)
+            self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+            self._ready.notify()
+        try:
+            return await asyncio.shield(work.future)
+        except asyncio.CancelledError:  # timeout or client gone: drop it, or stop it at its next step
+            work.cancel.set()
+            with self._ready:
+                if work in self._waiting:
+                    self._waiting.remove(work)
+                    self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+            raise
+
+    def _retry_after(self) -> int:
+        """A rough wait: the queue ahead times the last render's duration."""
+        return max(1, int(self._last_seconds * (len(self._waiting) + 1) / len(self._threads)))
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:
+                    return
+                work = self._waiting.popleft()
+                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+                if work.cancel.is_set():
+                    continue
+                self._running += 1
+                self._running_work += work.job.work
+            self.metrics.in_flight.labels(self.id).inc()
+            try:
+                outcome: RenderedImages | BaseException = self._render(work)
+            except engines.RenderCancelled as exc:
+                log.info("%s", exc)
+                outcome = exc
+            except BaseException as exc:  # delivered to the waiting request, never lost
+                outcome = exc
+            finally:
+                self.metrics.in_flight.labels(self.id).dec()
+                with self._ready:
+                    self._running -= 1
+                    self._running_work -= work.job.work
+                    self._ready.notify_all()
+            work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
+
+    def _render(self, work: Work) -> RenderedImages:
+        job = work.job
+        queued = time.perf_counter() - work.enqueued
+        request = engines.RenderRequest(
+            prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
+            steps=job.steps, guidance_scale=job.guidance_scale, sampler=job.sampler, seed=job.seed, n=job.n,
+            image=_open(job.image), mask=_open(job.mask), strength=job.strength,
+        )
+
+        def on_step(done: int, total: int) -> None:
+            if work.cancel.is_set():
+                raise engines.RenderCancelled(f"request {job.request_id} cancelled at step {done}/{total}")
+
+        result = self.pipeline.render(request, on_step=on_step)
+        started = time.perf_counter()
+        encoded = [images.encode(image, job.output_format, job.output_compression) for image in result.images]
+        timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
+        self._last_seconds = timings.get("total", 0.0)
+        self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
+        self.metrics.images.labels(self.id).inc(len(encoded))
+        return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def idle(self) -> bool:
+        with self._ready:
+            return not self._waiting and self._running == 0
+
+
+def _open(data: bytes | None) -> Image.Image | None:
+    return None if data is None else Image.open(io.BytesIO(data))
+
+
+def _deliver(future: asyncio.Future[RenderedImages], outcome: RenderedImages | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
+    root = Path(models_dir)
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.iterdir() if (p / mf.MANIFEST_FILE).is_file())
+    return [p for p in found if not only or p.name in only]
+
+
+class EnginePool:
+    """Every model directory under the models dir, loaded in the background at start-up."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.queues: dict[str, ModelQueue] = {}
+        self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
+        self.draining = False
+        self._loader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._loader = threading.Thread(target=self._load_all, name="model-loader", daemon=True)
+        self._loader.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        if self._loader is not None:
+            self._loader.join(timeout)
+
+    def _load_all(self) -> None:
+        s = self.settings
+        for path in discover(s.models_dir, s.models):
+            started = time.perf_counter()
+            try:
+                pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models)
+            except engines.EngineError as exc:
+                self.states[path.name] = f"failed: {exc}"
+                log.error("model %s failed to load: %s", path.name, exc)
+                continue
+            self.queues[path.name] = ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics)
+            self.states[path.name] = "ready"
+            log.info("model %s ready on %s in %.1f s", path.name, pipeline.info.device, time.perf_counter() - started)
+
+    def ready_models(self) -> dict[str, engines.ModelInfo]:
+        return {name: queue.pipeline.info for name, queue in self.queues.items()}
+
+    def known_models(self) -> set[str]:
+        return set(self.states)
+
+    def ready(self) -> bool:
+        return bool(self.queues) and not self.draining
+
+    async def render(self, job: RenderJob) -> RenderedImages:
+        if self.draining:
+            raise ApiError(503, "this node is draining and takes no new work", code="draining",
+                           headers={"Retry-After": "5"})
+        queue = self.queues.get(job.model)
+        if queue is None:
+            state = self.states.get(job.model)
+            if state is None:
+                raise ApiError(404, f"model '{job.model}' not found", param="model", code="model_not_found")
+            raise ApiError(503, f"model '{job.model}' is {state}", code="model_unavailable",
+                           headers={"Retry-After": "10"})
+        return await queue.submit(job)
+
+    def load(self) -> dict[str, dict[str, int]]:
+        """Per model: renders running, waiting, and their work units (for balancing)."""
+        return {name: {"running": q.running, "waiting": q.waiting, "work": q.outstanding_work()}
+                for name, q in self.queues.items()}
+
+    def idle(self) -> bool:
+        return all(q.idle() for q in self.queues.values())
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, then wait (up to `timeout`) for what was accepted to finish."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while not self.idle() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    def close(self) -> None:
+        for queue in self.queues.values():
+            queue.close()

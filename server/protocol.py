@@ -1,0 +1,213 @@
+"""Every body that crosses the wire, as msgspec Structs: the public OpenAI Images API (`/v1`), and the
+internal router ↔ node protocol (`/v0`). No framework or ML imports here.
+
+Optional fields accept `null` as "absent", since OpenAI clients and proxies (LiteLLM) send either.
+Unknown fields are ignored: OpenAI clients add fields over time.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from engines.info import ModelInfo
+
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+Style = Literal["vivid", "natural"]
+ResponseFormat = Literal["url", "b64_json"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
+
+N = Annotated[int, Meta(ge=1, le=10, description="number of images, 1-10")]
+Compression = Annotated[int, Meta(ge=0, le=100, description="jpeg/webp quality, 0-100")]
+Seed = Annotated[int, Meta(ge=0, le=2**53, description="seed of the first image; image i uses seed + i")]
+Steps = Annotated[int, Meta(ge=1, le=150, description="denoising steps (extension)")]
+Guidance = Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance scale (extension)")]
+Strength = Annotated[float, Meta(ge=0, le=1, description="how much of the input image to re-imagine (extension)")]
+# Multipart file parts; the framework hands over its upload objects.
+File = Annotated[Any, Meta(description="an image file: PNG, JPEG or WebP")]
+
+
+class RenderOptions(msgspec.Struct, kw_only=True):
+    """The fields every image route takes: OpenAI's, then our extensions."""
+
+    model: str | None = None
+    n: N | None = None
+    size: str | None = None
+    response_format: ResponseFormat | None = None
+    output_format: OutputFormat | None = None
+    output_compression: Compression | None = None
+    user: str | None = None
+    negative_prompt: str | None = None
+    seed: Seed | None = None
+    steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+    sampler: Sampler | None = None
+    strength: Strength | None = None
+
+
+class ImageGenerationRequest(RenderOptions, kw_only=True):
+    prompt: str
+    quality: Quality | None = None
+    style: Style | None = None
+
+
+class ImageEditRequest(RenderOptions, kw_only=True):
+    """multipart/form-data; numbers arrive as strings and are converted."""
+
+    prompt: str
+    image: File = None
+    image_list: File = msgspec.field(default=None, name="image[]")  # one part or several; the first is used
+    mask: File = None
+    quality: Quality | None = None
+
+
+class ImageVariationRequest(RenderOptions, kw_only=True):
+    image: File = None
+
+
+class ImageData(msgspec.Struct, omit_defaults=True):
+    seed: int  # extension: the seed that reproduces this image alone
+    url: str | None = None
+    b64_json: str | None = None
+
+
+class ImagesResponse(msgspec.Struct):
+    created: int
+    data: list[ImageData]
+    model: str
+    size: str
+    output_format: OutputFormat
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorDetail
+
+
+class SizeRange(msgspec.Struct):
+    min: int
+    max: int
+    step: int
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "sdserve"
+    family: str = ""
+    variant: str = ""
+    sizes: SizeRange | None = None
+    default_size: str = ""
+    default_steps: int = 0
+    samplers: list[str] = msgspec.field(default_factory=list)
+    backends: list[str] = msgspec.field(default_factory=list)
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+# -- internal: the front door → the node that renders ---------------------------------------------
+
+PROTOCOL_VERSION = 1
+
+
+class RenderJob(msgspec.Struct, kw_only=True):
+    """A request with every parameter resolved against the model: what a node renders, unchanged on a
+    retry (the seed is drawn before dispatch, so a retried request gives the same images)."""
+
+    request_id: str
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int
+    n: int
+    strength: float
+    image: bytes | None = None  # PNG
+    mask: bytes | None = None  # PNG, 8-bit gray, white = repaint
+    output_format: OutputFormat = "png"
+    output_compression: int | None = None
+
+    @property
+    def work(self) -> int:
+        """Relative cost, for balancing: steps × pixels × images."""
+        return self.steps * self.width * self.height * self.n
+
+
+class RenderedImages(msgspec.Struct):
+    images: list[bytes]  # encoded in the job's output_format
+    seeds: list[int]
+    timings: dict[str, float]  # seconds per stage, including "queue"
+    steps_run: int
+
+
+
+class ModelLoad(msgspec.Struct):
+    """A node's load for one model: what dispatch balances on."""
+
+    running: int = 0
+    waiting: int = 0
+    work: int = 0  # outstanding steps × pixels × images
+    capacity: int = 1  # render slots + queue depth: more than this in flight is refused (429)
+
+
+class NodeReport(msgspec.Struct, kw_only=True):
+    """What a node tells a router at registration and every heartbeat: enough to dispatch on."""
+
+    protocol: int = PROTOCOL_VERSION
+    node_id: str
+    url: str
+    version: str
+    models: list[ModelInfo]  # models that can render now
+    loading: list[str] = msgspec.field(default_factory=list)  # models still loading (known, not ready)
+    backend: str
+    device: str
+    render_slots: int
+    load: dict[str, ModelLoad] = msgspec.field(default_factory=dict)
+    draining: bool = False
+
+
+class Registered(msgspec.Struct):
+    """The router's answer: a lease that later heartbeats and the deregistration must present."""
+
+    node_id: str
+    lease: str
+    heartbeat_interval: float
+
+
+class NodeView(msgspec.Struct):
+    """One node as `/v0/nodes` lists it."""
+
+    node_id: str
+    url: str
+    state: Literal["healthy", "unhealthy", "draining"]
+    models: list[str]
+    backend: str
+    device: str
+    in_flight: int  # requests this router has sent and not yet had answered
+    load: dict[str, ModelLoad]
+    requests: int
+    failures: int
+    last_heartbeat_seconds: float | None
+    last_error: str | None
+
+
+class NodeList(msgspec.Struct):
+    data: list[NodeView]
+    object: str = "list"

@@ -1,0 +1,87 @@
+"""How a router talks to a node: over HTTP (`NodeClient`) or in-process (`LocalNode`, standalone role).
+
+Both raise the same two signals for dispatch: `NodeFull` (the node refused for lack of room: try
+another node or wait) and `NodeUnavailable` (it could not be reached, went away, or refused before
+starting: take it out of rotation and retry elsewhere). Any other error is the request's own and final.
+Renders are idempotent (the seed is fixed before dispatch), so retrying one a dead node had started is safe.
+"""
+
+from __future__ import annotations
+
+import httpx
+import msgspec
+
+from server.errors import ApiError, decode_error_body
+from server.protocol import NodeReport, RenderedImages, RenderJob
+
+MSGPACK = "application/msgpack"
+
+
+class NodeFull(Exception):
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class NodeUnavailable(Exception):
+    pass
+
+
+class NodeClient:
+    def __init__(self, url: str, token: str | None, connect_timeout: float, render_timeout: float) -> None:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers,
+                                      timeout=httpx.Timeout(render_timeout, connect=connect_timeout),
+                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+    async def render(self, job: RenderJob) -> RenderedImages:
+        try:
+            response = await self.http.post("/v0/render", content=msgspec.msgpack.encode(job),
+                                             headers={"content-type": MSGPACK, "x-request-id": job.request_id})
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                raise NodeUnavailable(f"connect timeout: {exc}") from exc
+            raise ApiError(504, "the node did not answer within the request timeout", code="timeout") from exc
+        except httpx.TransportError as exc:  # refused, reset, closed mid-answer
+            raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code == 200:
+            return msgspec.msgpack.decode(response.content, type=RenderedImages)
+        error = decode_error_body(response.content, response.status_code)
+        if response.status_code == 429:
+            error.headers["Retry-After"] = response.headers.get("retry-after", "1")
+            raise NodeFull(error)
+        if response.status_code in (502, 503):
+            raise NodeUnavailable(f"{response.status_code}: {error.message}")
+        raise error
+
+    async def status(self) -> NodeReport:
+        try:
+            response = await self.http.get("/v0/status")
+        except httpx.HTTPError as exc:
+            raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise NodeUnavailable(f"status answered {response.status_code}")
+        return msgspec.json.decode(response.content, type=NodeReport)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class LocalNode:
+    """The standalone role's own engine pool, called in-process."""
+
+    def __init__(self, pool: object, report: object) -> None:
+        self.pool = pool
+        self.report = report  # () -> NodeReport, read fresh each time
+
+    async def render(self, job: RenderJob) -> RenderedImages:
+        try:
+            return await self.pool.render(job)
+        except ApiError as error:
+            if error.status == 429:
+                raise NodeFull(error) from error
+            raise
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,138 @@
+"""The router's view of its nodes: who they are, what they host, whether they are in rotation.
+
+A node is in rotation while it heartbeats (within `heartbeat_timeout`) and answers; a connection failure
+takes it out at once, and the prober puts it back when it answers again. Each registration gets a lease:
+heartbeats and deregistration must present it, so a node cannot speak for another node's identity.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from engines.info import ModelInfo
+from server.errors import ApiError
+from server.protocol import PROTOCOL_VERSION, ModelLoad, NodeReport, NodeView
+
+
+@dataclass(eq=False)
+class NodeRecord:
+    report: NodeReport
+    lease: str
+    client: object  # the NodeClient (remote) or LocalNode (in-process) that renders for it
+    last_seen: float = field(default_factory=time.monotonic)
+    healthy: bool = True
+    local: bool = False
+    last_error: str | None = None
+    requests: int = 0
+    failures: int = 0
+    in_flight: dict[str, int] = field(default_factory=dict)  # model → requests this router has outstanding
+    in_flight_work: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.report.node_id
+
+    @property
+    def draining(self) -> bool:
+        return self.report.draining
+
+    def hosts(self, model: str) -> bool:
+        return any(m.id == model for m in self.report.models)
+
+    def has_room(self, model: str) -> bool:
+        load = self.report.load.get(model, ModelLoad())
+        return self.in_flight.get(model, 0) < load.capacity
+
+    def score(self) -> int:
+        """Outstanding work: what this router has sent, or what the node last reported when that is more
+        (other routers send it work too)."""
+        reported = sum(load.work for load in self.report.load.values())
+        return max(self.in_flight_work, reported)
+
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        return "healthy" if self.healthy else "unhealthy"
+
+    def view(self) -> NodeView:
+        age = None if self.local else round(time.monotonic() - self.last_seen, 2)
+        return NodeView(node_id=self.id, url=self.report.url, state=self.state(),
+                        models=[m.id for m in self.report.models], backend=self.report.backend,
+                        device=self.report.device, in_flight=sum(self.in_flight.values()), load=self.report.load,
+                        requests=self.requests, failures=self.failures, last_heartbeat_seconds=age,
+                        last_error=self.last_error)
+
+
+class Registry:
+    def __init__(self, heartbeat_timeout: float) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self.nodes: dict[str, NodeRecord] = {}
+
+    def register(self, report: NodeReport, client: object, local: bool = False) -> NodeRecord:
+        if report.protocol != PROTOCOL_VERSION:
+            raise ApiError(400, f"node {report.node_id} speaks protocol {report.protocol}; this router speaks "
+                           f"{PROTOCOL_VERSION}: run the same sdserve version on both", param="protocol",
+                           code="protocol_mismatch")
+        current = self.nodes.get(report.node_id)
+        if current is not None and current.report.url != report.url and self.alive(current):
+            raise ApiError(409, f"node id {report.node_id} is registered by a live node at {current.report.url}",
+                           param="node_id", code="node_id_taken")
+        record = NodeRecord(report=report, lease=secrets.token_urlsafe(24), client=client, local=local)
+        self.nodes[report.node_id] = record
+        return record
+
+    def authenticate(self, node_id: str, lease: str) -> NodeRecord:
+        record = self.nodes.get(node_id)
+        if record is None:
+            raise ApiError(409, f"node {node_id} is not registered here (router restarted?); register again",
+                           param="node_id", code="unknown_node")
+        if not secrets.compare_digest(record.lease.encode(), lease.encode()):
+            raise ApiError(403, f"wrong lease for node {node_id}", param="lease", code="wrong_lease")
+        return record
+
+    def heartbeat(self, record: NodeRecord, report: NodeReport) -> None:
+        if report.url != record.report.url or report.node_id != record.id:
+            raise ApiError(409, "a heartbeat cannot change the node's identity or URL; register again",
+                           code="identity_changed")
+        record.report = report
+        record.last_seen = time.monotonic()
+        record.healthy = True
+        record.last_error = None
+
+    def remove(self, record: NodeRecord) -> None:
+        if self.nodes.get(record.id) is record:
+            del self.nodes[record.id]
+
+    def alive(self, record: NodeRecord) -> bool:
+        return record.local or time.monotonic() - record.last_seen <= self.heartbeat_timeout
+
+    def in_rotation(self, record: NodeRecord) -> bool:
+        return record.healthy and not record.draining and self.alive(record)
+
+    def candidates(self, model: str) -> list[NodeRecord]:
+        return [r for r in self.nodes.values() if r.hosts(model) and self.in_rotation(r)]
+
+    def ready_models(self) -> dict[str, ModelInfo]:
+        models: dict[str, ModelInfo] = {}
+        for record in self.nodes.values():
+            if self.in_rotation(record):
+                for info in record.report.models:
+                    models.setdefault(info.id, info)
+        return models
+
+    def known_models(self) -> set[str]:
+        known = set()
+        for record in self.nodes.values():
+            known.update(m.id for m in record.report.models)
+            known.update(record.report.loading)
+        return known
+
+    def mark_failed(self, record: NodeRecord, reason: str) -> None:
+        record.healthy = False
+        record.failures += 1
+        record.last_error = reason
+
+    def views(self) -> list[NodeView]:
+        return [record.view() for _, record in sorted(self.nodes.items())]

@@ -1,0 +1,1 @@
+"""Route handlers: parse, call, shape the reply."""

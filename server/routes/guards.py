@@ -1,0 +1,63 @@
+"""Route guards: content types (415) and API keys (401), checked before the body is read."""
+
+from __future__ import annotations
+
+import hmac
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from server.errors import ApiError
+from server.state import AppState
+
+
+def _content_type(connection: ASGIConnection) -> str:
+    return connection.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def json_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    if _content_type(connection) != "application/json":
+        raise ApiError(415, "this route takes an application/json body", code="unsupported_media_type")
+
+
+def multipart_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    if _content_type(connection) != "multipart/form-data":
+        raise ApiError(415, "this route takes a multipart/form-data body", code="unsupported_media_type")
+
+
+def api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """With keys configured, `Authorization: Bearer <key>` must match one (constant-time comparison,
+    against every key, so timing tells nothing about which or how much matched)."""
+    keys = AppState.of(connection).api_keys
+    if not keys:
+        return
+    given = _bearer(connection)
+    if not given:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not matched:
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+def _bearer(connection: ASGIConnection) -> str:
+    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" else ""
+
+
+def node_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Router ↔ node routes need the shared node token; without one configured they are closed."""
+    token = AppState.of(connection).settings.node_token
+    if not token:
+        raise ApiError(401, "no node token is configured here: set SDSERVE_NODE_TOKEN on routers and nodes",
+                       code="node_token_not_configured")
+    if not hmac.compare_digest(_bearer(connection).encode(), token.encode()):
+        raise ApiError(401, "wrong or missing node token", code="invalid_node_token")
+
+
+def admin_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Admin routes need the admin key when one is configured (open otherwise, like /v1 without keys)."""
+    key = AppState.of(connection).settings.admin_key
+    if key and not hmac.compare_digest(_bearer(connection).encode(), key.encode()):
+        raise ApiError(401, "wrong or missing admin key", code="invalid_admin_key")

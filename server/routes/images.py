@@ -1,0 +1,105 @@
+"""POST /v1/images/generations, /edits, /variations."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from litestar import Request, Response, post
+from litestar.datastructures import UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.params import Body
+
+from server import jobs
+from server.errors import ApiError
+from server.protocol import (
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    RenderedImages,
+    RenderJob,
+)
+from server.routes.guards import json_body, multipart_body
+from server.state import AppState
+
+Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
+
+
+@post("/images/generations", status_code=200, guards=[json_body], summary="Create images from a prompt")
+async def generations(data: ImageGenerationRequest, request: Request) -> Response[ImagesResponse]:
+    # Litestar converts JSON leniently ("2" would pass as n=2); OpenAI's API and ours take JSON types
+    # as they are, so the cached body is decoded again strictly. `data` keeps the OpenAPI schema.
+    data = msgspec.json.decode(await request.body(), type=ImageGenerationRequest)
+    state = AppState.of(request)
+    prompt = jobs.resolve_prompt(data.prompt)
+    info = state.resolve_model(data.model, request)
+    job = jobs.build(data, info, state.request_id(request), prompt, strength=1.0)
+    return await _render_and_reply(state, request, job, data.response_format)
+
+
+@post("/images/edits", status_code=200, guards=[multipart_body],
+      summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image")
+async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) -> Response[ImagesResponse]:
+    state = AppState.of(request)
+    prompt = jobs.resolve_prompt(data.prompt)
+    info = state.resolve_model(data.model, request)
+    image = await _upload(data.image if data.image is not None else data.image_list, "image", state)
+    mask = await _upload(data.mask, "mask", state) if data.mask is not None else None
+    image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings)
+    strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
+    job = jobs.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
+    return await _render_and_reply(state, request, job, data.response_format)
+
+
+@post("/images/variations", status_code=200, guards=[multipart_body],
+      summary="Variations of an image (image to image with an empty prompt)")
+async def variations(data: Annotated[ImageVariationRequest, Multipart], request: Request) -> Response[ImagesResponse]:
+    state = AppState.of(request)
+    info = state.resolve_model(data.model, request)
+    image = await _upload(data.image, "image", state)
+    image_png = await anyio.to_thread.run_sync(jobs.variation_input, image, state.settings)
+    strength = 0.6 if data.strength is None else data.strength
+    job = jobs.build(data, info, state.request_id(request), "", strength, image_png)
+    return await _render_and_reply(state, request, job, data.response_format)
+
+
+async def _upload(part: Any, param: str, state: AppState) -> jobs.Upload:
+    """A multipart file part (or the first of several), read and size-checked."""
+    if isinstance(part, list):
+        part = part[0] if part else None
+    if part is None:
+        raise ApiError(400, f"missing required parameter '{param}' (a file)", param=param,
+                       code="missing_required_parameter")
+    if not isinstance(part, UploadFile):
+        raise ApiError(400, f"'{param}' must be a file upload, not a form field", param=param, code=f"invalid_{param}")
+    data = await part.read()
+    limit = state.settings.max_upload_bytes
+    if len(data) > limit:
+        raise ApiError(413, f"'{param}' is {len(data)} bytes; the limit is {limit}", param=param,
+                       code="file_too_large")
+    return jobs.Upload(data, param)
+
+
+async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
+                            response_format: str | None) -> Response[ImagesResponse]:
+    request.state.model = job.model
+    rendered = await state.render_while_connected(request, job)
+    data = []
+    for image, seed in zip(rendered.images, rendered.seeds, strict=True):
+        if response_format == "b64_json":
+            data.append(ImageData(seed=seed, b64_json=base64.b64encode(image).decode("ascii")))
+        else:
+            name = await anyio.to_thread.run_sync(state.store.put, image, job.output_format)
+            data.append(ImageData(seed=seed, url=f"{state.base_url(request)}/v1/images/files/{name}"))
+    body = ImagesResponse(created=int(time.time()), data=data, model=job.model, size=f"{job.width}x{job.height}",
+                          output_format=job.output_format)
+    return Response(body, headers={"server-timing": _server_timing(rendered)})
+
+
+def _server_timing(rendered: RenderedImages) -> str:
+    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in rendered.timings.items())

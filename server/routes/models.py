@@ -1,0 +1,26 @@
+"""GET /v1/models: the OpenAI model list, with what each model supports."""
+
+from __future__ import annotations
+
+from litestar import Request, get
+
+from engines.info import ModelInfo
+from server.protocol import ModelCard, ModelList, SizeRange
+from server.state import AppState
+
+
+def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
+    return ModelCard(
+        id=info.id, created=created, family=info.family, variant=info.variant,
+        sizes=SizeRange(info.sizes.min, info.sizes.max, info.sizes.step),
+        default_size=f"{info.defaults.width}x{info.defaults.height}", default_steps=info.defaults.steps,
+        samplers=list(info.samplers), backends=backends,
+    )
+
+
+@get("/models", summary="List the models that can render now")
+async def list_models(request: Request) -> ModelList:
+    state = AppState.of(request)
+    started = int(request.app.state.started)
+    ready = sorted(state.renderer.ready_models().items())
+    return ModelList(data=[card(info, started, [info.backend]) for _, info in ready])

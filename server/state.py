@@ -1,0 +1,90 @@
+"""What route handlers share: settings, the renderer, the image store, metrics, and the fleet parts of
+the role (registry and dispatcher on routers, the agent on nodes)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from litestar import Request
+from litestar.connection import ASGIConnection
+
+from engines.errors import RenderCancelled
+from engines.info import ModelInfo
+from server import jobs
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.protocol import RenderedImages, RenderJob
+from server.settings import Settings
+from server.store import ImageStore
+
+if TYPE_CHECKING:
+    from server.node import NodeAgent
+    from server.pool import EnginePool
+    from server.router.dispatch import Dispatcher
+    from server.router.registry import Registry
+
+
+class Renderer(Protocol):
+    """Where jobs go: the dispatcher over nodes (standalone, router) or the engine pool (node)."""
+
+    def ready_models(self) -> dict[str, ModelInfo]: ...
+
+    def known_models(self) -> set[str]: ...
+
+    def ready(self) -> bool: ...
+
+    async def render(self, job: RenderJob) -> RenderedImages: ...
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    renderer: Renderer
+    metrics: Metrics
+    store: ImageStore | None = None
+    pool: EnginePool | None = None
+    registry: Registry | None = None
+    dispatcher: Dispatcher | None = None
+    agent: NodeAgent | None = None
+    api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
+
+    @staticmethod
+    def of(connection: ASGIConnection) -> AppState:
+        return connection.app.state.sdserve
+
+    def resolve_model(self, name: str | None, connection: ASGIConnection) -> ModelInfo:
+        info = jobs.resolve_model(name, self.renderer.ready_models(), self.renderer.known_models(), self.settings)
+        connection.state.model = info.id
+        return info
+
+    @staticmethod
+    def request_id(connection: ASGIConnection) -> str:
+        return connection.scope.get("state", {}).get("request_id", "-")
+
+    def base_url(self, connection: ASGIConnection) -> str:
+        return (self.settings.public_url or str(connection.base_url)).rstrip("/")
+
+    async def render_while_connected(self, request: Request, job: RenderJob) -> RenderedImages:
+        """Render within the request timeout; a client that disconnects cancels its render (which stops at
+        its next step, or leaves the queue)."""
+        render = asyncio.ensure_future(asyncio.wait_for(self.renderer.render(job), self.settings.request_timeout))
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if render not in done:
+            render.cancel()
+            raise RenderCancelled(f"client disconnected; request {job.request_id} cancelled")
+        try:
+            return render.result()
+        except TimeoutError:
+            raise ApiError(504, f"the render took longer than the {self.settings.request_timeout:g} s request "
+                           "timeout", code="timeout") from None
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,283 @@
+"""A real fleet on loopback: one router and several nodes, each its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from server.protocol import PROTOCOL_VERSION, NodeReport
+from tests.processes import ServerProcess, free_port
+
+TOKEN = "fleet-token"
+ADMIN = "admin-secret"
+GEN = "/v1/images/generations"
+ENV = {"SDSERVE_NODE_TOKEN": TOKEN, "SDSERVE_ADMIN_KEY": ADMIN}
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+
+
+class Fleet:
+    def __init__(self, models_dir: Path, work: Path) -> None:
+        self.models_dir, self.work = models_dir, work
+        self.router = ServerProcess("router", ["--images-dir", str(work / "images"), "--queue-depth", "200",
+                                               "--heartbeat-interval", "1", "--heartbeat-timeout", "4"],
+                                    work, env=ENV, name="router")
+        self.nodes: dict[str, ServerProcess] = {}
+
+    def add_node(self, name: str, *models: str, extra: list[str] | None = None, port: int | None = None
+                 ) -> ServerProcess:
+        args = ["--models-dir", str(self.models_dir), "--router", self.router.url, "--node-id", name,
+                "--heartbeat-interval", "1", "--queue-depth", "64", *(extra or [])]
+        for model in models:
+            args += ["--model", model]
+        process = ServerProcess("node", args, self.work, env=ENV, name=name, port=port)
+        self.nodes[name] = process
+        return process
+
+    def start(self) -> Fleet:
+        self.router.start(ready=False)
+        for process in self.nodes.values():
+            process.start()
+        self.wait_nodes(set(self.nodes))
+        return self
+
+    def views(self) -> dict[str, dict]:
+        listing = httpx.get(self.router.url + "/v0/nodes", headers=ADMIN_HEADERS, timeout=10).json()
+        return {node["node_id"]: node for node in listing["data"]}
+
+    def wait_nodes(self, names: set[str], state: str = "healthy", timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = self.views()
+            if all(name in views and views[name]["state"] == state and views[name]["models"] for name in names):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"nodes {names} not {state}: {self.views()}\n{self.router.log()[-3000:]}")
+
+    def stop(self) -> None:
+        for process in [*self.nodes.values(), self.router]:
+            process.kill()
+
+
+async def generate_many(url: str, count: int, body: dict, timeout: float = 120) -> list[httpx.Response | Exception]:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
+        tasks = [client.post(GEN, json=body) for _ in range(count)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(models_dir, tmp_path_factory.mktemp("fleet"))
+    for name in ("node-a", "node-b", "node-c"):
+        fleet.add_node(name, "tiny-sd15")
+    yield fleet.start()
+    fleet.stop()
+
+
+def test_150_concurrent_generations_spread_over_three_nodes(fleet: Fleet) -> None:
+    before = {name: view["requests"] for name, view in fleet.views().items()}
+    body = {"prompt": "a crowd", "size": "64x64", "steps": 2, "response_format": "b64_json"}
+    responses = asyncio.run(generate_many(fleet.router.url, 150, body))
+    statuses = [getattr(r, "status_code", repr(r)) for r in responses]
+    assert statuses == [200] * 150, statuses
+    served = {name: view["requests"] - before.get(name, 0) for name, view in fleet.views().items()}
+    assert sum(served.values()) == 150
+    assert max(served.values()) <= 75, served  # no node takes more than half
+    assert min(served.values()) > 0, served
+    metrics = httpx.get(fleet.router.url + "/metrics").text
+    assert 'sdserve_node_requests_total{node="node-a"}' in metrics
+    assert "sdserve_node_seconds_bucket" in metrics
+
+
+def test_router_lists_models_and_nodes(fleet: Fleet) -> None:
+    models = httpx.get(fleet.router.url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-sd15"]
+    views = fleet.views()
+    assert set(views) == {"node-a", "node-b", "node-c"}
+    assert all(v["backend"] == "cpu" and v["state"] == "healthy" for v in views.values())
+    assert httpx.get(fleet.router.url + "/v0/nodes").status_code == 401
+    assert httpx.get(fleet.router.url + "/v0/nodes", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_urls_point_at_the_router(fleet: Fleet) -> None:
+    response = httpx.post(fleet.router.url + GEN, json={"prompt": "x", "size": "64x64", "steps": 1}, timeout=60)
+    url = response.json()["data"][0]["url"]
+    assert url.startswith(fleet.router.url + "/v1/images/files/")
+    assert httpx.get(url).headers["content-type"] == "image/png"
+
+
+def test_bad_tokens_change_nothing(fleet: Fleet) -> None:
+    before = fleet.views()
+    report = NodeReport(node_id="intruder", url="http://127.0.0.1:9", version="x", models=[], backend="cpu",
+                        device="cpu", render_slots=1)
+    body = msgspec.json.encode(report)
+    headers = {"content-type": "application/json"}
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN}"}):
+        response = httpx.post(fleet.router.url + "/v0/nodes/register", content=body, headers=headers | auth)
+        assert response.status_code == 401
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    beat = httpx.post(fleet.router.url + "/v0/nodes/node-a/heartbeat", content=body,
+                      headers=headers | {"Authorization": f"Bearer {TOKEN}", "x-node-lease": "stolen"})
+    assert beat.status_code in (403, 409)
+    leave = httpx.delete(fleet.router.url + "/v0/nodes/node-a",
+                         headers={"Authorization": f"Bearer {TOKEN}", "x-node-lease": "stolen"})
+    assert leave.status_code == 403
+    # Taking over a live node's identity from another address is refused.
+    hijack = NodeReport(node_id="node-b", url=fleet.nodes["node-a"].url, version="x", models=[], backend="cpu",
+                        device="cpu", render_slots=1)
+    taken = httpx.post(fleet.router.url + "/v0/nodes/register", content=msgspec.json.encode(hijack),
+                       headers=headers | {"Authorization": f"Bearer {TOKEN}"})
+    assert taken.status_code == 409
+    stale = NodeReport(protocol=PROTOCOL_VERSION + 1, node_id="future", url="http://127.0.0.1:9", version="x",
+                       models=[], backend="cpu", device="cpu", render_slots=1)
+    mismatch = httpx.post(fleet.router.url + "/v0/nodes/register", content=msgspec.json.encode(stale),
+                          headers=headers | {"Authorization": f"Bearer {TOKEN}"})
+    assert mismatch.status_code in (400, 409)
+    after = fleet.views()
+    assert set(after) == set(before)
+    assert {n: v["url"] for n, v in after.items()} == {n: v["url"] for n, v in before.items()}
+
+
+def test_node_with_a_wrong_token_never_joins(fleet: Fleet, tmp_path: Path) -> None:
+    rogue = ServerProcess("node", ["--models-dir", str(fleet.models_dir), "--model", "tiny-sd15", "--router",
+                                   fleet.router.url, "--node-id", "rogue"], tmp_path,
+                          env={"SDSERVE_NODE_TOKEN": "not-the-token"}, name="rogue").start(ready=False)
+    try:
+        time.sleep(3)
+        assert "rogue" not in fleet.views()
+        assert "refused registration: 401" in rogue.log()
+    finally:
+        rogue.kill()
+
+
+def test_kill_9_during_load_loses_nothing_and_the_node_comes_back(fleet: Fleet) -> None:
+    victim = fleet.nodes["node-c"]
+    body = {"prompt": "under fire", "size": "128x128", "steps": 6, "response_format": "b64_json"}
+
+    async def scenario() -> list:
+        load = asyncio.ensure_future(generate_many(fleet.router.url, 45, body, timeout=120))
+        await asyncio.sleep(1.0)
+        victim.kill()  # SIGKILL: no goodbye
+        return await asyncio.wait_for(load, timeout=150)  # nothing hangs
+
+    started = time.monotonic()
+    responses = asyncio.run(scenario())
+    statuses = [getattr(r, "status_code", repr(r)) for r in responses]
+    assert len(statuses) == 45
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert statuses.count(200) >= 40, statuses  # retried on the survivors
+    assert time.monotonic() - started < 150
+    assert fleet.views()["node-c"]["state"] == "unhealthy"
+    after = httpx.post(fleet.router.url + GEN, json={"prompt": "x", "size": "64x64", "steps": 1}, timeout=60)
+    assert after.status_code == 200
+    victim.start()  # same port, same id
+    fleet.wait_nodes({"node-c"}, timeout=60)
+
+
+def test_draining_node_finishes_its_work_and_leaves(fleet: Fleet) -> None:
+    fleet.wait_nodes({"node-a", "node-b", "node-c"})
+    node = fleet.nodes["node-b"]
+    slow = {"prompt": "long", "size": "256x256", "steps": 20, "response_format": "b64_json"}
+
+    async def scenario() -> tuple[list, list]:
+        async with httpx.AsyncClient(base_url=node.url, timeout=120,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as direct:
+            status = (await direct.get("/v0/status")).json()
+            assert status["node_id"] == "node-b"
+        first = asyncio.ensure_future(generate_many(fleet.router.url, 9, slow))
+        deadline = time.monotonic() + 20
+        while fleet.views()["node-b"]["in_flight"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        node.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        second = await generate_many(fleet.router.url, 6, {**slow, "steps": 2})
+        return await first, second
+
+    before = fleet.views()["node-b"]["requests"]
+    first, second = asyncio.run(scenario())
+    assert [r.status_code for r in first] == [200] * 9
+    assert [r.status_code for r in second] == [200] * 6
+    assert node.process.wait(60) == 0
+    assert "deregistered from router" in node.log()
+    assert "node-b" not in fleet.views()
+    assert fleet.views()  # the others still serve
+    assert before >= 0
+    node.start()
+    fleet.wait_nodes({"node-b"})
+
+
+def test_router_restart_nodes_register_again(fleet: Fleet) -> None:
+    fleet.router.stop()
+    fleet.router.start(ready=False)
+    fleet.wait_nodes({"node-a", "node-b", "node-c"}, timeout=30)
+    response = httpx.post(fleet.router.url + GEN, json={"prompt": "again", "size": "64x64", "steps": 1}, timeout=60)
+    assert response.status_code == 200
+    for name in ("node-a", "node-b", "node-c"):
+        assert fleet.nodes[name].alive()  # nobody restarted the nodes
+
+
+@pytest.fixture(scope="module")
+def split_fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(models_dir, tmp_path_factory.mktemp("split"))
+    fleet.add_node("sd15-node", "tiny-sd15")
+    fleet.add_node("sdxl-node", "tiny-sdxl")
+    yield fleet.start()
+    fleet.stop()
+
+
+def test_requests_land_where_the_model_is(split_fleet: Fleet) -> None:
+    before = {name: view["requests"] for name, view in split_fleet.views().items()}
+    for model, count in (("tiny-sd15", 4), ("tiny-sdxl", 3)):
+        responses = asyncio.run(generate_many(split_fleet.router.url, count,
+                                              {"model": model, "prompt": "p", "size": "64x64", "steps": 1}))
+        assert all(r.status_code == 200 and r.json()["model"] == model for r in responses)
+    served = {name: view["requests"] - before[name] for name, view in split_fleet.views().items()}
+    assert served == {"sd15-node": 4, "sdxl-node": 3}
+    models = {m["id"] for m in httpx.get(split_fleet.router.url + "/v1/models").json()["data"]}
+    assert models == {"tiny-sd15", "tiny-sdxl"}
+    unknown = httpx.post(split_fleet.router.url + GEN, json={"model": "tiny-sd99", "prompt": "p"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
+def test_known_model_without_a_healthy_node_is_503(split_fleet: Fleet) -> None:
+    split_fleet.nodes["sdxl-node"].kill()
+    response = httpx.post(split_fleet.router.url + GEN, json={"model": "tiny-sdxl", "prompt": "p", "size": "64x64",
+                                                              "steps": 1}, timeout=60)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["type"] == "server_error"
+    still = httpx.post(split_fleet.router.url + GEN, json={"model": "tiny-sd15", "prompt": "p", "size": "64x64",
+                                                           "steps": 1}, timeout=60)
+    assert still.status_code == 200
+
+
+def test_standalone_accepts_remote_nodes(models_dir: Path, tmp_path: Path) -> None:
+    """The default role is a router with an in-process node; other nodes may join it."""
+    port = free_port()
+    standalone = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", "tiny-sd15",
+                                              "--images-dir", str(tmp_path / "images")], tmp_path, env=ENV,
+                               port=port, name="standalone").start()
+    helper = ServerProcess("node", ["--models-dir", str(models_dir), "--model", "tiny-sdxl", "--router",
+                                    standalone.url, "--node-id", "helper"], tmp_path, env=ENV, name="helper").start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = {m["id"] for m in httpx.get(standalone.url + "/v1/models").json()["data"]}
+            if listed == {"tiny-sd15", "tiny-sdxl"}:
+                break
+            time.sleep(0.2)
+        assert listed == {"tiny-sd15", "tiny-sdxl"}
+        response = httpx.post(standalone.url + GEN, json={"model": "tiny-sdxl", "prompt": "p", "size": "64x64",
+                                                          "steps": 1}, timeout=60)
+        assert response.status_code == 200
+        nodes = httpx.get(standalone.url + "/v0/nodes", headers=ADMIN_HEADERS).json()["data"]
+        assert {n["node_id"] for n in nodes} == {"local", "helper"}
+    finally:
+        helper.kill()
+        standalone.kill()

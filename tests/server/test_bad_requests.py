@@ -1,0 +1,151 @@
+"""Bad input gets the documented status and an OpenAI error body naming the field; the server keeps serving."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.processes import ServerProcess
+
+GEN = "/v1/images/generations"
+EDIT = "/v1/images/edits"
+VARY = "/v1/images/variations"
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error"}
+
+
+def png(size: tuple[int, int] = (64, 64), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def bomb() -> bytes:
+    """A valid PNG of 20000×20000 pixels (400 megapixels) in a few hundred bytes."""
+    width = height = 20000
+    row = b"\x00" + b"\x00" * (width // 8)
+    raw = zlib.compress(row * height, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def json_case(body: dict[str, Any], status: int, param: str | None) -> tuple:
+    return ("POST", GEN, {"json": {"steps": 1, "size": "64x64"} | body}, status, param)
+
+
+def edit_case(fields: dict[str, str], files: dict[str, tuple] | list, status: int, param: str | None,
+              path: str = EDIT) -> tuple:
+    return ("POST", path, {"data": fields, "files": files}, status, param)
+
+
+IMAGE = ("image", ("a.png", png(), "image/png"))
+CASES = [
+    json_case({"prompt": None}, 400, "prompt"),
+    ("POST", GEN, {"json": {"size": "64x64"}}, 400, "prompt"),
+    json_case({"prompt": ""}, 400, "prompt"),
+    json_case({"prompt": "   \n\t "}, 400, "prompt"),
+    json_case({"prompt": "x" * 4001}, 400, "prompt"),
+    json_case({"prompt": 123}, 400, "prompt"),
+    json_case({"prompt": "a", "n": 0}, 400, "n"),
+    json_case({"prompt": "a", "n": 11}, 400, "n"),
+    json_case({"prompt": "a", "n": "2"}, 400, "n"),
+    json_case({"prompt": "a", "n": 1.5}, 400, "n"),
+    json_case({"prompt": "a", "size": "100x100"}, 400, "size"),
+    json_case({"prompt": "a", "size": "1024x1024"}, 400, "size"),
+    json_case({"prompt": "a", "size": "big"}, 400, "size"),
+    json_case({"prompt": "a", "size": "64x"}, 400, "size"),
+    json_case({"prompt": "a", "size": 64}, 400, "size"),
+    json_case({"prompt": "a", "quality": "ultra"}, 400, "quality"),
+    json_case({"prompt": "a", "style": "sepia"}, 400, "style"),
+    json_case({"prompt": "a", "response_format": "gif"}, 400, "response_format"),
+    json_case({"prompt": "a", "output_format": "bmp"}, 400, "output_format"),
+    json_case({"prompt": "a", "output_compression": 101}, 400, "output_compression"),
+    json_case({"prompt": "a", "seed": -1}, 400, "seed"),
+    json_case({"prompt": "a", "seed": "lucky"}, 400, "seed"),
+    json_case({"prompt": "a", "steps": 0}, 400, "steps"),
+    json_case({"prompt": "a", "steps": 151}, 400, "steps"),
+    json_case({"prompt": "a", "guidance_scale": 31}, 400, "guidance_scale"),
+    json_case({"prompt": "a", "guidance_scale": "high"}, 400, "guidance_scale"),
+    json_case({"prompt": "a", "sampler": "heun"}, 400, "sampler"),
+    json_case({"prompt": "a", "strength": 1.5}, 400, "strength"),
+    json_case({"prompt": "a", "negative_prompt": 5}, 400, "negative_prompt"),
+    json_case({"prompt": "a", "user": 5}, 400, "user"),
+    json_case({"prompt": "a", "sampler": "lcm", "steps": 80}, 400, "steps"),  # rejected by the engine
+    json_case({"prompt": "a", "model": "no-such-model"}, 404, "model"),
+    ("POST", GEN, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None),
+    ("POST", GEN, {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, None),
+    ("POST", GEN, {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}}, 415, None),
+    ("POST", GEN, {"data": {"prompt": "a"}}, 415, None),
+    ("POST", "/v1/images/nothing", {"json": {"prompt": "a"}}, 404, None),
+    ("GET", GEN, {}, 405, None),
+    ("GET", "/v1/images/files/../../etc/passwd", {}, 404, None),
+    ("GET", "/v1/images/files/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.png", {}, 404, "name"),
+    edit_case({"prompt": "a"}, {}, 415, None),  # no file part: not multipart at all
+    edit_case({"prompt": "a"}, {"mask": ("m.png", png(mode="RGBA"), "image/png")}, 400, "image"),
+    edit_case({"prompt": "a", "image": "not-a-file"}, {"mask": ("m.png", png(mode="RGBA"), "image/png")}, 400,
+              "image"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", b"hello, I am text", "image/png")}, 400, "image"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", png()[:60], "image/png")}, 400, "image"),
+    edit_case({"prompt": "a"}, {"image": ("a.gif", gif(), "image/gif")}, 400, "image"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", bomb(), "image/png")}, 400, "image"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", b"\x89PNG" + b"\0" * (26 * 1024 * 1024), "image/png")}, 413,
+              "image"),
+    edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", png((32, 64), "RGBA"), "image/png"))]), 400, "mask"),
+    edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", png((64, 64), "RGB"), "image/png"))]), 400, "mask"),
+    edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", b"garbage", "image/png"))]), 400, "mask"),
+    edit_case({}, dict([IMAGE]), 400, "prompt"),
+    edit_case({"prompt": "a", "n": "three"}, dict([IMAGE]), 400, "n"),
+    edit_case({"prompt": "a", "size": "65x65"}, dict([IMAGE]), 400, "size"),
+    edit_case({"prompt": "a", "strength": "-0.5"}, dict([IMAGE]), 400, "strength"),
+    ("POST", EDIT, {"json": {"prompt": "a"}}, 415, None),
+    edit_case({}, {"image": ("a.txt", b"plain text", "text/plain")}, 400, "image", VARY),
+    edit_case({"n": "1"}, {"mask": ("m.png", png(), "image/png")}, 400, "image", VARY),
+    edit_case({"model": "dall-e-9000"}, dict([IMAGE]), 404, "model", VARY),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "param"), CASES,
+                         ids=[f"{i}-{c[1].rsplit('/', 1)[-1]}-{c[3]}" for i, c in enumerate(CASES)])
+def test_bad_request(server: ServerProcess, method: str, path: str, kwargs: dict, status: int,
+                     param: str | None) -> None:
+    response = httpx.request(method, server.url + path, timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == TYPES[status]
+    assert error["param"] == param, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["code"] is None or isinstance(error["code"], str)
+
+
+def test_whole_body_over_the_limit_is_413(server: ServerProcess) -> None:
+    files = {"image": ("a.png", b"\0" * (30 * 1024 * 1024), "image/png"),
+             "mask": ("m.png", b"\0" * (30 * 1024 * 1024), "image/png")}
+    response = httpx.post(server.url + EDIT, data={"prompt": "a"}, files=files, timeout=60)
+    assert response.status_code == 413
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_still_serving_after_the_bad_requests(server: ServerProcess) -> None:
+    assert len(CASES) >= 30
+    response = httpx.post(server.url + GEN, json={"prompt": "still here", "size": "64x64", "steps": 1}, timeout=60)
+    assert response.status_code == 200
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert server.alive()

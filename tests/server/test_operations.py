@@ -1,0 +1,172 @@
+"""Operating behaviour: bounded queues, a responsive loop, timeouts, cancellation, expiry, metrics, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AuthenticationError, OpenAI
+from PIL import Image
+
+from tests.processes import ServerProcess
+
+GEN = "/v1/images/generations"
+
+
+def metric(server: ServerProcess, name: str, labels: str = "") -> float:
+    text = httpx.get(server.url + "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def small_queue(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("small-queue")
+    process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", "tiny-sd15",
+                                           "--images-dir", str(work / "images"), "--queue-depth", "4",
+                                           "--request-timeout", "8", "--image-ttl", "2"], work).start()
+    yield process
+    process.stop()
+
+
+def test_concurrent_requests_get_200_or_429_and_health_stays_fast(small_queue: ServerProcess) -> None:
+    async def scenario() -> tuple[list[httpx.Response], list[float]]:
+        async with httpx.AsyncClient(base_url=small_queue.url, timeout=120) as client:
+            body = {"prompt": "a busy street", "size": "256x256", "steps": 6, "response_format": "b64_json"}
+            renders = [asyncio.create_task(client.post(GEN, json=body)) for _ in range(20)]
+            await asyncio.sleep(0.3)
+            health = []
+            while not all(task.done() for task in renders):
+                started = time.perf_counter()
+                assert (await client.get("/healthz")).status_code == 200
+                health.append(time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+            return [task.result() for task in renders], health
+
+    responses, health = asyncio.run(scenario())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 5  # one running + four queued were accepted
+    assert statuses.count(429) >= 1
+    for response in responses:
+        if response.status_code == 200:
+            image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+            assert image.size == (256, 256)
+        else:
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.json()["error"]["type"] == "rate_limit_error"
+    assert len(health) >= 3
+    assert max(health) < 0.1, f"/healthz took {max(health) * 1000:.0f} ms while rendering"
+
+
+def test_render_over_the_timeout_is_504_and_the_queue_recovers(small_queue: ServerProcess) -> None:
+    started = time.perf_counter()
+    response = httpx.post(small_queue.url + GEN, timeout=60,
+                          json={"prompt": "slow", "size": "512x512", "steps": 150, "n": 4})
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["type"] == "server_error"
+    assert time.perf_counter() - started < 20
+    _wait_idle(small_queue)
+    ok = httpx.post(small_queue.url + GEN, json={"prompt": "fast", "size": "64x64", "steps": 1}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_client_disconnect_cancels_the_render(small_queue: ServerProcess) -> None:
+    _wait_idle(small_queue)
+    body = b'{"prompt": "abandoned", "size": "512x512", "steps": 150, "n": 4}'
+    with socket.create_connection(("127.0.0.1", small_queue.port)) as sock:
+        sock.sendall(b"POST " + GEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while metric(small_queue, "sdserve_renders_in_flight") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(small_queue, "sdserve_renders_in_flight") == 1
+    gone = time.monotonic()
+    _wait_idle(small_queue)
+    assert time.monotonic() - gone < 5  # stopped at the next step, not after 150 steps
+    assert "cancelled" in small_queue.log()
+
+
+def _wait_idle(server: ServerProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, "sdserve_renders_in_flight") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "sdserve_renders_in_flight") == 0
+
+
+def test_expired_images_are_404(small_queue: ServerProcess) -> None:
+    response = httpx.post(small_queue.url + GEN, json={"prompt": "brief", "size": "64x64", "steps": 1}, timeout=60)
+    url = response.json()["data"][0]["url"]
+    assert re.search(r"/v1/images/files/[A-Za-z0-9_-]{32}\.png$", url)
+    assert httpx.get(url).status_code == 200
+    time.sleep(2.5)
+    expired = httpx.get(url)
+    assert expired.status_code == 404
+    assert expired.json()["error"]["code"] == "image_not_found"
+
+
+def test_metrics_move(small_queue: ServerProcess) -> None:
+    before_images = metric(small_queue, "sdserve_images_total", 'model="tiny-sd15"')
+    before_requests = metric(small_queue, "sdserve_requests_total", 'status="200"')
+    before_renders = metric(small_queue, "sdserve_render_seconds_count", 'model="tiny-sd15"')
+    httpx.post(small_queue.url + GEN, json={"prompt": "count me", "size": "64x64", "steps": 1, "n": 2}, timeout=60)
+    assert metric(small_queue, "sdserve_images_total", 'model="tiny-sd15"') == before_images + 2
+    assert metric(small_queue, "sdserve_requests_total", 'status="200"') > before_requests
+    assert metric(small_queue, "sdserve_render_seconds_count", 'model="tiny-sd15"') == before_renders + 1
+    text = httpx.get(small_queue.url + "/metrics").text
+    for name in ("sdserve_queue_depth", "sdserve_renders_in_flight", "sdserve_render_seconds_bucket"):
+        assert name in text
+
+
+def test_access_log_has_one_line_per_request(small_queue: ServerProcess) -> None:
+    httpx.post(small_queue.url + GEN, headers={"x-request-id": "log-me-42"},
+               json={"prompt": "logged", "size": "64x64", "steps": 1}, timeout=60)
+    lines = [line for line in small_queue.log().splitlines() if "log-me-42" in line and "sdserve.access" in line]
+    assert len(lines) == 1
+    assert "POST /v1/images/generations 200 model=tiny-sd15" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def keyed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("keyed")
+    keys_file = work / "keys.txt"
+    keys_file.write_text("# one per line\nkey-from-file\n")
+    process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", "tiny-sd15",
+                                           "--images-dir", str(work / "images"), "--api-keys-file", str(keys_file)],
+                            work, env={"SDSERVE_API_KEYS": "alpha-key,beta-key"}).start()
+    yield process
+    process.stop()
+
+
+def test_api_keys(keyed: ServerProcess) -> None:
+    body = {"prompt": "secret", "size": "64x64", "steps": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic alpha-key"},
+                    {"Authorization": "Bearer alpha"}):
+        response = httpx.post(keyed.url + GEN, json=body, headers=headers, timeout=60)
+        assert response.status_code == 401, headers
+        error = response.json()["error"]
+        assert error["type"] == "authentication_error" and set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(keyed.url + "/v1/models").status_code == 401
+    for key in ("alpha-key", "beta-key", "key-from-file"):
+        response = httpx.post(keyed.url + GEN, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert response.status_code == 200, key
+    # Image URLs are capabilities: downloadable without the key, like OpenAI's.
+    assert httpx.get(response.json()["data"][0]["url"]).status_code == 200
+    assert httpx.get(keyed.url + "/healthz").status_code == 200
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=keyed.url + "/v1", api_key="nope", max_retries=0).images.generate(prompt="x")
+    ok = OpenAI(base_url=keyed.url + "/v1", api_key="beta-key", max_retries=0).images.generate(
+        prompt="x", size="64x64", extra_body={"steps": 1})
+    assert ok.data[0].url
+    assert "alpha-key" not in keyed.log()  # secrets are masked in the logged settings
