@@ -113,7 +113,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--advertise-url", help="node: the URL routers reach this node at")
     flag("--node-id", help="node: stable identity (default: from the advertise URL)")
     flag("--heartbeat-interval", type=float, help="node: seconds between heartbeats (default 3)")
-    flag("--heartbeat-timeout", type=float, help="router: seconds of silence before a node leaves rotation (default 15)")
+    flag("--heartbeat-timeout", type=float,
+         help="router: seconds of silence before a node leaves rotation (default 15)")
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
