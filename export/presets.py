@@ -62,6 +62,13 @@ PRESETS: dict[str, Preset] = {
                None, _TINY_SIZES, _defaults(256, 8, 7.5, "euler"), random_seed=2),
         Preset("tiny-sdxl", "sdxl", "base", "random-weight SDXL architecture at tiny size (two text encoders)",
                None, _TINY_SIZES, _defaults(256, 8, 5.0, "euler"), random_seed=3),
+        # The real architectures with seeded random weights: real cost without a download (bench).
+        Preset("random-sd15", "sd1", "base", "random-weight SD 1.5 architecture at full size (benchmarks)",
+               None, _SD_SIZES, _defaults(512, 30, 7.5, "dpmpp_2m"), random_seed=10),
+        Preset("random-sd21", "sd2", "base", "random-weight SD 2.1 / SD-Turbo architecture at full size (benchmarks)",
+               None, _SD_SIZES, _defaults(768, 30, 7.5, "dpmpp_2m"), random_seed=11),
+        Preset("random-sdxl", "sdxl", "base", "random-weight SDXL architecture at full size (benchmarks)",
+               None, _SDXL_SIZES, _defaults(1024, 30, 5.0, "dpmpp_2m"), max_batch=2, random_seed=12),
     )
 }
 

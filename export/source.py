@@ -20,7 +20,7 @@ from diffusers import (
 )
 
 from engines.manifest import Source, sha256_file
-from export import presets, tiny
+from export import fullsize, presets, tiny
 from export.errors import ExportError
 from export.presets import Preset
 
@@ -39,7 +39,7 @@ def load(preset: Preset, model: str | None = None, revision: str | None = None,
          config: str | None = None) -> tuple[DiffusionPipeline, Source]:
     """The pipeline for `preset` from `model` (default: the preset's own source), in fp32 eval mode."""
     if model is None and preset.is_random:
-        return tiny.build(preset), Source(kind="random", id=preset.name, seed=preset.random_seed)
+        return random_pipeline(preset), Source(kind="random", id=preset.name, seed=preset.random_seed)
     model = model or preset.hub_id
     assert model is not None  # every non-random preset has a hub id
     path = Path(model).expanduser()
@@ -64,11 +64,16 @@ def reference(source: Source, preset_name: str) -> DiffusionPipeline:
     """Rebuild the PyTorch pipeline a model directory was exported from (tests and bench)."""
     preset = presets.get(preset_name)
     if source.kind == "random":
-        return tiny.build(presets.get(source.id))
+        return random_pipeline(presets.get(source.id))
     model = source.id if source.kind != "single_file" else None
     if model is None:
         raise ExportError("single-file sources cannot be rebuilt from the manifest alone; pass the file")
     return load(preset, model, source.revision)[0]
+
+
+def random_pipeline(preset: Preset) -> DiffusionPipeline:
+    """A random-weight preset's pipeline: tiny (tests, demo) or full size (benchmarks)."""
+    return fullsize.build(preset) if preset.name in fullsize.names() else tiny.build(preset)
 
 
 def _from_folder(preset: Preset, path: Path) -> DiffusionPipeline:

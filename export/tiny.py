@@ -8,12 +8,14 @@ are tokenized by the real rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
@@ -170,9 +172,14 @@ _BUILDERS = {
 
 def build(preset: Preset) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """The preset's tiny pipeline, in eval mode, identical on every call."""
+    return seeded(_BUILDERS[preset.name], preset.random_seed or 0)
+
+
+def seeded(builder: Callable[[], DiffusionPipeline], seed: int) -> DiffusionPipeline:
+    """`builder()` under torch's global seed `seed` (restored afterwards), in eval mode without grads."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(preset.random_seed or 0)
-        pipe = _BUILDERS[preset.name]()
+        torch.manual_seed(seed)
+        pipe = builder()
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)

@@ -25,9 +25,9 @@ from diffusers.utils import torch_utils
 from PIL import Image
 
 import engines
+from bench.reference import diffusers_scheduler
 from export import presets, tiny
 from tests.conftest import TINY
-from tests.reference import diffusers_scheduler
 
 WIDTH, HEIGHT, STEPS = 64, 80, 4
 PROMPT, NEGATIVE = "a photo of a red cat sitting on a wooden chair", "blurry, low quality"

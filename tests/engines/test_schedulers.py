@@ -25,10 +25,10 @@ from diffusers.schedulers import (
     scheduling_lcm,
 )
 
+from bench.reference import diffusers_scheduler
 from engines import schedulers
 from engines.errors import InvalidRequest, ModelInvalid
 from engines.schedulers import SAMPLERS, StepOutput
-from tests.reference import diffusers_scheduler
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # diffusers under numpy 2

@@ -1,0 +1,148 @@
+"""`python -m bench pipeline|http`: parse arguments into settings, run, write the results, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from bench import report
+
+SIZE_HELP = "WIDTHxHEIGHT (default: the model's native size)"
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog="python -m bench", description="Measure sdserve: the engines against the "
+                                  "PyTorch/diffusers reference, or HTTP load against a server or router.")
+    commands = cli.add_subparsers(dest="command", required=True)
+
+    pipe = commands.add_parser("pipeline", help="engines vs the diffusers reference on one model directory",
+                               description="Render with the engines and with the diffusers pipeline the model was "
+                               "exported from (same weights, size, steps, sampler, guidance, starting latents), "
+                               "alternating A/B after a warm-up; report stage times, memory and pixel difference.")
+    pipe.add_argument("model_dir", help="an exported model directory (python -m export ...)")
+    pipe.add_argument("--backend", default="auto", help="engines backend: auto|cpu|cuda|tensorrt-ep|tensorrt")
+    pipe.add_argument("--size", help=SIZE_HELP)
+    pipe.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    pipe.add_argument("--sampler", help="euler|euler_a|ddim|dpmpp_2m|dpmpp_2m_karras|lcm (default: the model's)")
+    pipe.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    pipe.add_argument("--batch", type=int, default=1, help="images per render (default 1)")
+    pipe.add_argument("--threads", type=int, help="CPU threads for both sides (default: the libraries' own)")
+    pipe.add_argument("--repeat", type=int, default=3, help="measured repetitions per side (default 3)")
+    pipe.add_argument("--warmup", type=int, default=1, help="unmeasured renders per side first (default 1)")
+    pipe.add_argument("--precision", choices=["fp32", "fp16"],
+                      help="the reference's precision (default: the exported UNet's)")
+    pipe.add_argument("--reference-device", help="torch device for the reference (default: cuda if present, else cpu)")
+    pipe.add_argument("--checkpoint", help="rebuild the reference from this hub id, folder or single file instead "
+                      "of the manifest's source")
+    pipe.add_argument("--no-reference", action="store_true", help="time the engines alone (no torch needed)")
+    pipe.add_argument("--prompt", help="the prompt to render")
+    pipe.add_argument("--seed", type=int, default=0, help="seed of the shared starting latents (default 0)")
+    pipe.add_argument("--max-seconds", type=float,
+                      help="exit 1 when the engines' end-to-end median exceeds this many seconds (a gate)")
+    pipe.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
+
+    http = commands.add_parser("http", help="HTTP load against a running server or router",
+                               description="Send requests at each concurrency level and report throughput, latency "
+                               "percentiles, errors by status, and (with the admin key) the spread over nodes.")
+    http.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8080")
+    http.add_argument("--concurrency", default="1,4", help="comma-separated levels (default 1,4)")
+    http.add_argument("--requests", type=int, default=20, help="requests per level (default 20)")
+    http.add_argument("--mix", default="generations=1",
+                      help="route weights, e.g. generations=8,edits=1,variations=1 (default generations=1)")
+    http.add_argument("--model", help="the model field (default: the server's default model)")
+    http.add_argument("--size", default="256x256", help="the size field (default 256x256)")
+    http.add_argument("--steps", type=int, help="the steps extension (default: the model's)")
+    http.add_argument("--n", type=int, default=1, help="images per request (default 1)")
+    http.add_argument("--response-format", choices=["b64_json", "url"], default="b64_json")
+    http.add_argument("--api-key", default=os.environ.get("SDSERVE_API_KEY"),
+                      help="bearer key for /v1 (default $SDSERVE_API_KEY)")
+    http.add_argument("--admin-key", default=os.environ.get("SDSERVE_ADMIN_KEY"),
+                      help="admin key for the router's /v0/nodes spread (default $SDSERVE_ADMIN_KEY)")
+    http.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    http.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
+    return cli
+
+
+def pipeline_settings(args: argparse.Namespace) -> Any:
+    from bench.pipeline import PipelineSettings
+
+    width, height = _size(args.size) if args.size else (None, None)
+    extra = {"prompt": args.prompt} if args.prompt else {}
+    return PipelineSettings(model_dir=args.model_dir, backend=args.backend, threads=args.threads, width=width,
+                            height=height, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
+                            batch=args.batch, repeat=args.repeat, warmup=args.warmup, reference=not args.no_reference,
+                            reference_device=args.reference_device, precision=args.precision,
+                            checkpoint=args.checkpoint, seed=args.seed, **extra)
+
+
+def http_settings(args: argparse.Namespace) -> Any:
+    from bench.load import ROUTES, HttpSettings
+
+    mix = {}
+    for part in args.mix.split(","):
+        route, _, weight = part.partition("=")
+        if route.strip() not in ROUTES or not weight.strip().isdigit():
+            raise SystemExit(f"bench: --mix: expected ROUTE=WEIGHT with ROUTE in {', '.join(ROUTES)}, got {part!r}")
+        mix[route.strip()] = int(weight)
+    levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
+    if not levels or min(levels) < 1 or args.requests < 1:
+        raise SystemExit("bench: --concurrency levels and --requests must be positive")
+    return HttpSettings(url=args.url, concurrency=levels, requests=args.requests, mix=mix, model=args.model,
+                        size=args.size, steps=args.steps, n=args.n, response_format=args.response_format,
+                        api_key=args.api_key, admin_key=args.admin_key, timeout=args.timeout)
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise SystemExit(f"bench: --size: expected WIDTHxHEIGHT, got {text!r}")
+    return int(width), int(height)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    from tqdm import tqdm
+
+    if args.command == "pipeline":
+        from bench import pipeline as kind
+
+        settings = pipeline_settings(args)
+        total = kind.total_runs(settings)
+    else:
+        from bench import load as kind
+
+        settings = http_settings(args)
+        total = settings.requests * len(settings.concurrency)
+    from bench.errors import BenchError
+    from engines.errors import EngineError
+
+    with tqdm(total=total, desc=args.command, unit="run" if args.command == "pipeline" else "req") as bar:
+        def tick(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        try:
+            result = kind.run(settings, tick)
+        except (BenchError, EngineError) as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 2
+    folder = report.results_dir(args.out)
+    table = kind.markdown(result)
+    paths = report.write(folder, args.command, result, table, kind.figure(result))
+    print(table)
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if args.command == "pipeline" and args.max_seconds is not None:
+        median = result.engines.stages["total"].median
+        if median > args.max_seconds:
+            print(f"bench: the engines' median of {median:.2f} s exceeds --max-seconds {args.max_seconds:g}",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Smoke runs of `python -m bench` on the tiny models: the harness works and its files are well formed.
+
+These check behaviour (what was run, counted and written), never a timing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from PIL import Image
+
+from bench.load import HttpResult, _route_cycle
+from bench.pipeline import PipelineResult
+from tests.processes import ROOT, ServerProcess
+
+ADMIN_KEY = "bench-admin-key"
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def check_files(folder: Path, kind: str) -> bytes:
+    """The three files exist; the chart is a real PNG; the Markdown holds a table. Returns the JSON."""
+    with Image.open(folder / f"{kind}.png") as chart:
+        assert chart.format == "PNG" and chart.width > 200 and chart.height > 200
+    markdown = (folder / f"{kind}.md").read_text(encoding="utf-8")
+    assert "|---|" in markdown
+    return (folder / f"{kind}.json").read_bytes()
+
+
+def test_pipeline_engines_against_reference(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    out = tmp_path / "pipeline"
+    done = bench("pipeline", str(tiny_model("tiny-sd15")), "--size", "64x96", "--steps", "3", "--sampler", "euler",
+                 "--repeat", "1", "--warmup", "1", "--threads", "1", "--out", str(out), "--max-seconds", "1000")
+    assert done.returncode == 0, done.stderr
+    result = msgspec.json.decode(check_files(out, "pipeline"), type=PipelineResult)
+    assert result.resolved["width"] == 64 and result.resolved["height"] == 96 and result.resolved["steps"] == 3
+    assert result.reference is not None and result.ratio is not None
+    for side in (result.engines, result.reference):
+        assert side.stages["total"].count == 1  # one measured repetition
+        assert side.unet_step is not None and side.unet_step.count == 3  # one UNet call per step (CFG batched)
+        assert set(side.stages) >= {"text_encoder", "unet", "vae_decoder", "total"}
+        assert 0 < side.stages["unet"].median <= side.stages["total"].median
+    # Same weights and starting latents: the engines reproduce diffusers (tests/engines/test_parity.py)
+    assert result.max_pixel_diff is not None and result.max_pixel_diff < 1e-4
+    assert result.ratio.median == pytest.approx(result.engines.totals[0] / result.reference.totals[0])
+    assert result.hardware.cores >= 1 and result.versions["onnxruntime"] != "absent"
+    rows = [line for line in (out / "pipeline.md").read_text().splitlines() if line.startswith("| engines")]
+    assert len(rows) == 1
+
+
+def test_pipeline_gate_and_engines_alone(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    done = bench("pipeline", str(tiny_model("tiny-sd15")), "--no-reference", "--size", "64x64", "--steps", "1",
+                 "--repeat", "2", "--warmup", "0", "--out", str(tmp_path), "--max-seconds", "1e-9")
+    assert done.returncode == 1
+    assert "exceeds --max-seconds" in done.stderr
+    result = msgspec.json.decode(check_files(tmp_path, "pipeline"), type=PipelineResult)
+    assert result.reference is None and result.ratio is None and result.max_pixel_diff is None
+    assert result.engines.stages["total"].count == 2
+
+
+def test_pipeline_bad_model_dir(tmp_path: Path) -> None:
+    done = bench("pipeline", str(tmp_path / "missing"), "--no-reference", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "no model directory" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("bench-server")
+    process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--images-dir", str(work / "images"),
+                                           "--default-model", "tiny-sd15"], work,
+                            env={"SDSERVE_ADMIN_KEY": ADMIN_KEY}).start()
+    yield process
+    process.stop()
+
+
+def test_http_load_mix_and_spread(server: ServerProcess, tmp_path: Path) -> None:
+    done = bench("http", server.url, "--concurrency", "1,3", "--requests", "5", "--mix",
+                 "generations=2,edits=1,variations=1", "--size", "64x64", "--steps", "1", "--n", "2",
+                 "--admin-key", ADMIN_KEY, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    raw = check_files(tmp_path, "http")
+    assert ADMIN_KEY.encode() not in raw  # secrets are masked in the results
+    result = msgspec.json.decode(raw, type=HttpResult)
+    assert "tiny-sd15" in result.models
+    assert [level.concurrency for level in result.levels] == [1, 3]
+    expected = {"generations": 3, "edits": 1, "variations": 1}  # g e v g | g: the cycle, then its start
+    for level in result.levels:
+        assert level.statuses == {"200": 5}
+        assert level.images == 10  # n = 2 each
+        assert {route: counts["200"] for route, counts in level.by_route.items()} == expected
+        assert level.latency_p50 is not None and level.latency_p50 <= level.latency_p95 <= level.latency_p99
+        assert level.nodes is not None and sum(level.nodes.values()) == 5
+
+
+def test_http_counts_errors_by_status(server: ServerProcess, tmp_path: Path) -> None:
+    done = bench("http", server.url, "--concurrency", "2", "--requests", "3", "--model", "no-such-model",
+                 "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = msgspec.json.decode(check_files(tmp_path, "http"), type=HttpResult)
+    level = result.levels[0]
+    assert level.statuses == {"404": 3} and level.images == 0 and level.latency_p50 is None
+    assert level.nodes is None  # no admin key given
+
+
+def test_route_cycle_interleaves_by_weight() -> None:
+    assert _route_cycle({"generations": 2, "edits": 1}) == ["generations", "edits", "generations"]
+    assert _route_cycle({"generations": 0, "variations": 1}) == ["variations"]
