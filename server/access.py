@@ -1,5 +1,6 @@
 """The outermost ASGI layer: a request id for every request (the client's `x-request-id` when sane),
-echoed in the response; one access-log line per request; request counts by route and status.
+echoed in the response; one access-log line per request (`user` only as a hash); request counts by route
+and status.
 
 It wraps the whole app, not a route, so unknown routes and early errors are logged and counted too.
 """
@@ -52,5 +53,5 @@ class AccessLog:
         finally:
             route = scope.get("path_template") or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
-            log.info("%s %s %s %d model=%s %.0fms", request_id, scope["method"], scope["path"], status,
-                     state.get("model", "-"), (time.perf_counter() - started) * 1000)
+            log.info("%s %s %s %d model=%s user=%s %.0fms", request_id, scope["method"], scope["path"], status,
+                     state.get("model", "-"), state.get("user", "-"), (time.perf_counter() - started) * 1000)

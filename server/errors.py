@@ -20,6 +20,7 @@ import re
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 
 from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound, RenderCancelled
 from server.protocol import ErrorDetail, ErrorResponse
@@ -27,6 +28,20 @@ from server.protocol import ErrorDetail, ErrorResponse
 log = logging.getLogger("sdserve.server")
 
 _TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+_WHEN = {
+    400: "a field is invalid or missing (`param` names it), or the body is malformed",
+    401: "API keys are configured and the key is missing or wrong",
+    403: "the lease does not match the node's registration",
+    404: "unknown model (`param` is `model`), route, or expired file",
+    409: "the node id is taken by a live node, or not registered here",
+    413: "a file or the whole body is over the limit",
+    415: "unsupported content type for the route",
+    429: "the queue for the model is full; see `Retry-After`",
+    500: "an internal fault, logged with the request id",
+    503: "no node can serve the model now (none registered, loading, draining); see `Retry-After`",
+    504: "the render took longer than the request timeout",
+}
+IMAGE_ERRORS = (400, 401, 404, 413, 415, 429, 500, 503, 504)
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
@@ -36,6 +51,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+
+
+def documented(*statuses: int) -> dict[int, ResponseSpec]:
+    """A route's error statuses for OpenAPI, each with the OpenAI error body (instead of Litestar's own)."""
+    return {status: ResponseSpec(data_container=ErrorResponse, description=_WHEN[status], generate_examples=False)
+            for status in statuses}
 
 
 def error_type(status: int) -> str:
@@ -76,6 +97,8 @@ def _validation_response(exc: ValidationException) -> Response[ErrorResponse]:
     problems = exc.extra if isinstance(exc.extra, list) else []
     first = problems[0] if problems and isinstance(problems[0], dict) else {}
     message, key = str(first.get("message", exc.detail)), first.get("key")
+    if message == "'data'":  # Litestar found no body at all
+        return error_response(400, "the request body is empty", None, "invalid_body")
     missing = _MISSING.search(message)
     if missing:
         return error_response(400, f"missing required parameter '{missing.group(1)}'", missing.group(1),

@@ -123,10 +123,11 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     )
 
 
-def edit_inputs(image: Upload, mask: Upload | None, settings: Settings) -> tuple[bytes, bytes | None]:
-    """The image (PNG) and the engines' mask (PNG, white = repaint) from OpenAI edit semantics: the
-    mask's fully transparent pixels are the edit area; without a mask, the image's own transparency is;
-    an opaque image without a mask is re-imagined whole (no mask)."""
+def edit_inputs(image: Upload, mask: Upload | None, settings: Settings, size: tuple[int, int]
+                ) -> tuple[bytes, bytes | None]:
+    """The image (PNG) and the engines' mask (PNG, white = repaint), both fitted to `size`, from OpenAI edit
+    semantics: the mask's fully transparent pixels are the edit area; without a mask, the image's own
+    transparency is; an opaque image without a mask is re-imagined whole (no mask)."""
     picture = images.decode(image.data, image.param, settings.max_pixels)
     if mask is not None:
         alpha_source = images.decode(mask.data, mask.param, settings.max_pixels)
@@ -139,11 +140,13 @@ def edit_inputs(image: Upload, mask: Upload | None, settings: Settings) -> tuple
         engine_mask = images.edit_mask(alpha_source) or Image.new("L", picture.size, 0)
     else:
         engine_mask = images.edit_mask(picture) if images.has_alpha(picture) else None
-    return images.png(picture.convert("RGB")), None if engine_mask is None else images.png(engine_mask)
+    fitted = images.png(images.fit(picture.convert("RGB"), *size))
+    return fitted, None if engine_mask is None else images.png(images.fit(engine_mask, *size))
 
 
-def variation_input(image: Upload, settings: Settings) -> bytes:
-    return images.png(images.decode(image.data, image.param, settings.max_pixels).convert("RGB"))
+def variation_input(image: Upload, settings: Settings, size: tuple[int, int]) -> bytes:
+    picture = images.decode(image.data, image.param, settings.max_pixels)
+    return images.png(images.fit(picture.convert("RGB"), *size))
 
 
 def _wxh(image: Image.Image) -> str:

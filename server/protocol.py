@@ -20,14 +20,24 @@ ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
 
+# `extra_json_schema={"extra": …}` is copied into the OpenAPI schema as it is: Litestar drops a bound of 0
+# (falsy) and cannot tell that an `Any` part is a file.
+_FROM_ZERO = {"extra": {"minimum": 0}}
+_BINARY = {"type": "string", "format": "binary"}
+
 N = Annotated[int, Meta(ge=1, le=10, description="number of images, 1-10")]
-Compression = Annotated[int, Meta(ge=0, le=100, description="jpeg/webp quality, 0-100")]
-Seed = Annotated[int, Meta(ge=0, le=2**53, description="seed of the first image; image i uses seed + i")]
+Compression = Annotated[int, Meta(ge=0, le=100, description="jpeg/webp quality, 0-100", extra_json_schema=_FROM_ZERO)]
+Seed = Annotated[int, Meta(ge=0, le=2**53, description="seed of the first image; image i uses seed + i",
+                           extra_json_schema=_FROM_ZERO)]
 Steps = Annotated[int, Meta(ge=1, le=150, description="denoising steps (extension)")]
-Guidance = Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance scale (extension)")]
-Strength = Annotated[float, Meta(ge=0, le=1, description="how much of the input image to re-imagine (extension)")]
+Guidance = Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance scale (extension)",
+                                 extra_json_schema=_FROM_ZERO)]
+Strength = Annotated[float, Meta(ge=0, le=1, description="how much of the input image to re-imagine (extension)",
+                                 extra_json_schema=_FROM_ZERO)]
 # Multipart file parts; the framework hands over its upload objects.
-File = Annotated[Any, Meta(description="an image file: PNG, JPEG or WebP")]
+File = Annotated[Any, Meta(description="an image file: PNG, JPEG or WebP", extra_json_schema={"extra": _BINARY})]
+Files = Annotated[Any, Meta(description="image files (the first is used)",
+                            extra_json_schema={"extra": {"type": "array", "items": _BINARY}})]
 
 
 class RenderOptions(msgspec.Struct, kw_only=True):
@@ -59,7 +69,7 @@ class ImageEditRequest(RenderOptions, kw_only=True):
 
     prompt: str
     image: File = None
-    image_list: File = msgspec.field(default=None, name="image[]")  # one part or several; the first is used
+    image_list: Files = msgspec.field(default=None, name="image[]")  # one part or several; the first is used
     mask: File = None
     quality: Quality | None = None
 

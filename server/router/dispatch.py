@@ -118,8 +118,9 @@ class Dispatcher:
         return any(n.id not in exclude for n in self.registry.candidates(model))
 
     def _full_error(self, model: str) -> ApiError:
-        return ApiError(429, f"every node serving '{model}' is busy and {self.wait_limit} requests are waiting; "
-                        "retry shortly", code="queue_full", headers={"Retry-After": "2"})
+        queued = f" and {self.wait_limit} requests are waiting" if self.wait_limit else ""
+        return ApiError(429, f"every node serving '{model}' is busy{queued}; retry shortly", code="queue_full",
+                        headers={"Retry-After": "2"})
 
     async def _wait_for_room(self) -> None:
         """Until a render finishes somewhere (or a short while passes: heartbeats may have freed room)."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 from litestar import Request, get
 from litestar.response import File
 
-from server.errors import ApiError
+from server.errors import ApiError, documented
 from server.state import AppState
 
 
-@get("/images/files/{name:str}", summary="Download a generated image (expires after the image TTL)")
+@get("/images/files/{name:str}", responses=documented(404),
+     summary="Download a generated image (expires after the image TTL)")
 async def image_file(name: str, request: Request) -> File:
     found = AppState.of(request).store.get(name)
     if found is None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from litestar import Request, delete, get, post
 
-from server.errors import ApiError
+from server.errors import ApiError, documented
 from server.protocol import NodeList, NodeReport, Registered
 from server.router.node_client import NodeClient, NodeUnavailable
 from server.routes.guards import admin_key, node_token
 from server.state import AppState
 
 
-@post("/nodes/register", status_code=200, guards=[node_token], summary="A node joins (node token)")
+@post("/nodes/register", status_code=200, guards=[node_token], responses=documented(400, 401, 409),
+      summary="A node joins (node token)")
 async def register(data: NodeReport, request: Request) -> Registered:
     """The router calls the node back at its advertised URL before accepting it: the URL must reach a
     node that answers with the same id (so a node cannot register an address that is not its own)."""
@@ -41,7 +42,8 @@ async def register(data: NodeReport, request: Request) -> Registered:
     return Registered(node_id=record.id, lease=record.lease, heartbeat_interval=settings.heartbeat_interval)
 
 
-@post("/nodes/{node_id:str}/heartbeat", status_code=200, guards=[node_token], summary="Node heartbeat")
+@post("/nodes/{node_id:str}/heartbeat", status_code=200, guards=[node_token],
+      responses=documented(400, 401, 403, 409), summary="Node heartbeat")
 async def heartbeat(node_id: str, data: NodeReport, request: Request) -> dict[str, str]:
     state = AppState.of(request)
     record = state.registry.authenticate(node_id, request.headers.get("x-node-lease", ""))
@@ -50,7 +52,8 @@ async def heartbeat(node_id: str, data: NodeReport, request: Request) -> dict[st
     return {"status": "ok"}
 
 
-@delete("/nodes/{node_id:str}", status_code=200, guards=[node_token], summary="A node leaves")
+@delete("/nodes/{node_id:str}", status_code=200, guards=[node_token], responses=documented(401, 403, 409),
+        summary="A node leaves")
 async def deregister(node_id: str, request: Request) -> dict[str, str]:
     state = AppState.of(request)
     record = state.registry.authenticate(node_id, request.headers.get("x-node-lease", ""))
@@ -59,7 +62,7 @@ async def deregister(node_id: str, request: Request) -> dict[str, str]:
     return {"status": "removed"}
 
 
-@get("/nodes", guards=[admin_key], summary="Nodes with their state and counters (admin key)")
+@get("/nodes", guards=[admin_key], responses=documented(401), summary="Nodes with their state and counters (admin key)")
 async def list_nodes(request: Request) -> NodeList:
     state = AppState.of(request)
     state.dispatcher.ready_models()  # refreshes the in-process node's report

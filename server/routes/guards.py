@@ -57,7 +57,14 @@ def node_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 
 def admin_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Admin routes need the admin key when one is configured (open otherwise, like /v1 without keys)."""
-    key = AppState.of(connection).settings.admin_key
-    if key and not hmac.compare_digest(_bearer(connection).encode(), key.encode()):
+    """Admin routes need the admin key when one is configured. Without one they are open only on an open
+    server (no API keys either): an API key is not an admin key."""
+    state = AppState.of(connection)
+    key = state.settings.admin_key
+    if not key:
+        if state.api_keys:
+            raise ApiError(401, "API keys are configured but no admin key: set SDSERVE_ADMIN_KEY to use the admin "
+                           "routes", code="admin_key_not_configured")
+        return
+    if not hmac.compare_digest(_bearer(connection).encode(), key.encode()):
         raise ApiError(401, "wrong or missing admin key", code="invalid_admin_key")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from litestar import Request, Response, get
 from litestar.enums import MediaType
 
-from server.errors import ApiError
+from server.errors import ApiError, documented
+from server.metrics import CONTENT_TYPE
 from server.state import AppState
 
 
@@ -14,7 +15,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: at least one model can render")
+@get("/readyz", responses=documented(503), summary="Readiness: at least one model can render")
 async def readyz(request: Request) -> dict[str, object]:
     renderer = AppState.of(request).renderer
     if not renderer.ready():
@@ -26,4 +27,4 @@ async def readyz(request: Request) -> dict[str, object]:
 @get("/metrics", media_type=MediaType.TEXT, summary="Prometheus metrics")
 async def metrics(request: Request) -> Response[bytes]:
     body = AppState.of(request).metrics.text()
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(body, media_type=MediaType.TEXT, headers={"content-type": CONTENT_TYPE})

@@ -14,7 +14,8 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
 from server import jobs
-from server.errors import ApiError
+from server.access import user_hash
+from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.protocol import (
     ImageData,
     ImageEditRequest,
@@ -30,39 +31,45 @@ from server.state import AppState
 Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
 
 
-@post("/images/generations", status_code=200, guards=[json_body], summary="Create images from a prompt")
+@post("/images/generations", status_code=200, guards=[json_body], responses=documented(*IMAGE_ERRORS),
+      summary="Create images from a prompt")
 async def generations(data: ImageGenerationRequest, request: Request) -> Response[ImagesResponse]:
     # Litestar converts JSON leniently ("2" would pass as n=2); OpenAI's API and ours take JSON types
     # as they are, so the cached body is decoded again strictly. `data` keeps the OpenAPI schema.
     data = msgspec.json.decode(await request.body(), type=ImageGenerationRequest)
     state = AppState.of(request)
+    request.state.user = user_hash(data.user)
     prompt = jobs.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
     job = jobs.build(data, info, state.request_id(request), prompt, strength=1.0)
     return await _render_and_reply(state, request, job, data.response_format)
 
 
-@post("/images/edits", status_code=200, guards=[multipart_body],
+@post("/images/edits", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
       summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image")
 async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
+    request.state.user = user_hash(data.user)
     prompt = jobs.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
+    size = jobs.resolve_size(data.size, info)
     image = await _upload(data.image if data.image is not None else data.image_list, "image", state)
     mask = await _upload(data.mask, "mask", state) if data.mask is not None else None
-    image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings)
+    image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings, size)
     strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
     job = jobs.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
     return await _render_and_reply(state, request, job, data.response_format)
 
 
-@post("/images/variations", status_code=200, guards=[multipart_body],
+@post("/images/variations", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
       summary="Variations of an image (image to image with an empty prompt)")
 async def variations(data: Annotated[ImageVariationRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
+    request.state.user = user_hash(data.user)
     info = state.resolve_model(data.model, request)
+    size = jobs.resolve_size(data.size, info)
     image = await _upload(data.image, "image", state)
-    image_png = await anyio.to_thread.run_sync(jobs.variation_input, image, state.settings)
+    image_png = await anyio.to_thread.run_sync(jobs.variation_input, image, state.settings, size)
     strength = 0.6 if data.strength is None else data.strength
     job = jobs.build(data, info, state.request_id(request), "", strength, image_png)
     return await _render_and_reply(state, request, job, data.response_format)

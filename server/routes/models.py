@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar import Request, get
 
 from engines.info import ModelInfo
+from server.errors import documented
 from server.protocol import ModelCard, ModelList, SizeRange
 from server.state import AppState
 
@@ -18,7 +19,7 @@ def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
     )
 
 
-@get("/models", summary="List the models that can render now")
+@get("/models", responses=documented(401), summary="List the models that can render now")
 async def list_models(request: Request) -> ModelList:
     state = AppState.of(request)
     started = int(request.app.state.started)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import signal
 import time
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from PIL import Image
 
 from server.protocol import PROTOCOL_VERSION, NodeReport
 from tests.processes import ServerProcess, free_port
@@ -110,6 +113,26 @@ def test_urls_point_at_the_router(fleet: Fleet) -> None:
     url = response.json()["data"][0]["url"]
     assert url.startswith(fleet.router.url + "/v1/images/files/")
     assert httpx.get(url).headers["content-type"] == "image/png"
+
+
+def test_edits_and_variations_through_the_router(fleet: Fleet) -> None:
+    """Uploads are checked (and fitted) at the router; only what renders travels to a node."""
+    picture = Image.new("RGBA", (300, 200), (40, 90, 160, 255))
+    picture.paste((0, 0, 0, 0), (0, 0, 150, 200))  # transparent left half: inpaint there
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    fields = {"size": "64x64", "steps": "1", "response_format": "b64_json"}
+    for path, extra in (("/v1/images/edits", {"prompt": "a door"}), ("/v1/images/variations", {})):
+        response = httpx.post(fleet.router.url + path, data=fields | extra, timeout=60,
+                              files={"image": ("a.png", buffer.getvalue(), "image/png")})
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        assert image.size == (64, 64)
+    before = sum(view["requests"] for view in fleet.views().values())
+    oversize = httpx.post(fleet.router.url + "/v1/images/edits", data={"prompt": "x"}, timeout=60,
+                          files={"image": ("a.png", b"\x89PNG" + b"\0" * (26 * 1024 * 1024), "image/png")})
+    assert oversize.status_code == 413 and oversize.json()["error"]["param"] == "image"
+    assert sum(view["requests"] for view in fleet.views().values()) == before  # never forwarded
 
 
 def test_bad_tokens_change_nothing(fleet: Fleet) -> None:
@@ -212,8 +235,21 @@ def test_draining_node_finishes_its_work_and_leaves(fleet: Fleet) -> None:
     fleet.wait_nodes({"node-b"})
 
 
-def test_router_restart_nodes_register_again(fleet: Fleet) -> None:
-    fleet.router.stop()
+def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fleet: Fleet) -> None:
+    fleet.wait_nodes({"node-a", "node-b", "node-c"})
+    slow = {"prompt": "in flight", "size": "256x256", "steps": 20, "response_format": "b64_json"}
+
+    async def scenario() -> list:
+        load = asyncio.ensure_future(generate_many(fleet.router.url, 3, slow))
+        deadline = time.monotonic() + 20
+        while sum(v["in_flight"] for v in fleet.views().values()) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        fleet.router.signal(signal.SIGTERM)  # stops accepting, finishes what it has
+        return await load
+
+    responses = asyncio.run(scenario())
+    assert [getattr(r, "status_code", repr(r)) for r in responses] == [200] * 3
+    assert fleet.router.process.wait(60) == 0
     fleet.router.start(ready=False)
     fleet.wait_nodes({"node-a", "node-b", "node-c"}, timeout=30)
     response = httpx.post(fleet.router.url + GEN, json={"prompt": "again", "size": "64x64", "steps": 1}, timeout=60)

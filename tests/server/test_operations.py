@@ -158,6 +158,10 @@ def test_api_keys(keyed: ServerProcess) -> None:
         error = response.json()["error"]
         assert error["type"] == "authentication_error" and set(error) == {"message", "type", "param", "code"}
     assert httpx.get(keyed.url + "/v1/models").status_code == 401
+    # An API key is not an admin key: with keys configured and no admin key, the admin routes are closed.
+    for headers in ({}, {"Authorization": "Bearer alpha-key"}):
+        nodes = httpx.get(keyed.url + "/v0/nodes", headers=headers)
+        assert nodes.status_code == 401 and nodes.json()["error"]["type"] == "authentication_error"
     for key in ("alpha-key", "beta-key", "key-from-file"):
         response = httpx.post(keyed.url + GEN, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert response.status_code == 200, key
