@@ -40,9 +40,9 @@ def parser() -> argparse.ArgumentParser:
     return cli
 
 
-def _size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+def _size(text: str | None) -> tuple[int | None, int | None]:
     if text is None:
-        return default
+        return None, None  # the model's default
     try:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
@@ -52,16 +52,13 @@ def _size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
 
 def render(args: argparse.Namespace) -> int:
     pipe = load(args.model_dir, backend=args.backend, threads=args.threads)
-    defaults = pipe.info.defaults
-    width, height = _size(args.size, (defaults.width, defaults.height))
-    request = RenderRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
-        steps=args.steps or defaults.steps,
-        guidance_scale=defaults.guidance_scale if args.guidance is None else args.guidance,
-        sampler=args.sampler or defaults.sampler, seed=args.seed, n=args.n,
+    width, height = _size(args.size)
+    request = pipe.with_defaults(RenderRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
+        guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, n=args.n,
         image=Image.open(args.image) if args.image else None, mask=Image.open(args.mask) if args.mask else None,
         strength=args.strength,
-    )
+    ))
     result = pipe.render(request, on_step=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr))
     print(file=sys.stderr)
     out = Path(args.out)
@@ -70,7 +67,8 @@ def render(args: argparse.Namespace) -> int:
     for image, path in zip(result.images, paths, strict=True):
         image.save(path)
     stages = result.timings.stages
-    print(f"{pipe.info.id} on {pipe.info.backend} ({pipe.info.device}): {width}x{height}, {result.steps_run} steps "
+    print(f"{pipe.info.id} on {pipe.info.backend} ({pipe.info.device}): {request.width}x{request.height}, "
+          f"{result.steps_run} steps "
           f"of {request.sampler}, guidance {request.guidance_scale}, seeds {result.seeds}")
     for stage in ("text_encoder", "vae_encoder", "unet", "vae_decoder", "total"):
         if stage in stages:

@@ -135,6 +135,7 @@ class Pipeline:
 
     def check_inputs(self, request: RenderRequest) -> Job:
         m = self.manifest
+        request = self.with_defaults(request)
         if not isinstance(request.prompt, str):
             raise InvalidRequest("prompt", "prompt must be a string")
         if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
@@ -159,6 +160,18 @@ class Pipeline:
                    scheduler=scheduler, seeds=[seed + i for i in range(request.n)], strength=strength,
                    image=image, mask=mask)
 
+    def with_defaults(self, request: RenderRequest) -> RenderRequest:
+        """The request with the model's defaults where it left size, steps, guidance or sampler unset."""
+        d = self.manifest.defaults
+        return msgspec.structs.replace(
+            request,
+            width=d.width if request.width is None else request.width,
+            height=d.height if request.height is None else request.height,
+            steps=d.steps if request.steps is None else request.steps,
+            guidance_scale=d.guidance_scale if request.guidance_scale is None else request.guidance_scale,
+            sampler=d.sampler if request.sampler is None else request.sampler,
+        )
+
     def _check_images(self, request: RenderRequest, width: int, height: int
                       ) -> tuple[np.ndarray | None, np.ndarray | None, float, int]:
         if request.mask is not None and request.image is None:
@@ -173,12 +186,12 @@ class Pipeline:
         strength = request.strength
         if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
             raise InvalidRequest("strength", "strength must be in (0, 1]")
-        image = images.to_array(request.image, width, height)
+        image = _decoded("image", lambda: images.to_array(request.image, width, height))
         mask = None
         if request.mask is not None:
             if not hasattr(request.mask, "size") or request.mask.size != request.image.size:
                 raise InvalidRequest("mask", f"the mask must have the image's size {request.image.size}")
-            mask = images.mask_to_array(request.mask, width, height)
+            mask = _decoded("mask", lambda: images.mask_to_array(request.mask, width, height))
         elif self.info.inpainting_unet:  # image to image on an inpainting UNet: nothing masked
             mask = np.zeros((1, 1, height, width), np.float32)
         steps = request.steps
@@ -338,6 +351,14 @@ def _report(on_step: StepCallback, done: int, total: int) -> None:
         raise
     except Exception as exc:  # the caller asked to stop: its own reason rides along as the cause
         raise RenderCancelled(str(exc) or type(exc).__name__) from exc
+
+
+def _decoded(param: str, convert: Callable[[], np.ndarray]) -> np.ndarray:
+    """PIL decodes lazily: a truncated or corrupt image fails only when its pixels are read, here."""
+    try:
+        return convert()
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
+        raise InvalidRequest(param, f"{param} cannot be decoded: {exc}") from exc
 
 
 def load(model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,

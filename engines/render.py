@@ -13,15 +13,16 @@ import numpy as np
 
 class RenderRequest(msgspec.Struct, kw_only=True):
     """One call into a pipeline. `image` (PIL) turns it into image to image; `image` + `mask` (PIL,
-    white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i."""
+    white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i. Size,
+    steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`)."""
 
     prompt: str
     negative_prompt: str | None = None
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    sampler: str
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
     seed: int | None = None
     n: int = 1
     image: Any = None

@@ -87,8 +87,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
     handlers: list = [health.healthz, health.readyz, health.metrics]
     if state.dispatcher is not None:
         handlers += [
-            Router("/v1", route_handlers=[images.generations, images.edits, images.variations, models.list_models],
-                   guards=[api_key]),
+            Router("/v1", route_handlers=[images.generations, images.edits, images.variations, models.list_models,
+                                          models.retrieve_model], guards=[api_key]),
             Router("/v1", route_handlers=[files.image_file]),
             Router("/v0", route_handlers=[fleet.register, fleet.heartbeat, fleet.deregister, fleet.list_nodes]),
         ]

@@ -1,4 +1,4 @@
-"""GET /v1/models: the OpenAI model list, with what each model supports."""
+"""GET /v1/models and /v1/models/{id}: the OpenAI model list and one model, with what each supports."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ async def list_models(request: Request) -> ModelList:
     started = int(request.app.state.started)
     ready = sorted(state.renderer.ready_models().items())
     return ModelList(data=[card(info, started, [info.backend]) for _, info in ready])
+
+
+@get("/models/{model:str}", responses=documented(401, 404, 503), summary="One model (OpenAI `models.retrieve`)")
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """A model id or an alias (`dall-e-3` → the default model): the card of the model that would render it."""
+    state = AppState.of(request)
+    info = state.resolve_model(model, request)
+    return card(info, int(request.app.state.started), [info.backend])

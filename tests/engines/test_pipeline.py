@@ -84,6 +84,65 @@ def test_long_prompt_uses_every_token(sdxl: engines.Pipeline) -> None:
     assert np.abs(full.pixels - truncated.pixels).max() > 1e-3
 
 
+def test_both_sdxl_encoders_read_every_window(sdxl: engines.Pipeline) -> None:
+    """Two long prompts that differ only after the first window: the first window's states are equal, and
+    each encoder's part of the later states (SDXL concatenates them feature-wise) differs."""
+    head = " ".join((["a", "red", "fox", "jumping", "over", "a", "quiet", "river"] * 20)[:90])
+    one = sdxl.encode_prompt(f"{head} under the northern lights", None, guided=False).embeds
+    two = sdxl.encode_prompt(f"{head} in a desert of orange sand", None, guided=False).embeds
+    assert one.shape == two.shape and one.shape[1] >= 2 * 77
+    np.testing.assert_array_equal(one[:, :77], two[:, :77])
+    width = one.shape[2] // 2  # the tiny encoders are equally wide
+    for part in (slice(0, width), slice(width, None)):
+        assert np.abs(one[:, -77:, part] - two[:, -77:, part]).max() > 1e-4
+
+
+class CountingSession:
+    """Our own UNet session, unchanged, with a note of each call's batch size."""
+
+    def __init__(self, session: object) -> None:
+        self.session, self.batches = session, []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.session, name)
+
+    def run(self, feeds: dict, outputs: list) -> dict:
+        self.batches.append(feeds["sample"].shape[0])
+        return self.session.run(feeds, outputs)
+
+
+@pytest.mark.parametrize(("guidance", "n", "max_batch", "batches"), [
+    (5.0, 1, 4, [2, 2, 2]),  # guided: negative and positive in one call per step
+    (1.0, 1, 4, [1, 1, 1]),  # guidance ≤ 1: no unconditional half
+    (0.0, 3, 4, [3, 3, 3]),  # n images in one batch
+    (5.0, 3, 2, [4, 4, 4, 2, 2, 2]),  # chunks of max_batch images, each doubled for guidance
+])
+def test_unet_batches(tiny_model: Model, guidance: float, n: int, max_batch: int, batches: list[int]) -> None:
+    pipe = engines.load(tiny_model("tiny-sd15"), backend="cpu", max_batch=max_batch)
+    counting = CountingSession(pipe.sessions["unet"])
+    pipe.sessions["unet"] = counting
+    pipe.render(request(guidance_scale=guidance, n=n, steps=3))
+    assert counting.batches == batches
+
+
+def test_unset_fields_take_the_model_defaults(sd15: engines.Pipeline) -> None:
+    d = sd15.info.defaults
+    implicit = sd15.render(engines.RenderRequest(prompt="a lighthouse", seed=3))
+    explicit = sd15.render(engines.RenderRequest(prompt="a lighthouse", seed=3, width=d.width, height=d.height,
+                                                 steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler))
+    assert implicit.images[0].size == (d.width, d.height) and implicit.steps_run == d.steps
+    np.testing.assert_array_equal(implicit.pixels, explicit.pixels)
+
+
+def test_truncated_image_is_a_request_error(sd15: engines.Pipeline, tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.png") as cut, pytest.raises(engines.InvalidRequest) as caught:
+        sd15.render(request(image=cut, strength=0.5))
+    assert caught.value.param == "image"
+
+
 def test_windows_match_diffusers_tokenization(tmp_path: Path) -> None:
     from export import presets, tiny
 

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
+from tests.conftest import TINY
 from tests.processes import ServerProcess
+
+
+def wait_for_models(process: ServerProcess, expected: set[str], timeout: float = 120.0) -> None:
+    """Readiness means one model can render; the tests want every model loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = httpx.get(f"{process.url}/v1/models", timeout=5).json()["data"]
+        if {model["id"] for model in listed} >= expected:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"models {expected} not all loaded after {timeout} s:\n{process.log()}")
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +30,7 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     work = tmp_path_factory.mktemp("server")
     process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--images-dir", str(work / "images"),
                                            "--default-model", "tiny-sd15"], work).start()
+    wait_for_models(process, set(TINY))
     yield process
     process.stop()
 

@@ -7,6 +7,7 @@ import io
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from openai import OpenAI
 from PIL import Image
@@ -179,6 +180,14 @@ def test_models_route(client: OpenAI) -> None:
     assert card.object == "model" and card.owned_by == "sdserve"
     assert card.model_dump()["family"] == "sdxl"
     assert card.model_dump()["sizes"] == {"min": 64, "max": 512, "step": 16}
+
+
+def test_models_retrieve(client: OpenAI) -> None:
+    assert client.models.retrieve("tiny-sd21").model_dump()["family"] == "sd2"
+    assert client.models.retrieve("dall-e-3").id == "tiny-sd15"  # an OpenAI name: the default model's card
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body["param"] == "model" and caught.value.body["code"] == "model_not_found"
 
 
 def test_health_and_openapi(server: ServerProcess) -> None:
