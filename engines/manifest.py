@@ -103,6 +103,39 @@ class Source(msgspec.Struct, frozen=True):
     seed: int | None = None  # random presets
 
 
+class Profile(msgspec.Struct, frozen=True):
+    """A TensorRT optimization profile in request terms: images per render chunk and pixel sizes, each as
+    (min, opt, max). A static profile has one size (the fastest plans); a dynamic one a range. The UNet's
+    batch is doubled inside for classifier-free guidance (`engines.plans` derives every tensor's shape)."""
+
+    kind: Literal["static", "dynamic"]
+    batch: tuple[int, int, int]
+    width: tuple[int, int, int]
+    height: tuple[int, int, int]
+
+    @property
+    def label(self) -> str:
+        batch = f"b{self.batch[0]}-{self.batch[2]}"
+        if self.kind == "static":
+            return f"{self.width[0]}x{self.height[0]} {batch}"
+        return f"dynamic {self.width[0]}-{self.width[2]}x{self.height[0]}-{self.height[2]} {batch}"
+
+
+class PlanSet(msgspec.Struct, frozen=True, kw_only=True):
+    """TensorRT plans for every component, valid only for the ONNX graphs, profiles, TensorRT version and
+    GPU compute capability that `key` hashes (`engines.plans.plan_key`). Plan files live under
+    `tensorrt/<key>/`; they are checked when the set is selected, not by `read`, so that a missing plan
+    costs the TensorRT backend, never the model."""
+
+    key: str
+    tensorrt_version: str
+    compute_capability: str  # "9.0": plans run only on GPUs of exactly this capability
+    device: str  # the GPU it was built on, for people
+    profiles: list[Profile]
+    optimization_level: int
+    plans: dict[str, FileRef]  # component → plan file
+
+
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     format_version: int = FORMAT_VERSION
     name: str
@@ -124,6 +157,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     scheduler: FileRef  # diffusers scheduler_config.json
     source: Source
     exporter: dict[str, str]  # library versions and opset that produced the graphs
+    # Added after format 1 shipped: the default keeps older model.json files readable (no format bump).
+    tensorrt: list[PlanSet] = []
 
     def files(self) -> list[FileRef]:
         refs = [self.scheduler, *(t.file for t in self.tokenizers.values())]
@@ -170,7 +205,11 @@ def read(model_dir: Path | str, verify: bool = True) -> Manifest:
 
 
 def check_files(root: Path, manifest: Manifest, hashes: bool = True) -> None:
-    for ref in manifest.files():
+    check_refs(root, manifest.files(), hashes)
+
+
+def check_refs(root: Path, refs: list[FileRef], hashes: bool = True) -> None:
+    for ref in refs:
         path = root / ref.path
         if not path.is_file():
             raise ModelInvalid(f"{root}: {ref.path} is missing")

@@ -368,6 +368,6 @@ def load(model_dir: str | Path, backend: str = "auto", threads: int | None = Non
     if not root.is_dir():
         raise ModelNotFound(str(model_dir), f"no model directory at {model_dir}")
     manifest = mf.read(root, verify=verify)
-    chosen, sessions = open_sessions(root, manifest, backend, threads)
+    chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
     return Pipeline(root, manifest, chosen, sessions, max_batch)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from export import presets
+from export import presets, tensorrt
 from export.errors import ExportError
 from export.exporter import ExportReport, ExportSettings, export_model
 
@@ -23,31 +23,61 @@ def parser() -> argparse.ArgumentParser:
     )
     cli.add_argument("preset", help="which architecture and defaults: one of the presets below")
     cli.add_argument("--model", help="hub id, local diffusers folder, or single-file .safetensors/.ckpt "
-                     "(default: the preset's hub id, or its random weights for tiny-*)")
+                     "(default: the preset's hub id, or its random weights for tiny-* and random-*)")
     cli.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
     cli.add_argument("--config", help="for single-file checkpoints: a diffusers config folder (offline) or hub id")
     cli.add_argument("--output", help="model directory to write (default: models/<preset>)")
-    cli.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                     help="weights of the text encoders and UNet (default fp32)")
+    cli.add_argument("--precision", choices=["fp32", "fp16"],
+                     help="weights of the text encoders and UNet (default fp32; fp16 with --tensorrt)")
     cli.add_argument("--fp16-vae", action="store_true",
                      help="also export the VAE in fp16 (off by default: the SDXL VAE overflows to black images)")
     cli.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     cli.add_argument("--tolerance", type=float,
                      help="max |onnx - torch| relative to the output scale (default 1e-3 fp32, 5e-2 fp16)")
     cli.add_argument("--force", action="store_true", help="replace an existing model directory")
-    cli.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs a GPU and TensorRT)")
+    trt = cli.add_argument_group(
+        "TensorRT plans (need an NVIDIA GPU, TensorRT and cuda-python: pip install .[tensorrt])",
+        "With --tensorrt, an --output that already holds a model of this preset is not exported again\n"
+        "(unless --force): plans are built for it as it is. Plans are built from an fp16 export and go to\n"
+        "OUTPUT/tensorrt/<key>/, the key hashing the graphs, profiles, TensorRT version and GPU; a valid\n"
+        "set with that key is kept, not rebuilt. The model then renders with --backend tensorrt (or auto).")
+    trt.add_argument("--tensorrt", action="store_true", help="build TensorRT plans for every component")
+    trt.add_argument("--sizes", type=_sizes, default=[], metavar="WxH[,WxH...]",
+                     help="a static profile (the fastest plans) per size (default: the model's native size)")
+    trt.add_argument("--batch", type=_range, metavar="MIN-MAX",
+                     help="images per render (default 1 to the model's max batch; doubled inside for guidance)")
+    trt.add_argument("--dynamic", type=_range, metavar="MIN-MAX",
+                     help="also a dynamic profile over sides MIN..MAX pixels (slower than static, any size in range)")
+    trt.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="0-5",
+                     help="TensorRT builder optimization level (default 3; higher builds longer, may run faster)")
     return cli
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(w), int(h)) for w, h in (part.lower().split("x") for part in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH[,WxH...], like 512x512,768x512, not {text!r}") from None
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        low, _, high = text.partition("-")
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX or one number, not {text!r}") from None
+
+
 def settings_from(args: argparse.Namespace) -> ExportSettings:
+    precision = args.precision or ("fp16" if args.tensorrt else "fp32")
     return ExportSettings(
         preset=args.preset,
         model=args.model,
         revision=args.revision,
         config=args.config,
         output=args.output,
-        precision=args.precision,
-        vae_precision="fp16" if args.fp16_vae and args.precision == "fp16" else "fp32",
+        precision=precision,
+        vae_precision="fp16" if args.fp16_vae and precision == "fp16" else "fp32",
         opset=args.opset,
         force=args.force,
         tolerance=args.tolerance,
@@ -66,20 +96,36 @@ def summary(report: ExportReport) -> str:
     return "\n".join(rows)
 
 
+def plan_summary(report: tensorrt.PlanSetReport) -> str:
+    if not report.built:
+        return f"TensorRT plans {report.key} for {report.device} already built in {report.model_dir}"
+    rows = [f"built TensorRT plans {report.key} for {report.device} in {report.seconds:.1f} s "
+            f"(profiles: {'; '.join(report.profiles)})",
+            *(f"  {c.name:<16}{c.bytes / 1e6:>8.1f}MB{c.seconds:>8.1f}s" for c in report.components)]
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    settings = settings_from(args)
+    lines = []
     try:
+        # With --tensorrt, TensorRT is checked before any export work: without it nothing is written.
+        if not args.tensorrt or tensorrt.needs_export(settings):
+            lines.append(summary(export_model(settings)))
         if args.tensorrt:
-            raise ExportError("--tensorrt: building TensorRT plans is not available yet")
-        report = export_model(settings_from(args))
+            plan_settings = tensorrt.PlanSettings(model_dir=str(tensorrt.model_path(settings)), sizes=args.sizes,
+                                                  batch=args.batch, dynamic=args.dynamic,
+                                                  optimization_level=args.opt_level)
+            lines.append(plan_summary(tensorrt.build_plans(plan_settings)))
     except ExportError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("export: interrupted; nothing was written", file=sys.stderr)
         return 130
-    print(summary(report))
+    print("\n".join(lines))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -103,3 +104,20 @@ def _strip_local_paths(path: Path) -> None:
 
 def write_manifest(stage: Path, manifest: mf.Manifest) -> None:
     (stage / mf.MANIFEST_FILE).write_bytes(mf.encode(manifest))
+
+
+def replace_manifest(root: Path, manifest: mf.Manifest) -> None:
+    """Rewrite the manifest of a finished model directory (TensorRT plans added): atomically, so that a
+    server loading the model meanwhile reads the old manifest or the new one, never half of one."""
+    write_atomically(root / mf.MANIFEST_FILE, mf.encode(manifest))
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    temporary = path.with_name(f".{path.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise ExportError(_describe_os_error(exc, path)) from exc
+    finally:
+        temporary.unlink(missing_ok=True)

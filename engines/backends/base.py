@@ -1,5 +1,5 @@
 """The backend interface: one small object per compiled component, so the pipeline never knows what it
-runs on (ONNX Runtime on CPU/CUDA/TensorRT EP today, native TensorRT plans later)."""
+runs on (ONNX Runtime on CPU, CUDA or its TensorRT EP; native TensorRT plans)."""
 
 from __future__ import annotations
 
