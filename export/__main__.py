@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no import-time noise
 from export import presets, tensorrt
 from export.errors import ExportError
 from export.exporter import ExportReport, ExportSettings, export_model
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     lines = []
     try:
+        if args.fp16_vae and settings.precision != "fp16":
+            raise ExportError("--fp16-vae needs --precision fp16")
         # With --tensorrt, TensorRT is checked before any export work: without it nothing is written.
         if not args.tensorrt or tensorrt.needs_export(settings):
             lines.append(summary(export_model(settings)))
@@ -125,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # torch's and onnx's own errors (a full disk in the C++ writer, say): one line
+        logging.getLogger("sdserve.export").debug("export failed", exc_info=True)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(f"export: error: {type(exc).__name__}: {reason}; nothing was written", file=sys.stderr)
+        return 2
     print("\n".join(lines))
     return 0
 

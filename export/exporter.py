@@ -7,6 +7,7 @@ write tokenizers, configs and the manifest → rename the staged folder into pla
 from __future__ import annotations
 
 import logging
+import math
 import time
 from importlib import metadata
 from pathlib import Path
@@ -131,7 +132,8 @@ def _size_step(pipe: DiffusionPipeline) -> int:
 
 def _manifest(pipe: DiffusionPipeline, preset: Preset, origin: mf.Source, stage: Path,
               settings: ExportSettings) -> mf.Manifest:
-    step = _size_step(pipe)
+    # The preset's step (64 for the real families, as the API promises) or the UNet's own, if coarser.
+    step = math.lcm(_size_step(pipe), preset.sizes.step)
     sizes = mf.Sizes(min=-(-preset.sizes.min // step) * step, max=preset.sizes.max // step * step, step=step)
     tokenizers = {name: _tokenizer(getattr(pipe, name), stage / name, stage)
                   for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None) is not None}

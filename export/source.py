@@ -41,7 +41,8 @@ def load(preset: Preset, model: str | None = None, revision: str | None = None,
     if model is None and preset.is_random:
         return random_pipeline(preset), Source(kind="random", id=preset.name, seed=preset.random_seed)
     model = model or preset.hub_id
-    assert model is not None  # every non-random preset has a hub id
+    if model is None:
+        raise ExportError(f"preset {preset.name!r} has no default source; pass --model")
     path = Path(model).expanduser()
     if path.is_dir():
         pipe, source = _from_folder(preset, path), Source(kind="folder", id=str(path.resolve()))
@@ -52,7 +53,8 @@ def load(preset: Preset, model: str | None = None, revision: str | None = None,
     elif path.suffix in SINGLE_FILE_SUFFIXES or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ExportError(f"no such checkpoint file or folder: {model}")
     else:
-        pipe, source = _from_hub(preset, model, revision), Source(kind="hub", id=model, revision=revision)
+        pipe = _from_hub(preset, model, revision)
+        source = Source(kind="hub", id=model, revision=_commit(model, revision))
     _check_family(preset, pipe, model)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -96,6 +98,17 @@ def _from_hub(preset: Preset, hub_id: str, revision: str | None) -> DiffusionPip
                 "with --model"
             ) from exc
         raise
+
+
+def _commit(hub_id: str, revision: str | None) -> str | None:
+    """The commit the hub cache holds for `revision` (a branch or tag moves; the commit names the weights
+    that were exported), or `revision` itself when the cache cannot tell."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, revision=revision, local_files_only=True)).name
+    except Exception:  # any cache layout surprise: keep what the user asked for
+        return revision
 
 
 def _from_single_file(preset: Preset, path: Path, config: str | None) -> DiffusionPipeline:

@@ -95,7 +95,7 @@ def test_local_diffusers_folder_as_model(tmp_path: Path, tiny_model: Callable[[s
     assert manifest.source.kind == "folder"
     assert manifest.source.id == str((tmp_path / "checkpoint").resolve())
     assert manifest.family == "sd2" and manifest.prediction_type == "v_prediction"
-    assert manifest.sizes.step == 16  # derived from the UNet actually loaded, not the preset's 64
+    assert manifest.sizes.step == 64  # the preset's 64 (the tiny UNet alone would allow 16)
     assert all(c.max_diff < 1e-4 for c in report.components)
     # Same weights as the random preset: the UNet computes the same function.
     ours = ort.InferenceSession(str(tmp_path / "out/unet/model.onnx"))
@@ -160,6 +160,7 @@ def test_cli_writes_a_model_and_prints_a_summary(tmp_path: Path) -> None:
         (["sdxl", "--model", "{tmp}/sd15"], "is an SD 1.x/2.x checkpoint, but preset 'sdxl' is sdxl"),
         (["tiny-sd15", "--tensorrt"], "TensorRT"),
         (["tiny-sd15", "--opset", "11"], "opset"),
+        (["tiny-sd15", "--fp16-vae"], "--fp16-vae needs --precision fp16"),
         (["sd15"], "cannot reach the Hugging Face hub"),  # no network here and in CI
     ],
 )
@@ -173,6 +174,7 @@ def test_cli_failures_are_one_line_and_exit_2(tmp_path: Path, args: list[str], m
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("export: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "torchvision" not in result.stderr  # no library import noise around the one line
     assert not (tmp_path / "out").exists()
     assert _leftovers(tmp_path, ".partial-") == []
 
