@@ -208,8 +208,9 @@ class NodeView(msgspec.Struct):
     url: str
     state: Literal["healthy", "unhealthy", "draining"]
     models: list[str]
-    backend: str
+    backend: str  # the first model's, for a glance; model_backends has each
     device: str
+    model_backends: dict[str, str]  # model id → backend it renders on ("tensorrt", "cuda", "cpu"…)
     in_flight: int  # requests this router has sent and not yet had answered
     load: dict[str, ModelLoad]
     requests: int

@@ -94,7 +94,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--default-model", help="model used when a request names none or an OpenAI model name")
     flag("--model-alias", dest="model_aliases", action="append", metavar="NAME=MODEL",
          help="extra model name mapped to a model id (repeatable)")
-    flag("--backend", choices=["auto", "cpu", "cuda", "tensorrt-ep"], help="engine backend (default auto)")
+    flag("--backend", choices=["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"],
+         help="engine backend (default auto: TensorRT plans built for this GPU, else the best ONNX Runtime provider)")
     flag("--threads", type=int, help="ONNX Runtime threads per render (default: all cores)")
     flag("--no-verify-models", dest="verify_models", action="store_const", const=False,
          help="skip the sha256 check of model files at load")

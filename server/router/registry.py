@@ -60,7 +60,8 @@ class NodeRecord:
         age = None if self.local else round(time.monotonic() - self.last_seen, 2)
         return NodeView(node_id=self.id, url=self.report.url, state=self.state(),
                         models=[m.id for m in self.report.models], backend=self.report.backend,
-                        device=self.report.device, in_flight=sum(self.in_flight.values()), load=self.report.load,
+                        device=self.report.device, model_backends={m.id: m.backend for m in self.report.models},
+                        in_flight=sum(self.in_flight.values()), load=self.report.load,
                         requests=self.requests, failures=self.failures, last_heartbeat_seconds=age,
                         last_error=self.last_error)
 

@@ -104,6 +104,8 @@ def test_router_lists_models_and_nodes(fleet: Fleet) -> None:
     views = fleet.views()
     assert set(views) == {"node-a", "node-b", "node-c"}
     assert all(v["backend"] == "cpu" and v["state"] == "healthy" for v in views.values())
+    assert all(v["model_backends"] == {"tiny-sd15": "cpu"} for v in views.values())
+    assert models["data"][0]["backends"] == ["cpu"]
     assert httpx.get(fleet.router.url + "/v0/nodes").status_code == 401
     assert httpx.get(fleet.router.url + "/v0/nodes", headers={"Authorization": "Bearer nope"}).status_code == 401
 
