@@ -57,11 +57,13 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument("--steps", type=int, help="the steps extension (default: the model's)")
     http.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     http.add_argument("--response-format", choices=["b64_json", "url"], default="b64_json")
-    http.add_argument("--api-key", default=os.environ.get("SDSERVE_API_KEY"),
-                      help="bearer key for /v1 (default $SDSERVE_API_KEY)")
+    http.add_argument("--api-key", default=_api_key_from_environment(),
+                      help="bearer key for /v1 (default $SDSERVE_API_KEY, else the first of $SDSERVE_API_KEYS)")
     http.add_argument("--admin-key", default=os.environ.get("SDSERVE_ADMIN_KEY"),
                       help="admin key for the router's /v0/nodes spread (default $SDSERVE_ADMIN_KEY)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    http.add_argument("--max-errors", type=int,
+                      help="exit 1 when more requests than this are not answered 200 (a gate; default: none)")
     http.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
     return cli
 
@@ -87,12 +89,19 @@ def http_settings(args: argparse.Namespace) -> Any:
         if route.strip() not in ROUTES or not weight.strip().isdigit():
             raise SystemExit(f"bench: --mix: expected ROUTE=WEIGHT with ROUTE in {', '.join(ROUTES)}, got {part!r}")
         mix[route.strip()] = int(weight)
+    if not any(mix.values()):
+        raise SystemExit("bench: --mix: at least one route needs a weight above 0")
     levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
     if not levels or min(levels) < 1 or args.requests < 1:
         raise SystemExit("bench: --concurrency levels and --requests must be positive")
     return HttpSettings(url=args.url, concurrency=levels, requests=args.requests, mix=mix, model=args.model,
                         size=args.size, steps=args.steps, n=args.n, response_format=args.response_format,
                         api_key=args.api_key, admin_key=args.admin_key, timeout=args.timeout)
+
+
+def _api_key_from_environment() -> str | None:
+    keys = [k.strip() for k in os.environ.get("SDSERVE_API_KEYS", "").split(",") if k.strip()]
+    return os.environ.get("SDSERVE_API_KEY") or (keys[0] if keys else None)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -126,15 +135,21 @@ def main(argv: list[str] | None = None) -> int:
             bar.update()
 
         try:
-            result = kind.run(settings, tick)
+            result, failure = kind.run(settings, tick), None
         except (BenchError, EngineError) as exc:
-            print(f"bench: error: {exc}", file=sys.stderr)
-            return 2
+            result, failure = None, exc
+    if failure is not None:  # after the bar has closed: the error is the last line
+        print(f"bench: error: {failure}", file=sys.stderr)
+        return 2
     folder = report.results_dir(args.out)
     table = kind.markdown(result)
     paths = report.write(folder, args.command, result, table, kind.figure(result))
     print(table)
     print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if args.command == "http" and args.max_errors is not None and kind.errors(result) > args.max_errors:
+        print(f"bench: {kind.errors(result)} requests were not answered 200 (--max-errors {args.max_errors})",
+              file=sys.stderr)
+        return 1
     if args.command == "pipeline" and args.max_seconds is not None:
         median = result.engines.stages["total"].median
         if median > args.max_seconds:

@@ -49,8 +49,12 @@ def gpus() -> list[Gpu]:
         return []
     found = []
     for line in out.stdout.strip().splitlines():
-        name, driver, memory = (part.strip() for part in line.split(","))
-        found.append(Gpu(name=name, driver=driver, memory_mb=int(float(memory))))
+        name, driver, memory = ([*(part.strip() for part in line.split(",")), "", ""])[:3]
+        try:
+            megabytes = int(float(memory))
+        except ValueError:  # "[N/A]" under MIG, say
+            megabytes = 0
+        found.append(Gpu(name=name, driver=driver, memory_mb=megabytes))
     return found
 
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -92,7 +93,8 @@ async def _run(settings: HttpSettings, tick: Callable[[str], None]) -> HttpResul
             outcomes, seconds = await _level(client, settings, concurrency, tick)
             after = await _node_counts(client, settings.admin_key)
             levels.append(_summarize(concurrency, outcomes, seconds, _spread(before, after)))
-    masked = msgspec.structs.replace(settings, api_key=_mask(settings.api_key), admin_key=_mask(settings.admin_key))
+    masked = msgspec.structs.replace(settings, url=_without_credentials(settings.url),
+                                     api_key=_mask(settings.api_key), admin_key=_mask(settings.admin_key))
     return HttpResult(started=started, settings=masked, hardware=hardware.describe(),
                       versions=hardware.versions("sdserve", "httpx"), models=models, levels=levels)
 
@@ -124,16 +126,16 @@ async def _send(client: httpx.AsyncClient, route: str, bodies: _Bodies, number: 
                                          files=bodies.files(route))
     except httpx.TimeoutException:
         return Outcome(route, "timeout", time.perf_counter() - begun, 0)
-    except httpx.TransportError:
+    except httpx.HTTPError:  # refused, reset, a broken body: whatever it was, no answer
         return Outcome(route, "connection", time.perf_counter() - begun, 0)
     seconds = time.perf_counter() - begun
-    images = 0
-    if response.status_code == 200:
-        try:
-            images = len(response.json().get("data", []))
-        except ValueError:
-            return Outcome(route, "invalid_json", seconds, 0)
-    return Outcome(route, str(response.status_code), seconds, images)
+    if response.status_code != 200:
+        return Outcome(route, str(response.status_code), seconds, 0)
+    try:
+        data = response.json()["data"]
+        return Outcome(route, "200", seconds, len(data) if isinstance(data, list) else 0)
+    except (ValueError, KeyError, TypeError):
+        return Outcome(route, "invalid_json", seconds, 0)
 
 
 class _Bodies:
@@ -173,6 +175,17 @@ class _Bodies:
 
 def _mask(secret: str | None) -> str | None:
     return None if secret is None else "***"
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) \
+        if parts.username or parts.password else url
+
+
+def errors(result: HttpResult) -> int:
+    """Requests over every level that were not answered 200."""
+    return sum(count for level in result.levels for status, count in level.statuses.items() if status != "200")
 
 
 def _png(image: Image.Image) -> bytes:

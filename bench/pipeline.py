@@ -27,6 +27,7 @@ from bench.stats import Summary, summarize
 from engines import manifest as mf
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "total")
+NOISY_SAMPLERS = ("euler_a", "lcm")  # draw noise every step: the two sides' images differ by design
 
 
 class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,7 +74,9 @@ class PipelineResult(msgspec.Struct, kw_only=True):
     engines: Side
     reference: Side | None
     ratio: Summary | None  # engines total / reference total, per A/B pair
-    max_pixel_diff: float | None  # max |engines - reference| over every pixel of every repetition, 0-1 scale
+    # max |engines - reference| over every pixel of every repetition, 0-1 scale; None without a reference or
+    # for samplers that draw fresh noise each step (euler_a, lcm): each side draws its own
+    max_pixel_diff: float | None
 
 
 Render = Callable[[], tuple[dict[str, float], list[float], np.ndarray]]  # stages, UNet steps, pixels
@@ -121,6 +124,7 @@ class Job:
 def run(settings: PipelineSettings, progress: Callable[[str], None] | None = None) -> PipelineResult:
     """Load both sides, warm them up, run the alternating repetitions, and summarise."""
     tick = progress or (lambda _label: None)
+    check(settings)
     root = Path(settings.model_dir)
     started = report.now()
     manifest = mf.read(root)
@@ -143,6 +147,8 @@ def run(settings: PipelineSettings, progress: Callable[[str], None] | None = Non
         theirs.memory = window.growth()
         contenders.append(theirs)
     ratios, worst = _alternate(contenders, settings.repeat, tick)
+    if job.sampler in NOISY_SAMPLERS:
+        worst = None
     return PipelineResult(
         started=started, settings=settings,
         model={"id": pipe.info.id, "name": manifest.name, "family": manifest.family, "variant": manifest.variant,
@@ -157,6 +163,14 @@ def run(settings: PipelineSettings, progress: Callable[[str], None] | None = Non
         engines=ours.side(), reference=contenders[1].side() if reference else None,
         ratio=summarize(ratios), max_pixel_diff=worst,
     )
+
+
+def check(settings: PipelineSettings) -> None:
+    """Counts that would leave nothing to report fail before any work."""
+    if settings.repeat < 1 or settings.batch < 1 or settings.warmup < 0:
+        raise BenchError("--repeat and --batch must be at least 1, --warmup at least 0")
+    if settings.threads is not None and settings.threads < 1:
+        raise BenchError("--threads must be at least 1")
 
 
 def total_runs(settings: PipelineSettings) -> int:
@@ -203,8 +217,12 @@ def _reference_precision(settings: PipelineSettings, manifest: mf.Manifest) -> m
 
 
 def _load_reference(settings: PipelineSettings, root: Path, manifest: mf.Manifest) -> Any:
-    from bench import reference  # torch and diffusers: only when a reference run is asked for
-    from export.errors import ExportError
+    try:
+        from bench import reference  # torch and diffusers: only when a reference run is asked for
+        from export.errors import ExportError
+    except ImportError as exc:
+        raise BenchError(f"the PyTorch reference needs the export extra ({exc}); install .[export] or pass "
+                         "--no-reference") from exc
 
     reference.set_threads(settings.threads)
     try:
@@ -256,9 +274,12 @@ def markdown(result: PipelineResult) -> str:
         ["side", "runs on", "total s (median)", "min", "max", "text enc. s", "UNet step s", "VAE dec. s",
          "load s", "RAM MiB", "VRAM MiB"], rows)]
     if result.ratio is not None:
+        diff = ("not compared (the sampler draws its own noise each step)" if result.max_pixel_diff is None
+                else f"{result.max_pixel_diff:.2g} on a 0–1 scale")
         lines += ["", f"engines / reference time: median {result.ratio.median:.3f} "
-                      f"(min {result.ratio.min:.3f}, max {result.ratio.max:.3f}); max pixel difference "
-                      f"{result.max_pixel_diff:.2g} on a 0–1 scale"]
+                      f"(min {result.ratio.min:.3f}, max {result.ratio.max:.3f}); max pixel difference {diff}",
+                  "", "UNet step: the UNet call, the guidance mix and the sampler step; RAM/VRAM: growth from "
+                      "loading through the warm-up"]
     return "\n".join(lines)
 
 

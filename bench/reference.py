@@ -50,16 +50,19 @@ def diffusers_scheduler(sampler: str, config: Mapping[str, Any]) -> SchedulerMix
 
 
 class StageClock:
-    """Seconds per stage of one diffusers call, measured by wrapping the components' entry points
-    (CUDA is synchronised around each, so GPU time lands in the stage that spent it)."""
+    """Seconds per stage of one diffusers call, as the engines count them: text encoders and VAE decode by
+    wrapping their entry points; each denoising step from its UNet call to the end of its scheduler step
+    (diffusers' `callback_on_step_end`), so a "UNet step" on both sides is the UNet plus the guidance mix
+    and the sampler step. CUDA is synchronised at each mark, so GPU time lands in the stage that spent it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stages: dict[str, float] = {}
         self.steps: list[float] = []
+        self._step_started: float | None = None
 
     def reset(self) -> None:
-        self.stages, self.steps = {}, []
+        self.stages, self.steps, self._step_started = {}, [], None
 
     def wrap(self, owner: object, attribute: str, stage: str) -> None:
         inner = getattr(owner, attribute)
@@ -71,12 +74,30 @@ class StageClock:
                 return inner(*args, **kwargs)
             finally:
                 self._sync()
-                seconds = time.perf_counter() - started
-                self.stages[stage] = self.stages.get(stage, 0.0) + seconds
-                if stage == "unet":
-                    self.steps.append(seconds)
+                self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - started
 
         setattr(owner, attribute, timed)
+
+    def wrap_unet(self, unet: torch.nn.Module) -> None:
+        inner = unet.forward
+
+        def marked(*args: object, **kwargs: object) -> object:
+            if self._step_started is None:  # the first UNet call of a step starts it
+                self._sync()
+                self._step_started = time.perf_counter()
+            return inner(*args, **kwargs)
+
+        unet.forward = marked
+
+    def step_end(self, _pipe: object, _index: int, _timestep: object, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' `callback_on_step_end`: the step is over once the sampler has stepped."""
+        self._sync()
+        if self._step_started is not None:
+            seconds = time.perf_counter() - self._step_started
+            self.steps.append(seconds)
+            self.stages["unet"] = self.stages.get("unet", 0.0) + seconds
+        self._step_started = None
+        return kwargs
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -96,7 +117,7 @@ class Reference:
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(self.pipe, name, None) is not None:
                 self.clock.wrap(getattr(self.pipe, name), "forward", "text_encoder")
-        self.clock.wrap(self.pipe.unet, "forward", "unet")
+        self.clock.wrap_unet(self.pipe.unet)
         self.clock.wrap(self.pipe.vae, "decode", "vae_decoder")
 
     def render(self, prompt: str, width: int, height: int, steps: int, guidance_scale: float, sampler: str,
@@ -108,15 +129,9 @@ class Reference:
         with torch.inference_mode():
             out = self.pipe(prompt=prompt, negative_prompt=None, width=width, height=height, num_inference_steps=steps,
                             guidance_scale=guidance_scale, num_images_per_prompt=len(latents), latents=start,
-                            output_type="np", generator=torch.Generator().manual_seed(0))
+                            output_type="np", generator=torch.Generator().manual_seed(0),
+                            callback_on_step_end=self.clock.step_end)
         return np.asarray(out.images, dtype=np.float32)
-
-    def peak_device_bytes(self) -> int | None:
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-
-    def reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def load(model_dir: Path, manifest: mf.Manifest, device: str, precision: mf.Precision,

@@ -105,7 +105,7 @@ def build_plans(settings: PlanSettings) -> PlanSetReport:
         raise ExportError(str(exc)) from None
     key = plans.plan_key(manifest, profiles, device.tensorrt_version, device.compute_capability)
     labels = [p.label for p in profiles]
-    if _already_built(root, manifest, key):
+    if _already_built(root, manifest, key, settings.optimization_level):
         log.info("TensorRT plans %s for this GPU and these profiles exist; nothing to build", key)
         return PlanSetReport(str(root), key, device.name, labels, False, [], time.perf_counter() - started)
     builder = _Builder(root, manifest, profiles, device, settings.optimization_level)
@@ -131,9 +131,12 @@ def _read(root: Path, verify: bool) -> mf.Manifest:
         raise ExportError(str(exc)) from None
 
 
-def _already_built(root: Path, manifest: mf.Manifest, key: str) -> bool:
+def _already_built(root: Path, manifest: mf.Manifest, key: str, optimization_level: int) -> bool:
+    """The set is listed, complete, intact and built at the asked optimization level (which is not part of
+    the key: it changes speed, not validity, but asking for another level means build again)."""
     for plan_set in manifest.tensorrt:
-        if plan_set.key == key and set(plan_set.plans) == set(manifest.components):
+        if (plan_set.key == key and set(plan_set.plans) == set(manifest.components)
+                and plan_set.optimization_level == optimization_level):
             try:
                 mf.check_refs(root, list(plan_set.plans.values()))
                 return True

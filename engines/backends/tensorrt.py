@@ -47,6 +47,7 @@ class TensorRtSession(Session):
         self._buffers: dict[str, int] = {}
         self._graphs: dict[tuple[Any, ...], Any] = {}
         self._graphs_work = True
+        self._last_shapes: tuple[Any, ...] | None = None  # of the last call the context ran
         self._reported: set[tuple[Any, ...]] = set()
         self._stream = None
         self._context = None
@@ -143,13 +144,17 @@ class TensorRtSession(Session):
 
     def _execute(self, static: bool, shapes: tuple[Any, ...]) -> None:
         """Run once; for a static profile replay the shape's CUDA graph, capturing it after its first run
-        (which also flushes TensorRT's per-shape setup, which must not land in the graph)."""
-        graph = self._graphs.get(shapes) if static and self._graphs_work else None
+        (which also flushes TensorRT's per-shape setup, which must not land in the graph). A graph is
+        only valid under the context state it was captured in, so it is replayed only when the previous
+        call ran the same shapes (the steps of one render do); after other shapes, a plain run first."""
+        repeat = shapes == self._last_shapes
+        self._last_shapes = shapes
+        graph = self._graphs.get(shapes) if static and self._graphs_work and repeat else None
         if graph is not None:
             gpu.call(self._cuda.cudaGraphLaunch(graph, self._stream))
             return
         self._enqueue()
-        if static and self._graphs_work:
+        if static and self._graphs_work and shapes not in self._graphs:
             self._graphs[shapes] = self._capture()
 
     def _enqueue(self) -> None:
@@ -157,20 +162,29 @@ class TensorRtSession(Session):
             raise EngineFailure(f"{self.name}: TensorRT execution failed")
 
     def _capture(self) -> Any:
+        """The graph of one run, or None (graphs then stay off for this session: some plans cannot be
+        captured, and they still run launch by launch)."""
         cuda = self._cuda
-        gpu.call(cuda.cudaStreamBeginCapture(self._stream, cuda.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        begun = cuda.cudaStreamBeginCapture(self._stream, cuda.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        begun = begun[0] if isinstance(begun, tuple) else begun  # cuda-python answers (error,)
+        if begun != cuda.cudaError_t.cudaSuccess:
+            return self._no_graphs(begun)
         try:
             captured = self._context.execute_async_v3(int(self._stream))
         finally:
             error, graph = cuda.cudaStreamEndCapture(self._stream)
-        if not captured or error != cuda.cudaError_t.cudaSuccess or graph is None:
-            self._graphs_work = False  # some plans cannot be captured; they still run, launch by launch
-            log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.name, gpu.error_name(error))
-            return None
         try:
-            return gpu.call(cuda.cudaGraphInstantiate(graph, 0))
+            if not captured or error != cuda.cudaError_t.cudaSuccess or graph is None:
+                return self._no_graphs(error)
+            instantiated, executable = cuda.cudaGraphInstantiate(graph, 0)
+            return executable if instantiated == cuda.cudaError_t.cudaSuccess else self._no_graphs(instantiated)
         finally:
-            cuda.cudaGraphDestroy(graph)
+            if graph is not None:
+                cuda.cudaGraphDestroy(graph)
+
+    def _no_graphs(self, error: Any) -> None:
+        self._graphs_work = False
+        log.warning("%s: CUDA graph capture failed (%s); running without graphs", self.name, gpu.error_name(error))
 
     def _run_fallback(self, feeds: dict[str, np.ndarray], outputs: list[str],
                       shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

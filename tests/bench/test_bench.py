@@ -66,10 +66,17 @@ def test_pipeline_gate_and_engines_alone(tiny_model: Callable[[str], Path], tmp_
     assert result.engines.stages["total"].count == 2
 
 
-def test_pipeline_bad_model_dir(tmp_path: Path) -> None:
-    done = bench("pipeline", str(tmp_path / "missing"), "--no-reference", "--out", str(tmp_path / "out"))
+@pytest.mark.parametrize(("args", "message"), [
+    (["{missing}"], "no model directory"),
+    (["{model}", "--repeat", "0"], "--repeat and --batch must be at least 1"),
+])
+def test_pipeline_refuses_before_measuring(tiny_model: Callable[[str], Path], tmp_path: Path, args: list[str],
+                                          message: str) -> None:
+    args = [a.format(missing=tmp_path / "missing", model=tiny_model("tiny-sd15")) for a in args]
+    done = bench("pipeline", *args, "--no-reference", "--out", str(tmp_path / "out"))
     assert done.returncode == 2
-    assert "no model directory" in done.stderr
+    assert message in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +110,9 @@ def test_http_load_mix_and_spread(server: ServerProcess, tmp_path: Path) -> None
 
 def test_http_counts_errors_by_status(server: ServerProcess, tmp_path: Path) -> None:
     done = bench("http", server.url, "--concurrency", "2", "--requests", "3", "--model", "no-such-model",
-                 "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr
+                 "--max-errors", "0", "--out", str(tmp_path))
+    assert done.returncode == 1, done.stderr  # the gate: 3 answers were not 200
+    assert "3 requests were not answered 200" in done.stderr
     result = msgspec.json.decode(check_files(tmp_path, "http"), type=HttpResult)
     level = result.levels[0]
     assert level.statuses == {"404": 3} and level.images == 0 and level.latency_p50 is None
