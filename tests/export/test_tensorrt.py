@@ -175,6 +175,15 @@ def test_plans_are_listed_and_a_valid_build_is_skipped(model: Path, stub_builder
     assert _build(model, [(64, 64)]).built and set(stub_builder.built) == components
 
 
+def test_another_optimization_level_builds_again(model: Path, stub_builder: type[StubBuilder]) -> None:
+    first = _build(model, [(64, 64)])
+    again = trt_export.build_plans(trt_export.PlanSettings(model_dir=str(model), sizes=[(64, 64)], batch=(1, 2),
+                                                           optimization_level=5))
+    assert again.built and again.key == first.key  # the level is not part of validity, but was asked for
+    (plan_set,) = mf.read(model).tensorrt
+    assert plan_set.optimization_level == 5
+
+
 def test_other_profiles_supersede_the_plans_for_this_gpu(model: Path, stub_builder: type[StubBuilder]) -> None:
     old = _build(model, [(64, 64)])
     new = _build(model, [(64, 64), (128, 64)])
