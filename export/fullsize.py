@@ -29,7 +29,6 @@ from export import tiny
 from export.presets import Preset
 
 CLIP_VOCAB = 49408
-_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 
 # openai/clip-vit-large-patch14 (SD 1.x, SDXL's first encoder)
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
@@ -80,7 +79,7 @@ def _sd15() -> StableDiffusionPipeline:
         vae=AutoencoderKL(**VAE, sample_size=512, scaling_factor=0.18215),
         text_encoder=_text_encoder(CLIPTextModel, CLIP_L),
         tokenizer=tiny.tokenizer(),
-        scheduler=PNDMScheduler(**_SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False),
+        scheduler=PNDMScheduler(**tiny.SCHEDULER_ARGS, skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -91,7 +90,7 @@ def _sd21() -> StableDiffusionPipeline:
         vae=AutoencoderKL(**VAE, sample_size=768, scaling_factor=0.18215),
         text_encoder=_text_encoder(CLIPTextModel, OPENCLIP_H),
         tokenizer=tiny.tokenizer(pad_token="!"),
-        scheduler=DDIMScheduler(**_SCHEDULER, prediction_type="v_prediction", clip_sample=False,
+        scheduler=DDIMScheduler(**tiny.SCHEDULER_ARGS, prediction_type="v_prediction", clip_sample=False,
                                 set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -105,7 +104,8 @@ def _sdxl() -> StableDiffusionXLPipeline:
         text_encoder_2=_text_encoder(CLIPTextModelWithProjection, OPENCLIP_BIGG),
         tokenizer=tiny.tokenizer(),
         tokenizer_2=tiny.tokenizer(pad_token="!"),
-        scheduler=EulerDiscreteScheduler(**_SCHEDULER, timestep_spacing="leading", interpolation_type="linear"),
+        scheduler=EulerDiscreteScheduler(**tiny.SCHEDULER_ARGS, timestep_spacing="leading",
+                                         interpolation_type="linear"),
         force_zeros_for_empty_prompt=True,
     )
 

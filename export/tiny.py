@@ -33,7 +33,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # The real models' scheduler configs (SD 1.5: PNDM; SD 2.1: DDIM v-prediction; SDXL: Euler, leading),
 # so that the runtime is tested on following a model's config, not on one default.
-_SCHEDULER_ARGS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+SCHEDULER_ARGS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -115,7 +115,7 @@ def _sd1(inpaint: bool) -> StableDiffusionPipeline:
         "vae": _vae(0.18215),
         "text_encoder": CLIPTextModel(_text_config(tok, "quick_gelu")),
         "tokenizer": tok,
-        "scheduler": PNDMScheduler(**_SCHEDULER_ARGS, skip_prk_steps=True, set_alpha_to_one=False),
+        "scheduler": PNDMScheduler(**SCHEDULER_ARGS, skip_prk_steps=True, set_alpha_to_one=False),
     }
     cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
     return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -129,7 +129,7 @@ def _sd2() -> StableDiffusionPipeline:
         text_encoder=CLIPTextModel(_text_config(tok, "gelu")),
         tokenizer=tok,
         scheduler=DDIMScheduler(
-            **_SCHEDULER_ARGS, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False
+            **SCHEDULER_ARGS, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False
         ),
         safety_checker=None,
         feature_extractor=None,
@@ -157,7 +157,7 @@ def _sdxl() -> StableDiffusionXLPipeline:
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tok_2, "gelu")),
         tokenizer=tok,
         tokenizer_2=tok_2,
-        scheduler=EulerDiscreteScheduler(**_SCHEDULER_ARGS, timestep_spacing="leading", interpolation_type="linear"),
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_ARGS, timestep_spacing="leading", interpolation_type="linear"),
         force_zeros_for_empty_prompt=True,
     )
 

@@ -66,6 +66,16 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_lines(self, *needles: str, timeout: float = 10.0) -> list[str]:
+        """The log lines holding every needle, waiting until there is one: a server writes its access line
+        as the response finishes, so the client may see the answer first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log().splitlines() if all(n in line for n in needles)]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, sig)

@@ -66,7 +66,7 @@ def test_user_is_logged_as_a_hash_only(server: ServerProcess) -> None:
     response = httpx.post(server.url + GEN, headers={"x-request-id": "user-hash-1"}, timeout=120,
                           json={"prompt": "p", "size": "64x64", "steps": 1, "user": user})
     assert response.status_code == 200
-    lines = [line for line in server.log().splitlines() if "user-hash-1" in line and "sdserve.access" in line]
+    lines = server.log_lines("user-hash-1", "sdserve.access")
     assert len(lines) == 1
     assert f"user={hashlib.sha256(user.encode()).hexdigest()[:12]}" in lines[0]
     assert user not in server.log()

@@ -95,7 +95,7 @@ def test_client_disconnect_cancels_the_render(small_queue: ServerProcess) -> Non
     gone = time.monotonic()
     _wait_idle(small_queue)
     assert time.monotonic() - gone < 5  # stopped at the next step, not after 150 steps
-    assert "cancelled" in small_queue.log()
+    assert small_queue.log_lines("cancelled")
 
 
 def _wait_idle(server: ServerProcess, timeout: float = 30) -> None:
@@ -132,7 +132,7 @@ def test_metrics_move(small_queue: ServerProcess) -> None:
 def test_access_log_has_one_line_per_request(small_queue: ServerProcess) -> None:
     httpx.post(small_queue.url + GEN, headers={"x-request-id": "log-me-42"},
                json={"prompt": "logged", "size": "64x64", "steps": 1}, timeout=60)
-    lines = [line for line in small_queue.log().splitlines() if "log-me-42" in line and "sdserve.access" in line]
+    lines = small_queue.log_lines("log-me-42", "sdserve.access")
     assert len(lines) == 1
     assert "POST /v1/images/generations 200 model=tiny-sd15" in lines[0]
 
