@@ -279,4 +279,7 @@ def figure(result: HttpResult) -> Any:
     latency.set_ylabel("seconds")
     latency.set_title("latency of 200 answers")
     latency.legend()
+    for axes in (throughput, latency):
+        axes.set_ylim(bottom=0)  # a zero baseline: differences look as large as they are
+        axes.set_xticks(x)
     return fig
