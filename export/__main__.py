@@ -10,7 +10,7 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no import-time noise
 from export import presets, tensorrt
 from export.errors import ExportError
-from export.exporter import ExportReport, ExportSettings, export_model
+from export.exporter import ExportReport, ExportSettings, export_model, output_dir
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tensorrt or tensorrt.needs_export(settings):
             lines.append(summary(export_model(settings)))
         if args.tensorrt:
-            plan_settings = tensorrt.PlanSettings(model_dir=str(tensorrt.model_path(settings)), sizes=args.sizes,
+            plan_settings = tensorrt.PlanSettings(model_dir=str(output_dir(settings)), sizes=args.sizes,
                                                   batch=args.batch, dynamic=args.dynamic,
                                                   optimization_level=args.opt_level)
             lines.append(plan_summary(tensorrt.build_plans(plan_settings)))

@@ -60,7 +60,7 @@ def export_model(settings: ExportSettings) -> ExportReport:
     preset = presets.get(settings.preset)
     if settings.opset < 14:
         raise ExportError("--opset must be 14 or newer (the attention layers need it)")
-    target = Path(settings.output or f"models/{preset.name}")
+    target = output_dir(settings)
     if target.exists() and not settings.force:
         raise ExportError(f"{target} already exists; pass --force to replace it")
     log.info("loading %s", settings.model or preset.hub_id or f"{preset.name} (random weights)")
@@ -76,6 +76,11 @@ def export_model(settings: ExportSettings) -> ExportReport:
         manifest = _manifest(pipe, preset, origin, stage, settings)
         model_dir.write_manifest(stage, manifest)
     return ExportReport(str(target), manifest, reports, time.perf_counter() - started)
+
+
+def output_dir(settings: ExportSettings) -> Path:
+    """Where the model directory goes: --output, else models/<preset>."""
+    return Path(settings.output or f"models/{settings.preset}")
 
 
 def component_graphs(pipe: DiffusionPipeline) -> list[graphs.Graph]:

@@ -29,7 +29,7 @@ from engines import manifest as mf
 from engines.errors import EngineError
 from export import model_dir
 from export.errors import ExportError
-from export.exporter import ExportSettings
+from export.exporter import ExportSettings, output_dir
 
 log = logging.getLogger("sdserve.export")
 
@@ -68,16 +68,12 @@ def require() -> gpu.Gpu:
         raise ExportError(f"--tensorrt: {exc}") from None
 
 
-def model_path(settings: ExportSettings) -> Path:
-    return Path(settings.output or f"models/{settings.preset}")
-
-
 def needs_export(settings: ExportSettings) -> bool:
     """Whether `--tensorrt` must export the model first: not when the output already holds a model of
     this preset and --force is not given (plans are then built for it as it is). Checks TensorRT first,
     so that a machine without it fails before any slow work and writes nothing."""
     require()
-    target = model_path(settings)
+    target = output_dir(settings)
     if settings.force or not (target / mf.MANIFEST_FILE).is_file():
         if settings.precision != "fp16":
             raise ExportError("--tensorrt builds plans from an fp16 export; drop --precision fp32")
