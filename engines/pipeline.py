@@ -33,7 +33,7 @@ from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotF
 from engines.info import ModelInfo
 from engines.noise import Noise, SeededNoise
 from engines.render import RenderRequest, RenderResult, Timings
-from engines.tokenizer import PromptTokenizer
+from engines.tokenizer import MAX_WINDOWS, PromptTokenizer
 
 log = logging.getLogger("sdserve.engines")
 
@@ -140,6 +140,7 @@ class Pipeline:
             raise InvalidRequest("prompt", "prompt must be a string")
         if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
             raise InvalidRequest("negative_prompt", "negative_prompt must be a string")
+        self.check_prompt_lengths(request.prompt, request.negative_prompt)
         width, height = request.width, request.height
         if not (isinstance(width, int) and isinstance(height, int)) or not m.sizes.contains(width, height):
             raise InvalidRequest("size", f"size {width}x{height} is not supported by {self.info.id}: both sides "
@@ -159,6 +160,17 @@ class Pipeline:
         return Job(request=request, width=width, height=height, steps=steps, guided=guidance > 1.0,
                    scheduler=scheduler, seeds=[seed + i for i in range(request.n)], strength=strength,
                    image=image, mask=mask)
+
+    def check_prompt_lengths(self, prompt: str, negative_prompt: str | None) -> None:
+        """Each prompt fits in MAX_WINDOWS token windows (cheap: tokenizing only), else InvalidRequest."""
+        for param, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not text:
+                continue
+            windows = max(tokenizer.count(text) for tokenizer in self.tokenizers.values())
+            spans = min(tokenizer.piece for tokenizer in self.tokenizers.values())
+            if windows > MAX_WINDOWS:
+                raise InvalidRequest(param, f"{param} needs {windows} windows of tokens; the limit is "
+                                     f"{MAX_WINDOWS} windows of {spans} tokens")
 
     def with_defaults(self, request: RenderRequest) -> RenderRequest:
         """The request with the model's defaults where it left size, steps, guidance or sampler unset."""

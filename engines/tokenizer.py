@@ -4,6 +4,10 @@ A prompt longer than one window is not truncated: its tokens are cut into 75-tok
 as `<bos> piece <eos> <pad>…` and encoded separately, and the hidden states are concatenated along the
 sequence (the scheme the WebUI made standard). A short prompt gives exactly the single window diffusers'
 `tokenizer(prompt, padding="max_length", truncation=True)` gives.
+
+A prompt may take at most MAX_WINDOWS windows (600 tokens): far beyond what prompts use (the WebUI's
+long prompts are 2–3 windows), while the text encoders' work and the UNet's cross-attention keys grow
+linearly with windows, so an unbounded prompt (1 MB, or 4000 emoji of ~4 tokens each) would cost gigabytes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from tokenizers import Tokenizer
 
 from engines import manifest as mf
 from engines.errors import ModelInvalid
+
+MAX_WINDOWS = 8
 
 
 class PromptTokenizer:

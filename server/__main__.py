@@ -14,7 +14,7 @@ import msgspec
 import uvicorn
 
 from server.app import asgi, create_app, on_terminate
-from server.settings import Settings, add_arguments, from_sources
+from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 
 ROLES = ("standalone", "node", "router")
 
@@ -50,7 +50,10 @@ Health: {url}/readyz   API schema: {url}/schema/openapi.json   Stop: Ctrl-C
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    settings = from_sources(args.role, args)
+    try:
+        settings = from_sources(args.role, args)
+    except InvalidSettings as exc:
+        return _refuse(str(exc))
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sdserve.server")
@@ -59,13 +62,21 @@ def main(argv: list[str] | None = None) -> int:
         announce(settings)
     problem = check_role(settings)
     if problem:
-        print(f"server: error: {problem}", file=sys.stderr)
-        return 2
-    app = create_app(settings)
+        return _refuse(problem)
+    try:
+        app = create_app(settings)
+    except InvalidSettings as exc:
+        return _refuse(str(exc))
     config = uvicorn.Config(asgi(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=int(settings.request_timeout))
     GracefulServer(config, lambda: on_terminate(app)).run()
     return 0
+
+
+def _refuse(problem: str) -> int:
+    """A configuration the server cannot start with: one line on stderr, exit status 2 (as argparse)."""
+    print(f"server: error: {problem}", file=sys.stderr)
+    return 2
 
 
 def check_role(settings: Settings) -> str | None:

@@ -52,7 +52,8 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
         local = LocalNode(pool, lambda: node.report(pool, settings, LOCAL_NODE, "in-process"))
         registry.register(local.report(), local, local=True)
     return AppState(settings=settings, renderer=dispatcher, metrics=metrics, pool=pool, registry=registry,
-                    dispatcher=dispatcher, store=ImageStore(settings.images_dir, settings.image_ttl),
+                    dispatcher=dispatcher, store=ImageStore(settings.images_dir, settings.image_ttl,
+                                                                       settings.images_max_bytes),
                     api_keys=tuple(settings.keys()))
 
 

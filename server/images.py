@@ -14,14 +14,15 @@ from PIL import Image, ImageOps
 
 from server.errors import ApiError
 
-FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+# MPO is how many phone cameras write JPEG (a JPEG with more frames after it): its first frame is the photo.
+FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 def decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Bytes → a fully decoded image, or a 400 naming `param`. Checks the pixel count from the header
-    before decoding, so a decompression bomb costs nothing."""
+    """Bytes → a fully decoded, upright 8-bit image, or a 400 naming `param`. Checks the pixel count from
+    the header before decoding, so a decompression bomb costs nothing."""
     if not data:
         raise ApiError(400, f"'{param}' is empty", param=param, code="invalid_image")
     try:
@@ -37,6 +38,8 @@ def decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
                 raise ApiError(400, f"'{param}' is {width}x{height}: over the limit of {max_pixels} pixels",
                                param=param, code="image_too_large")
             image.load()
+            # Inside the try: a malformed EXIF block is a bad upload, not our fault.
+            return _eight_bit(ImageOps.exif_transpose(image))
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -44,7 +47,14 @@ def decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError… for broken files
         raise ApiError(400, f"'{param}' could not be decoded as a PNG, JPEG or WebP image ({exc})", param=param,
                        code="invalid_image_format") from exc
-    return ImageOps.exif_transpose(image)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale PNGs open as integer modes, which PIL's convert("RGB") clips to white: scale them."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    wide = np.asarray(image)
+    return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), mode="L")
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -53,12 +63,11 @@ def has_alpha(image: Image.Image) -> bool:
 
 def edit_mask(alpha_source: Image.Image) -> Image.Image | None:
     """OpenAI semantics → engines' mask: fully transparent pixels (alpha 0) are repainted (white).
-    None when nothing is transparent."""
-    alpha = np.asarray(alpha_source.convert("RGBA"))[:, :, 3]
-    repaint = alpha == 0
-    if not repaint.any():
-        return None
-    return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8), mode="L")
+    None when nothing is transparent. Works on the 8-bit alpha band alone (a 16-megapixel mask costs 32 MB,
+    not an RGBA copy and an int64 array)."""
+    source = alpha_source if "A" in alpha_source.getbands() else alpha_source.convert("RGBA")
+    repaint = source.getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+    return repaint if repaint.getbbox() is not None else None
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:

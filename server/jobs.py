@@ -94,9 +94,15 @@ def resolve_prompt(prompt: str) -> str:
     text = prompt.strip()
     if not text:
         raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_prompt")
+    return _within_limit(text, "prompt")
+
+
+def _within_limit(text: str, param: str) -> str:
+    """Characters are checked here, before anything is queued; tokens (what a render costs) are checked by
+    the engine pool before its queue (`engines.tokenizer.MAX_WINDOWS`)."""
     if len(text) > MAX_PROMPT:
-        raise ApiError(400, f"prompt is {len(text)} characters; the limit is {MAX_PROMPT}", param="prompt",
-                       code="invalid_prompt")
+        raise ApiError(400, f"{param} is {len(text)} characters; the limit is {MAX_PROMPT}", param=param,
+                       code=f"invalid_{param}")
     return text
 
 
@@ -107,7 +113,8 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         request_id=request_id,
         model=info.id,
         prompt=prompt,
-        negative_prompt=request.negative_prompt,
+        negative_prompt=None if request.negative_prompt is None else _within_limit(request.negative_prompt,
+                                                                                   "negative_prompt"),
         width=width,
         height=height,
         steps=resolve_steps(request, info),

@@ -70,6 +70,7 @@ class ModelQueue:
             return sum(w.job.work for w in self._waiting) + self._running_work
 
     async def submit(self, job: RenderJob) -> RenderedImages:
+        self.pipeline.check_prompt_lengths(job.prompt, job.negative_prompt)  # before it takes a place in the queue
         loop = asyncio.get_running_loop()
         work = Work(job, loop, loop.create_future())
         with self._ready:

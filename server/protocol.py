@@ -32,8 +32,9 @@ Seed = Annotated[int, Meta(ge=0, le=2**53, description="seed of the first image;
 Steps = Annotated[int, Meta(ge=1, le=150, description="denoising steps (extension)")]
 Guidance = Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance scale (extension)",
                                  extra_json_schema=_FROM_ZERO)]
-Strength = Annotated[float, Meta(ge=0, le=1, description="how much of the input image to re-imagine (extension)",
-                                 extra_json_schema=_FROM_ZERO)]
+# Above 0: at 0 nothing would be re-imagined (the engines refuse it too).
+Strength = Annotated[float, Meta(gt=0, le=1, description="how much of the input image to re-imagine (extension)",
+                                 extra_json_schema={"extra": {"exclusiveMinimum": 0}})]
 # Multipart file parts; the framework hands over its upload objects.
 File = Annotated[Any, Meta(description="an image file: PNG, JPEG or WebP", extra_json_schema={"extra": _BINARY})]
 Files = Annotated[Any, Meta(description="image files (the first is used)",

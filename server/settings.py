@@ -6,19 +6,27 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 Role = Literal["standalone", "node", "router"]
 SECRETS = ("api_keys", "node_token", "admin_key")
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+Positive = Annotated[int, Meta(ge=1)]
+Count = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class InvalidSettings(ValueError):
+    """A setting out of its range, or a file or folder the process cannot use: one line for the CLI."""
 
 
 class Settings(msgspec.Struct, kw_only=True):
     role: Role = "standalone"
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     public_url: str | None = None  # base of image URLs when behind a proxy; default: the request's own
     # models (node and standalone roles)
     models_dir: str = "models"
@@ -26,16 +34,17 @@ class Settings(msgspec.Struct, kw_only=True):
     default_model: str | None = None  # default: the first model, by name
     model_aliases: dict[str, str] = msgspec.field(default_factory=dict)  # extra names → model ids
     backend: str = "auto"
-    threads: int | None = None
+    threads: Positive | None = None
     verify_models: bool = True  # check every file's sha256 at load
-    render_slots: int = 1  # concurrent renders per model
-    queue_depth: int = 8  # requests waiting per model beyond the slots; more → 429
-    request_timeout: float = 600.0  # seconds from acceptance to answer → 504
+    render_slots: Positive = 1  # concurrent renders per model
+    queue_depth: Count = 8  # requests waiting per model beyond the slots; more → 429
+    request_timeout: Seconds = 600.0  # seconds from acceptance to answer → 504
     # uploads and outputs
-    max_upload_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = 16_000_000
+    max_upload_bytes: Positive = 25 * 1024 * 1024
+    max_pixels: Positive = 16_000_000
     images_dir: str = "images"
-    image_ttl: float = 3600.0
+    image_ttl: Seconds = 3600.0
+    images_max_bytes: Positive | None = None  # size cap of images_dir: the oldest go first
     # security
     api_keys: list[str] = msgspec.field(default_factory=list)
     api_keys_file: str | None = None
@@ -45,11 +54,21 @@ class Settings(msgspec.Struct, kw_only=True):
     routers: list[str] = msgspec.field(default_factory=list)  # node: routers to register with
     advertise_url: str | None = None  # node: the URL routers reach it at
     node_id: str | None = None  # node: stable identity (default: derived from the advertise URL)
-    heartbeat_interval: float = 3.0
-    heartbeat_timeout: float = 15.0  # router: a node silent this long leaves rotation
-    connect_timeout: float = 3.0  # router → node
-    retries: int = 2  # router: other nodes tried when one fails before starting
+    heartbeat_interval: Seconds = 3.0
+    heartbeat_timeout: Seconds = 15.0  # router: a node silent this long leaves rotation
+    connect_timeout: Seconds = 3.0  # router → node
+    retries: Count = 2  # router: other nodes tried when one fails before starting
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        """Constraints across fields and on the file system (msgspec reports them as ValidationErrors)."""
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            raise ValueError(f"heartbeat_interval ({self.heartbeat_interval:g} s) must be shorter than "
+                             f"heartbeat_timeout ({self.heartbeat_timeout:g} s)")
+        if self.api_keys_file and not os.access(self.api_keys_file, os.R_OK):
+            raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist or cannot be read")
+        if self.role != "node" and not _writable(Path(self.images_dir)):
+            raise ValueError(f"images_dir {self.images_dir!r} cannot be created or written")
 
     def keys(self) -> list[str]:
         """API keys from the setting and the keys file (one per line, # comments)."""
@@ -68,6 +87,14 @@ class Settings(msgspec.Struct, kw_only=True):
         return shown
 
 
+def _writable(directory: Path) -> bool:
+    """The folder, or the nearest existing folder above it (where it will be created), is writable."""
+    for candidate in (directory, *directory.absolute().parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
 def _env_name(field: str) -> str:
     return "SDSERVE_" + field.upper()
 
@@ -80,7 +107,7 @@ def _parse_env(field: str, raw: str, kind: object) -> object:
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
     if field == "verify_models":
         return raw.strip().lower() not in ("0", "false", "no", "off")
-    return msgspec.convert(raw, type=kind, strict=False)
+    return raw  # converted (and range-checked, naming the field) with the rest in from_sources
 
 
 def add_arguments(cli: argparse.ArgumentParser) -> None:
@@ -106,6 +133,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--max-pixels", type=int, help="per uploaded image (default 16 000 000)")
     flag("--images-dir", help="where url-format images are kept (default images/)")
     flag("--image-ttl", type=float, help="seconds an image URL stays valid (default 3600)")
+    flag("--images-max-bytes", type=int,
+         help="size cap of --images-dir: the sweep deletes the oldest images beyond it (default: no cap)")
     flag("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable; or SDSERVE_API_KEYS)")
     flag("--api-keys-file", help="file of accepted API keys, one per line")
     flag("--node-token", help="shared secret for node registration (or SDSERVE_NODE_TOKEN)")
@@ -139,4 +168,4 @@ def from_sources(role: Role, args: argparse.Namespace | None = None,
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SystemExit(f"server: error: invalid setting: {exc}") from exc
+        raise InvalidSettings(f"invalid setting: {exc}") from exc

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import engines
+from engines.tokenizer import MAX_WINDOWS
 
 ROOT = Path(__file__).resolve().parents[2]
 Model = Callable[[str], Path]
@@ -98,6 +99,23 @@ def test_both_sdxl_encoders_read_every_window(sdxl: engines.Pipeline) -> None:
     width = one.shape[2] // 2  # the tiny encoders are equally wide
     for part in (slice(0, width), slice(width, None)):
         assert np.abs(one[:, -77:, part] - two[:, -77:, part]).max() > 1e-4
+
+
+@pytest.mark.parametrize("param", ["prompt", "negative_prompt"])
+def test_prompts_are_bounded_in_token_windows(sd15: engines.Pipeline, param: str) -> None:
+    """A prompt of MAX_WINDOWS full windows is accepted; one token more is refused before any encoder runs."""
+    tokenizer = next(iter(sd15.tokenizers.values()))
+    words = ["a", "red", "fox", "jumping", "over", "a", "quiet", "river"] * 200
+    fits = " ".join(words[: MAX_WINDOWS * tokenizer.piece])
+    while tokenizer.count(fits) > MAX_WINDOWS:  # words may take more than one token
+        fits = fits.rsplit(" ", 1)[0]
+    longer = fits
+    while tokenizer.count(longer) <= MAX_WINDOWS:
+        longer += " river"
+    sd15.check_prompt_lengths(**({"prompt": "p", "negative_prompt": None} | {param: fits}))
+    with pytest.raises(engines.InvalidRequest) as caught:
+        sd15.render(request(steps=1, **{param: longer}))
+    assert caught.value.param == param
 
 
 class CountingSession:

@@ -1,0 +1,35 @@
+"""Settings out of range, or naming files the process cannot use: one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.__main__ import main
+
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["--render-slots", "0"], {}, "render_slots"),
+    (["--queue-depth", "-1"], {}, "queue_depth"),
+    ([], {"SDSERVE_QUEUE_DEPTH": "-3"}, "queue_depth"),
+    (["--request-timeout", "0"], {}, "request_timeout"),
+    (["--heartbeat-interval", "15", "--heartbeat-timeout", "15"], {}, "heartbeat_interval"),
+    ([], {"SDSERVE_HEARTBEAT_INTERVAL": "30"}, "heartbeat_interval"),
+    (["--api-keys-file", "{tmp}/no-such-keys.txt"], {}, "api_keys_file"),
+    (["--images-dir", "{tmp}/a-file/images"], {}, "images_dir"),
+    (["--images-max-bytes", "0"], {}, "images_max_bytes"),
+    (["--threads", "0"], {}, "threads"),
+])
+def test_bad_settings_are_one_line_and_exit_2(args: list[str], env: dict[str, str], named: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a-file").write_text("a file where a folder should be")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # the default images dir is relative
+    status = main(["standalone", "--models-dir", str(tmp_path), *[a.format(tmp=tmp_path) for a in args]])
+    err = capsys.readouterr().err
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("server: error: ") and named in lines[0], err
