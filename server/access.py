@@ -19,11 +19,17 @@ from server.metrics import Metrics
 
 log = logging.getLogger("sdserve.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def user_hash(user: str | None) -> str:
     """`user` is logged as a hash only."""
     return hashlib.sha256(user.encode()).hexdigest()[:12] if user else "-"
+
+
+def _printable(path: str) -> str:
+    """The path is percent-decoded: a `%0A` in it would start a forged log line. Encode controls again."""
+    return _CONTROL.sub(lambda match: f"%{ord(match.group()):02X}", path)
 
 
 class AccessLog:
@@ -53,5 +59,5 @@ class AccessLog:
         finally:
             route = scope.get("path_template") or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
-            log.info("%s %s %s %d model=%s user=%s %.0fms", request_id, scope["method"], scope["path"], status,
-                     state.get("model", "-"), state.get("user", "-"), (time.perf_counter() - started) * 1000)
+            log.info("%s %s %s %d model=%s user=%s %.0fms", request_id, scope["method"], _printable(scope["path"]),
+                     status, state.get("model", "-"), state.get("user", "-"), (time.perf_counter() - started) * 1000)

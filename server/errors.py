@@ -4,6 +4,7 @@
     engines.InvalidRequest        → 400, param = the request field
     engines.ModelNotFound         → 404 model_not_found, param "model"
     engines.RenderCancelled       → 499 (the client is gone; nobody reads the answer)
+    a body cut off by the client  → 499 too (its doing, not a fault here)
     engines.EngineFailure         → 500, logged
     Litestar validation errors    → 400 with the field path as `param`
     Litestar HTTP exceptions      → their status (unknown route 404, body too large 413, …)
@@ -19,7 +20,7 @@ import re
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 from litestar.openapi import ResponseSpec
 
 from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound, RenderCancelled
@@ -77,7 +78,7 @@ def to_response(exc: Exception, request_id: str | None = None) -> Response[Error
         return error_response(400, exc.message, exc.param, f"invalid_{exc.param}")
     if isinstance(exc, ModelNotFound):
         return error_response(404, str(exc), "model", "model_not_found")
-    if isinstance(exc, RenderCancelled):
+    if isinstance(exc, RenderCancelled) or _client_gone(exc):
         return error_response(499, "the client closed the request", None, "client_closed_request")
     if isinstance(exc, ValidationException):
         return _validation_response(exc)
@@ -90,6 +91,11 @@ def to_response(exc: Exception, request_id: str | None = None) -> Response[Error
         return error_response(500, "the model failed to render this request; it was logged", None, "engine_failure")
     log.exception("request %s: internal error", request_id, exc_info=exc)
     return error_response(500, "internal server error; it was logged with the request id", None, "internal_error")
+
+
+def _client_gone(exc: Exception) -> bool:
+    """Litestar's body reader reports a client that left mid-upload as a 500 with this detail."""
+    return isinstance(exc, InternalServerException) and exc.detail == "client disconnected prematurely"
 
 
 def _validation_response(exc: ValidationException) -> Response[ErrorResponse]:

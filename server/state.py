@@ -4,7 +4,10 @@ the role (registry and dispatcher on routers, the agent on nodes)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from litestar import Request
@@ -49,6 +52,7 @@ class AppState:
     dispatcher: Dispatcher | None = None
     agent: NodeAgent | None = None
     api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
+    admitting: Counter[str] = field(default_factory=Counter)  # requests decoding uploads, per model
 
     @staticmethod
     def of(connection: ASGIConnection) -> AppState:
@@ -58,6 +62,19 @@ class AppState:
         info = jobs.resolve_model(name, self.renderer.ready_models(), self.renderer.known_models(), self.settings)
         connection.state.model = info.id
         return info
+
+    @contextlib.contextmanager
+    def admission(self, model: str) -> Iterator[None]:
+        """Room in the queue is reserved before uploads are decoded (the costly part of an edit): a full
+        queue answers 429 at once, and no more uploads are decoded at a time than could be queued."""
+        room = self.dispatcher.room(model) if self.dispatcher is not None else None
+        if room is not None and self.admitting[model] >= room:
+            raise self.dispatcher.full_error(model)
+        self.admitting[model] += 1
+        try:
+            yield
+        finally:
+            self.admitting[model] -= 1
 
     @staticmethod
     def request_id(connection: ASGIConnection) -> str:

@@ -19,7 +19,7 @@ from collections import defaultdict
 from engines.info import ModelInfo
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.protocol import RenderedImages, RenderJob
+from server.protocol import ModelLoad, RenderedImages, RenderJob
 from server.router.node_client import NodeClient, NodeFull, NodeUnavailable
 from server.router.registry import NodeRecord, Registry
 
@@ -80,6 +80,18 @@ class Dispatcher:
         finally:
             if waiting:
                 self._waiting[job.model] -= 1
+
+    def room(self, model: str) -> int | None:
+        """How many more jobs for `model` would be taken now (sent to a node, or waiting here) before a 429;
+        None when no node hosts it (render answers 503 then)."""
+        nodes = self.registry.candidates(model)
+        if not nodes:
+            return None
+        free = sum(max(0, n.report.load.get(model, ModelLoad()).capacity - n.in_flight.get(model, 0)) for n in nodes)
+        return free + max(0, self.wait_limit - self._waiting[model])
+
+    def full_error(self, model: str) -> ApiError:
+        return self._full_error(model)
 
     # -- internals ---------------------------------------------------------------------------------
 

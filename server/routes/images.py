@@ -13,7 +13,7 @@ from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
-from server import jobs
+from server import forms, jobs
 from server.access import user_hash
 from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.protocol import (
@@ -29,9 +29,12 @@ from server.routes.guards import json_body, multipart_body
 from server.state import AppState
 
 Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
+# A JSON body is prompts and numbers: two 4000-character prompts, every character escaped, take ~100 KB.
+JSON_BODY_LIMIT = 1024 * 1024
 
 
 @post("/images/generations", status_code=200, guards=[json_body], responses=documented(*IMAGE_ERRORS),
+      request_max_body_size=JSON_BODY_LIMIT,
       summary="Create images from a prompt")
 async def generations(data: ImageGenerationRequest, request: Request) -> Response[ImagesResponse]:
     # Litestar converts JSON leniently ("2" would pass as n=2); OpenAI's API and ours take JSON types
@@ -46,6 +49,7 @@ async def generations(data: ImageGenerationRequest, request: Request) -> Respons
 
 
 @post("/images/edits", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
+      before_request=forms.parse,
       summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image")
 async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
@@ -53,29 +57,33 @@ async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) 
     prompt = jobs.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
     size = jobs.resolve_size(data.size, info)
-    image = await _upload(data.image if data.image is not None else data.image_list, "image", state)
-    mask = await _upload(data.mask, "mask", state) if data.mask is not None else None
-    image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings, size)
+    image = await upload(data.image if data.image is not None else data.image_list, "image",
+                         state.settings.max_upload_bytes)
+    mask = await upload(data.mask, "mask", state.settings.max_upload_bytes) if data.mask is not None else None
+    with state.admission(info.id):
+        image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings, size)
     strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
     job = jobs.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
     return await _render_and_reply(state, request, job, data.response_format)
 
 
 @post("/images/variations", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
+      before_request=forms.parse,
       summary="Variations of an image (image to image with an empty prompt)")
 async def variations(data: Annotated[ImageVariationRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
     request.state.user = user_hash(data.user)
     info = state.resolve_model(data.model, request)
     size = jobs.resolve_size(data.size, info)
-    image = await _upload(data.image, "image", state)
-    image_png = await anyio.to_thread.run_sync(jobs.variation_input, image, state.settings, size)
+    image = await upload(data.image, "image", state.settings.max_upload_bytes)
+    with state.admission(info.id):
+        image_png = await anyio.to_thread.run_sync(jobs.variation_input, image, state.settings, size)
     strength = 0.6 if data.strength is None else data.strength
     job = jobs.build(data, info, state.request_id(request), "", strength, image_png)
     return await _render_and_reply(state, request, job, data.response_format)
 
 
-async def _upload(part: Any, param: str, state: AppState) -> jobs.Upload:
+async def upload(part: Any, param: str, limit: int) -> jobs.Upload:
     """A multipart file part (or the first of several), read and size-checked."""
     if isinstance(part, list):
         part = part[0] if part else None
@@ -84,11 +92,9 @@ async def _upload(part: Any, param: str, state: AppState) -> jobs.Upload:
                        code="missing_required_parameter")
     if not isinstance(part, UploadFile):
         raise ApiError(400, f"'{param}' must be a file upload, not a form field", param=param, code=f"invalid_{param}")
-    data = await part.read()
-    limit = state.settings.max_upload_bytes
+    data = await part.read(limit + 1)  # enough to know it is too large
     if len(data) > limit:
-        raise ApiError(413, f"'{param}' is {len(data)} bytes; the limit is {limit}", param=param,
-                       code="file_too_large")
+        raise ApiError(413, f"'{param}' is over the limit of {limit} bytes", param=param, code="file_too_large")
     return jobs.Upload(data, param)
 
 

@@ -31,9 +31,8 @@ def gif() -> bytes:
     return buffer.getvalue()
 
 
-def bomb() -> bytes:
-    """A valid PNG of 20000×20000 pixels (400 megapixels) in a few hundred bytes."""
-    width = height = 20000
+def bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width × height pixels in a few kilobytes."""
     row = b"\x00" + b"\x00" * (width // 8)
     raw = zlib.compress(row * height, 9)
 
@@ -44,19 +43,19 @@ def bomb() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
-def json_case(body: dict[str, Any], status: int, param: str | None) -> tuple:
-    return ("POST", GEN, {"json": {"steps": 1, "size": "64x64"} | body}, status, param)
+def json_case(body: dict[str, Any], status: int, param: str | None, code: str | None = None) -> tuple:
+    return ("POST", GEN, {"json": {"steps": 1, "size": "64x64"} | body}, status, param, code or f"invalid_{param}")
 
 
 def edit_case(fields: dict[str, str], files: dict[str, tuple] | list, status: int, param: str | None,
-              path: str = EDIT) -> tuple:
-    return ("POST", path, {"data": fields, "files": files}, status, param)
+              code: str | None = None, path: str = EDIT) -> tuple:
+    return ("POST", path, {"data": fields, "files": files}, status, param, code or f"invalid_{param}")
 
 
 IMAGE = ("image", ("a.png", png(), "image/png"))
 CASES = [
     json_case({"prompt": None}, 400, "prompt"),
-    ("POST", GEN, {"json": {"size": "64x64"}}, 400, "prompt"),
+    ("POST", GEN, {"json": {"size": "64x64"}}, 400, "prompt", "missing_required_parameter"),
     json_case({"prompt": ""}, 400, "prompt"),
     json_case({"prompt": "   \n\t "}, 400, "prompt"),
     json_case({"prompt": "x" * 4001}, 400, "prompt"),
@@ -86,43 +85,52 @@ CASES = [
     json_case({"prompt": "a", "negative_prompt": 5}, 400, "negative_prompt"),
     json_case({"prompt": "a", "user": 5}, 400, "user"),
     json_case({"prompt": "a", "sampler": "lcm", "steps": 80}, 400, "steps"),  # rejected by the engine
-    json_case({"prompt": "a", "model": "no-such-model"}, 404, "model"),
-    ("POST", GEN, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None),
-    ("POST", GEN, {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, None),
-    ("POST", GEN, {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}}, 415, None),
-    ("POST", GEN, {"data": {"prompt": "a"}}, 415, None),
-    ("POST", "/v1/images/nothing", {"json": {"prompt": "a"}}, 404, None),
-    ("GET", GEN, {}, 405, None),
-    ("GET", "/v1/images/files/../../etc/passwd", {}, 404, None),
-    ("GET", "/v1/images/files/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.png", {}, 404, "name"),
-    edit_case({"prompt": "a"}, {}, 415, None),  # no file part: not multipart at all
-    edit_case({"prompt": "a"}, {"mask": ("m.png", png(mode="RGBA"), "image/png")}, 400, "image"),
+    json_case({"prompt": "a", "model": "no-such-model"}, 404, "model", "model_not_found"),
+    ("POST", GEN, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None,
+     "invalid_body"),
+    ("POST", GEN, {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, None,
+     "invalid_request"),
+    ("POST", GEN, {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}}, 415, None,
+     "unsupported_media_type"),
+    ("POST", GEN, {"data": {"prompt": "a"}}, 415, None, "unsupported_media_type"),
+    ("POST", "/v1/images/nothing", {"json": {"prompt": "a"}}, 404, None, "not_found"),
+    ("GET", GEN, {}, 405, None, "method_not_allowed"),
+    ("GET", "/v1/images/files/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.png", {}, 404, "name", "image_not_found"),
+    edit_case({"prompt": "a"}, {}, 415, None, "unsupported_media_type"),  # no file part: not multipart at all
+    edit_case({"prompt": "a"}, {"mask": ("m.png", png(mode="RGBA"), "image/png")}, 400, "image",
+              "missing_required_parameter"),
     edit_case({"prompt": "a", "image": "not-a-file"}, {"mask": ("m.png", png(mode="RGBA"), "image/png")}, 400,
               "image"),
-    edit_case({"prompt": "a"}, {"image": ("a.png", b"hello, I am text", "image/png")}, 400, "image"),
-    edit_case({"prompt": "a"}, {"image": ("a.png", png()[:60], "image/png")}, 400, "image"),
-    edit_case({"prompt": "a"}, {"image": ("a.gif", gif(), "image/gif")}, 400, "image"),
-    edit_case({"prompt": "a"}, {"image": ("a.png", bomb(), "image/png")}, 400, "image"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", b"hello, I am text", "image/png")}, 400, "image",
+              "invalid_image_format"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", png()[:60], "image/png")}, 400, "image", "invalid_image_format"),
+    edit_case({"prompt": "a"}, {"image": ("a.gif", gif(), "image/gif")}, 400, "image", "invalid_image_format"),
+    edit_case({"prompt": "a"}, {"image": ("a.png", bomb(20000, 20000), "image/png")}, 400, "image", "image_too_large"),
+    # 20 megapixels: Pillow's own bomb check (89 MP) lets it through; our 16 MP limit must not.
+    edit_case({"prompt": "a"}, {"image": ("a.png", bomb(5000, 4000), "image/png")}, 400, "image", "image_too_large"),
     edit_case({"prompt": "a"}, {"image": ("a.png", b"\x89PNG" + b"\0" * (26 * 1024 * 1024), "image/png")}, 413,
-              "image"),
+              "image", "file_too_large"),
     edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", png((32, 64), "RGBA"), "image/png"))]), 400, "mask"),
     edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", png((64, 64), "RGB"), "image/png"))]), 400, "mask"),
-    edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", b"garbage", "image/png"))]), 400, "mask"),
-    edit_case({}, dict([IMAGE]), 400, "prompt"),
+    edit_case({"prompt": "a"}, dict([IMAGE, ("mask", ("m.png", b"garbage", "image/png"))]), 400, "mask",
+              "invalid_image_format"),
+    edit_case({}, dict([IMAGE]), 400, "prompt", "missing_required_parameter"),
     edit_case({"prompt": "a", "n": "three"}, dict([IMAGE]), 400, "n"),
     edit_case({"prompt": "a", "size": "65x65"}, dict([IMAGE]), 400, "size"),
     edit_case({"prompt": "a", "strength": "-0.5"}, dict([IMAGE]), 400, "strength"),
-    ("POST", EDIT, {"json": {"prompt": "a"}}, 415, None),
-    edit_case({}, {"image": ("a.txt", b"plain text", "text/plain")}, 400, "image", VARY),
-    edit_case({"n": "1"}, {"mask": ("m.png", png(), "image/png")}, 400, "image", VARY),
-    edit_case({"model": "dall-e-9000"}, dict([IMAGE]), 404, "model", VARY),
+    edit_case({"prompt": "a", "strength": "0"}, dict([IMAGE]), 400, "strength"),
+    json_case({"prompt": "a", "strength": 0}, 400, "strength"),
+    ("POST", EDIT, {"json": {"prompt": "a"}}, 415, None, "unsupported_media_type"),
+    edit_case({}, {"image": ("a.txt", b"plain text", "text/plain")}, 400, "image", "invalid_image_format", VARY),
+    edit_case({"n": "1"}, {"mask": ("m.png", png(), "image/png")}, 400, "image", "missing_required_parameter", VARY),
+    edit_case({"model": "dall-e-9000"}, dict([IMAGE]), 404, "model", "model_not_found", VARY),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs", "status", "param"), CASES,
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "param", "code"), CASES,
                          ids=[f"{i}-{c[1].rsplit('/', 1)[-1]}-{c[3]}" for i, c in enumerate(CASES)])
 def test_bad_request(server: ServerProcess, method: str, path: str, kwargs: dict, status: int,
-                     param: str | None) -> None:
+                     param: str | None, code: str) -> None:
     response = httpx.request(method, server.url + path, timeout=60, **kwargs)
     assert response.status_code == status, response.text
     body = response.json()
@@ -132,7 +140,7 @@ def test_bad_request(server: ServerProcess, method: str, path: str, kwargs: dict
     assert error["type"] == TYPES[status]
     assert error["param"] == param, error
     assert isinstance(error["message"], str) and error["message"]
-    assert error["code"] is None or isinstance(error["code"], str)
+    assert error["code"] == code, error
 
 
 def test_whole_body_over_the_limit_is_413(server: ServerProcess) -> None:

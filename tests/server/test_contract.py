@@ -101,8 +101,11 @@ def test_openapi_describes_error_bodies_and_file_parts(server: ServerProcess) ->
         assert (edit[part]["type"], edit[part]["format"]) == ("string", "binary")
     assert edit["image[]"]["items"]["format"] == "binary"
     generation = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
-    for name, low, high in (("n", 1, 10), ("output_compression", 0, 100), ("strength", 0, 1), ("steps", 1, 150)):
+    for name, low, high in (("n", 1, 10), ("output_compression", 0, 100), ("steps", 1, 150)):
         assert (generation[name]["minimum"], generation[name]["maximum"]) == (low, high), name
+    # strength 0 would re-imagine nothing: the engines refuse it, so the API does too.
+    strength = generation["strength"]
+    assert (strength["exclusiveMinimum"], strength["maximum"]) == (0, 1) and "minimum" not in strength
 
 
 def _png(size: tuple[int, int], mode: str = "RGB", alpha_box: tuple[int, int, int, int] | None = None) -> bytes:

@@ -49,16 +49,18 @@ def test_generate_each_size_class(client: OpenAI, size: str) -> None:
 
 
 def test_generate_url_and_download(client: OpenAI, server: ServerProcess) -> None:
-    result = client.images.generate(prompt="a lighthouse", n=3, size="64x64", extra_body=FAST)
+    args = {"prompt": "a lighthouse", "n": 3, "size": "64x64", "extra_body": {**FAST, "seed": 40}}
+    result = client.images.generate(**args)
     assert len(result.data) == 3
     urls = [item.url for item in result.data]
     assert len(set(urls)) == 3
-    for url in urls:
+    assert item_b64_absent(result)
+    inline = client.images.generate(**args, response_format="b64_json")
+    for url, item in zip(urls, inline.data, strict=True):
         assert url.startswith(server.url + "/v1/images/files/")
         response = httpx.get(url)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-        assert Image.open(io.BytesIO(response.content)).size == (64, 64)
-        assert item_b64_absent(result)
+        assert response.content == base64.b64decode(item.b64_json)  # the URL serves the rendered image
 
 
 def item_b64_absent(result: object) -> bool:
@@ -133,25 +135,36 @@ def test_edit_with_mask(client: OpenAI) -> None:
 
 
 def test_edit_without_mask_reimagines_the_image(client: OpenAI) -> None:
-    result = client.images.edit(image=("photo.jpg", opaque_png(64, 64), "image/jpeg"), prompt="winter",
-                                size="64x64", response_format="url", extra_body=FAST)
-    assert httpx.get(result.data[0].url).status_code == 200
+    args = {"image": ("photo.jpg", opaque_png(64, 64), "image/jpeg"), "prompt": "winter", "size": "64x64",
+            "extra_body": {**FAST, "seed": 21}}
+    result = client.images.edit(**args, response_format="url")
+    download = httpx.get(result.data[0].url)
+    assert download.status_code == 200 and download.headers["content-type"] == "image/png"
+    inline = client.images.edit(**args, response_format="b64_json")
+    assert download.content == base64.b64decode(inline.data[0].b64_json)  # the URL serves this very image
+    original = np.asarray(Image.open(io.BytesIO(opaque_png(64, 64)))).astype(int)
+    assert np.abs(np.asarray(Image.open(io.BytesIO(download.content)).convert("RGB")) - original).mean() > 1
 
 
 def test_edit_uses_the_images_alpha_when_no_mask(client: OpenAI) -> None:
     image = rgba(64, 64, transparent_box=(0, 0, 32, 64))
     result = client.images.edit(image=("image.png", image, "image/png"), prompt="a moon", size="64x64",
                                 response_format="b64_json", extra_body={**FAST, "seed": 3})
-    plain = client.images.edit(image=("image.png", opaque_png(64, 64), "image/png"), prompt="a moon", size="64x64",
+    # The very same pixels, all opaque: only the alpha channel differs, so only the mask can tell them apart.
+    plain = client.images.edit(image=("image.png", rgba(64, 64), "image/png"), prompt="a moon", size="64x64",
                                response_format="b64_json", extra_body={**FAST, "seed": 3})
     assert result.data[0].b64_json != plain.data[0].b64_json
 
 
 def test_edit_accepts_a_list_of_images(client: OpenAI) -> None:
-    result = client.images.edit(image=[("a.png", opaque_png(64, 64), "image/png"),
-                                       ("b.png", opaque_png(32, 32), "image/png")],
-                                prompt="two images", size="64x64", extra_body=FAST)
-    assert len(result.data) == 1
+    """`image[]` with two different images: the first is used."""
+    first, second = rgba(64, 64), opaque_png(64, 64)
+    args = {"prompt": "two images", "size": "64x64", "response_format": "b64_json",
+            "extra_body": {**FAST, "seed": 9}}
+    both = client.images.edit(image=[("a.png", first, "image/png"), ("b.png", second, "image/png")], **args)
+    alone = client.images.edit(image=("a.png", first, "image/png"), **args)
+    other = client.images.edit(image=("b.png", second, "image/png"), **args)
+    assert both.data[0].b64_json == alone.data[0].b64_json != other.data[0].b64_json
 
 
 def test_create_variation(client: OpenAI) -> None:
