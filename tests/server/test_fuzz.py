@@ -55,5 +55,5 @@ def test_openai_described_requests_never_get_a_5xx(server: ServerProcess) -> Non
 
     fuzz()
     assert server.alive()
-    assert sum(seen.values()) >= 10, seen
+    assert sum(seen.values()) >= 10 and seen.get(200, 0) >= 1, seen  # the response schema was checked
     assert all(status < 500 for status in seen), seen
