@@ -154,3 +154,27 @@ def test_disconnect_after_first_event_cancels_and_frees_the_slot(stream_server: 
             break
         time.sleep(0.05)
     assert statuses[-1] == 200, statuses
+
+
+def test_json_edit_with_data_urls_equals_the_multipart_edit(sdk: OpenAI, stream_server: ServerProcess) -> None:
+    image, mask = image_and_mask()
+    url = f"{stream_server.url}/v1/images/edits"
+    fields = {"prompt": "a hat", "seed": 8, "steps": 3, "response_format": "b64_json", **BASE}
+
+    def data_url(data: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    as_json = httpx.post(url, json={**fields, "images": [{"image_url": data_url(image)}],
+                                    "mask": {"image_url": data_url(mask)}}, timeout=60)
+    assert as_json.status_code == 200, as_json.text
+    multipart = sdk.images.edit(image=("in.png", image, "image/png"), mask=("mask.png", mask, "image/png"),
+                                prompt="a hat", response_format="b64_json", **BASE, extra_body={"seed": 8, "steps": 3})
+    assert as_json.json()["data"][0]["b64_json"] == multipart.data[0].b64_json
+    refusals = [({"images": [{"file_id": "file-123"}]}, "images"),
+                ({"images": [{"image_url": "http://127.0.0.1:1/x.png"}]}, "images"),
+                ({"images": [{"image_url": data_url(image)}], "mask": {"image_url": "https://10.0.0.1/m.png"}}, "mask"),
+                ({"images": [{"image_url": "data:image/png;base64,@@@"}]}, "images"),
+                ({"images": [{"image_url": data_url(image)}], "background": "transparent"}, "background")]
+    for body, param in refusals:
+        response = httpx.post(url, json={**fields, **body}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
