@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +39,8 @@ class Renderer(Protocol):
     def ready(self) -> bool: ...
 
     async def render(self, job: RenderJob) -> RenderedImages: ...
+
+    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]: ...
 
 
 @dataclass

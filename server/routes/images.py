@@ -13,11 +13,12 @@ from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
-from server import forms, jobs
+from server import forms, jobs, streaming
 from server.access import user_hash
 from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.protocol import (
     ImageData,
+    ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
@@ -25,7 +26,8 @@ from server.protocol import (
     RenderedImages,
     RenderJob,
 )
-from server.routes.guards import json_body, multipart_body
+from server.routes import edit_json
+from server.routes.guards import edit_body, json_body, multipart_body
 from server.state import AppState
 
 Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
@@ -48,18 +50,42 @@ async def generations(data: ImageGenerationRequest, request: Request) -> Respons
     return await _render_and_reply(state, request, job, data.response_format)
 
 
-@post("/images/edits", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
-      before_request=forms.parse,
-      summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image")
+async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
+    """`application/json` edits, answered before Litestar reads the body as the multipart form below
+    (which `forms.parse` reads leniently)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        await forms.parse(request)
+        return None
+    state = AppState.of(request)
+    data = msgspec.json.decode(await request.body(), type=ImageEditJsonRequest)
+    if not data.images:
+        raise ApiError(400, "missing required parameter 'images' (a list of {image_url})", param="images",
+                       code="missing_required_parameter")
+    limit = state.settings.max_upload_bytes
+    image = edit_json.read_image(data.images[0], "images", limit)
+    assert image is not None
+    return await _edit(request, state, data, image, edit_json.read_image(data.mask, "mask", limit))
+
+
+@post("/images/edits", status_code=200, guards=[edit_body], before_request=_json_edits,
+      responses=documented(*IMAGE_ERRORS),
+      summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image",
+      description="multipart/form-data as below, or application/json with `images: [{image_url}]` and `mask: "
+      "{image_url}` (data: URLs) and the same other fields")
 async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
+    limit = state.settings.max_upload_bytes
+    image = await upload(data.image if data.image is not None else data.image_list, "image", limit)
+    mask = await upload(data.mask, "mask", limit) if data.mask is not None else None
+    return await _edit(request, state, data, image, mask)
+
+
+async def _edit(request: Request, state: AppState, data: ImageEditRequest | ImageEditJsonRequest, image: jobs.Upload,
+                mask: jobs.Upload | None) -> Response[ImagesResponse]:
     request.state.user = user_hash(data.user)
     prompt = jobs.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
     size = jobs.resolve_size(data.size, info)
-    image = await upload(data.image if data.image is not None else data.image_list, "image",
-                         state.settings.max_upload_bytes)
-    mask = await upload(data.mask, "mask", state.settings.max_upload_bytes) if data.mask is not None else None
     with state.admission(info.id):
         image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings, size)
     strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
@@ -100,6 +126,8 @@ async def upload(part: Any, param: str, limit: int) -> jobs.Upload:
 
 async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
                             response_format: str | None) -> Response[ImagesResponse]:
+    if job.events is not None:  # stream: true
+        return await streaming.respond(state, request, job)
     request.state.model = job.model
     rendered = await state.render_while_connected(request, job)
     data = []
@@ -110,7 +138,7 @@ async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
             name = await anyio.to_thread.run_sync(state.store.put, image, job.output_format)
             data.append(ImageData(seed=seed, url=f"{state.base_url(request)}/v1/images/files/{name}"))
     body = ImagesResponse(created=int(time.time()), data=data, model=job.model, size=f"{job.width}x{job.height}",
-                          output_format=job.output_format)
+                          output_format=job.output_format, quality=job.quality)
     return Response(body, headers={"server-timing": _server_timing(rendered)})
 
 

@@ -120,7 +120,7 @@ CASES = [
     edit_case({"prompt": "a", "strength": "-0.5"}, dict([IMAGE]), 400, "strength"),
     edit_case({"prompt": "a", "strength": "0"}, dict([IMAGE]), 400, "strength"),
     json_case({"prompt": "a", "strength": 0}, 400, "strength"),
-    ("POST", EDIT, {"json": {"prompt": "a"}}, 415, None, "unsupported_media_type"),
+    ("POST", EDIT, {"json": {"prompt": "a"}}, 400, "images", "missing_required_parameter"),  # JSON edits need images
     edit_case({}, {"image": ("a.txt", b"plain text", "text/plain")}, 400, "image", "invalid_image_format", VARY),
     edit_case({"n": "1"}, {"mask": ("m.png", png(), "image/png")}, 400, "image", "missing_required_parameter", VARY),
     edit_case({"model": "dall-e-9000"}, dict([IMAGE]), 404, "model", "model_not_found", VARY),
