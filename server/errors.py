@@ -84,6 +84,8 @@ def to_response(exc: Exception, request_id: str | None = None) -> Response[Error
         return _validation_response(exc)
     if isinstance(exc, msgspec.ValidationError):
         return _strict_validation_response(exc)
+    if isinstance(exc, msgspec.DecodeError):  # a body decoded by a handler itself (JSON edits)
+        return error_response(400, f"the body is not valid JSON: {exc}", None, "invalid_body")
     if isinstance(exc, HTTPException):
         return _http_response(exc)
     if isinstance(exc, EngineFailure | EngineError):

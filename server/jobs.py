@@ -89,6 +89,13 @@ def resolve_steps(request: Request, info: ModelInfo) -> int:
     return default
 
 
+def rendered_quality(quality: str | None) -> str:
+    """The quality a response reports, in OpenAI's response terms (low, medium, high): what the steps used."""
+    if quality in ("hd", "high", "xhigh", "max"):
+        return "high"
+    return "low" if quality == "low" else "medium"
+
+
 def resolve_guidance(request: Request, info: ModelInfo) -> float:
     if request.guidance_scale is not None:
         return request.guidance_scale
@@ -142,7 +149,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         mask=mask,
         output_format=request.output_format or "png",
         output_compression=request.output_compression,
-        quality=getattr(request, "quality", None) or "auto",
+        quality=rendered_quality(getattr(request, "quality", None)),
         partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
         events=events if streamed else None,
     )

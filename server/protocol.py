@@ -116,7 +116,7 @@ class ImagesResponse(msgspec.Struct):
     model: str
     size: str
     output_format: OutputFormat
-    quality: str = "auto"
+    quality: str = "medium"
     background: str = "opaque"
 
 
@@ -232,7 +232,7 @@ class RenderJob(msgspec.Struct, kw_only=True):
     mask: bytes | None = None  # PNG, 8-bit gray, white = repaint
     output_format: OutputFormat = "png"
     output_compression: int | None = None
-    quality: str = "auto"  # echoed in responses and events
+    quality: str = "medium"  # in responses and events: low, medium or high, as OpenAI reports it
     partial_images: int = 0  # streaming: previews per image
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
 

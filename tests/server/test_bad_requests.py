@@ -121,6 +121,10 @@ CASES = [
     edit_case({"prompt": "a", "strength": "0"}, dict([IMAGE]), 400, "strength"),
     json_case({"prompt": "a", "strength": 0}, 400, "strength"),
     ("POST", EDIT, {"json": {"prompt": "a"}}, 400, "images", "missing_required_parameter"),  # JSON edits need images
+    ("POST", EDIT, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None,
+     "invalid_body"),
+    ("POST", EDIT, {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, None,
+     "invalid_request"),
     edit_case({}, {"image": ("a.txt", b"plain text", "text/plain")}, 400, "image", "invalid_image_format", VARY),
     edit_case({"n": "1"}, {"mask": ("m.png", png(), "image/png")}, 400, "image", "missing_required_parameter", VARY),
     edit_case({"model": "dall-e-9000"}, dict([IMAGE]), 404, "model", "model_not_found", VARY),

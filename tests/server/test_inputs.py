@@ -174,9 +174,10 @@ def test_a_full_queue_is_429_before_any_upload_is_decoded(server: ServerProcess)
     try:
         for sock in holders:
             sock.sendall(head + body)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while metric(server, "sdserve_queue_depth", 'model="tiny-sd21"') < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert metric(server, "sdserve_queue_depth", 'model="tiny-sd21"') >= 8, "the holders never filled the queue"
         response = httpx.post(server.url + VARY, data={"model": "tiny-sd21"}, timeout=60,
                               files={"image": ("a.png", b"not an image at all", "image/png")})
         assert response.status_code == 429, response.text

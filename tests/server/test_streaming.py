@@ -77,7 +77,7 @@ def test_generate_stream_partials_then_completed_equal_to_unstreamed(sdk: OpenAI
     plain = sdk.images.generate(prompt="a red kite", response_format="b64_json", **BASE,
                                 extra_body={"seed": 11, "steps": 6})
     assert base64.b64decode(plain.data[0].b64_json) == base64.b64decode(completed.b64_json)
-    assert plain.model_dump()["background"] == "opaque" and plain.model_dump()["quality"] == "auto"
+    assert plain.model_dump()["background"] == "opaque" and plain.model_dump()["quality"] == "medium"
 
 
 def test_n2_events_in_order_and_no_partials_when_zero(sdk: OpenAI) -> None:
