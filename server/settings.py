@@ -12,6 +12,9 @@ import msgspec
 
 Role = Literal["standalone", "node", "router"]
 SECRETS = ("api_keys", "node_token", "admin_key")
+# Loopback and the private ranges (RFC 1918, IPv6 ULA): where nodes live. Not link-local (169.254/16 holds
+# cloud metadata services) nor public addresses, so a token holder cannot make the router probe them.
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 
 
@@ -31,6 +34,7 @@ class Settings(msgspec.Struct, kw_only=True):
     render_slots: int = 1  # concurrent renders per model
     queue_depth: int = 8  # requests waiting per model beyond the slots; more → 429
     request_timeout: float = 600.0  # seconds from acceptance to answer → 504
+    drain_timeout: float = 25.0  # SIGTERM: seconds to finish accepted work (Kubernetes kills after 30 by default)
     # uploads and outputs
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 16_000_000
@@ -48,6 +52,8 @@ class Settings(msgspec.Struct, kw_only=True):
     heartbeat_interval: float = 3.0
     heartbeat_timeout: float = 15.0  # router: a node silent this long leaves rotation
     connect_timeout: float = 3.0  # router → node
+    probe_timeout: float = 2.0  # router: a node's status must answer within this, or it leaves rotation
+    node_networks: list[str] = msgspec.field(default_factory=lambda: list(PRIVATE_NETWORKS))  # router
     retries: int = 2  # router: other nodes tried when one fails before starting
     log_level: str = "info"
 
@@ -74,7 +80,7 @@ def _env_name(field: str) -> str:
 
 def _parse_env(field: str, raw: str, kind: object) -> object:
     """Environment values are strings: lists are comma separated, maps are name=value pairs."""
-    if field in ("models", "api_keys", "routers"):
+    if field in ("models", "api_keys", "routers", "node_networks"):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
@@ -102,6 +108,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
     flag("--queue-depth", type=int, help="waiting requests per model before 429 (default 8)")
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
+    flag("--drain-timeout", type=float, help="on SIGTERM, seconds to finish accepted requests before exiting "
+         "(default 25: under Kubernetes' default terminationGracePeriodSeconds of 30)")
     flag("--max-upload-bytes", type=int, help="per uploaded file (default 25 MiB)")
     flag("--max-pixels", type=int, help="per uploaded image (default 16 000 000)")
     flag("--images-dir", help="where url-format images are kept (default images/)")
@@ -117,6 +125,11 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--heartbeat-timeout", type=float,
          help="router: seconds of silence before a node leaves rotation (default 15)")
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
+    flag("--probe-timeout", type=float,
+         help="router: seconds a node has to answer its status probe before leaving rotation (default 2)")
+    flag("--node-networks", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+         metavar="CIDR,…", help="router: networks that node advertise URLs may resolve into (default: loopback "
+         "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
 
