@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import time
 from functools import cache
 from urllib.parse import urlsplit
 
@@ -44,8 +45,9 @@ async def admit(report: NodeReport, settings: Settings, registry: Registry) -> N
         await client.close()
         raise
     if previous is not None:
-        log.info("node %s registered again (%s → %s); requests waiting on the old registration go elsewhere",
-                 report.node_id, previous.report.url, report.url)
+        log.info("node %s registered again (%s → %s; the old one last heartbeat %.1f s ago); requests waiting on "
+                 "the old registration go elsewhere", report.node_id, previous.report.url, report.url,
+                 time.monotonic() - previous.last_seen)
         await registry.retire(previous)
     return record
 
