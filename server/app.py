@@ -84,7 +84,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
             if state.agent is not None:
                 await state.agent.stop()
             if state.pool is not None:
-                state.pool.close()
+                await asyncio.to_thread(state.pool.close)
             if state.registry is not None:
                 for record in list(state.registry.nodes.values()):
                     await record.client.close()

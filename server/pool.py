@@ -52,6 +52,7 @@ class ModelQueue:
         self._running_work = 0
         self._last_seconds = 5.0  # the latest render's duration, for Retry-After
         self._closed = False
+        self._current: set[Work] = set()  # running now
         self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
                          for i in range(slots)]
         for thread in self._threads:
@@ -108,6 +109,7 @@ class ModelQueue:
                 if work.cancel.is_set():
                     continue
                 self._running += 1
+                self._current.add(work)
                 self._running_work += work.job.work
             self.metrics.in_flight.labels(self.id).inc()
             try:
@@ -121,6 +123,7 @@ class ModelQueue:
                 self.metrics.in_flight.labels(self.id).dec()
                 with self._ready:
                     self._running -= 1
+                    self._current.discard(work)
                     self._running_work -= work.job.work
                     self._ready.notify_all()
             work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
@@ -147,10 +150,21 @@ class ModelQueue:
         self.metrics.images.labels(self.id).inc(len(encoded))
         return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run)
 
-    def close(self) -> None:
+    def close(self, wait: float) -> None:
+        """Stop: what waits is dropped, what runs stops at its next step; wait up to `wait` s for the threads
+        (a process must not exit while a thread is inside ONNX Runtime)."""
         with self._ready:
             self._closed = True
+            for work in self._current:
+                work.cancel.set()
+            for work in self._waiting:
+                work.loop.call_soon_threadsafe(_deliver, work.future, ApiError(
+                    503, f"model {self.id} is shutting down", code="draining", headers={"Retry-After": "5"}))
+            self._waiting.clear()
             self._ready.notify_all()
+        deadline = time.monotonic() + wait
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def idle(self) -> bool:
         with self._ready:
@@ -265,6 +279,6 @@ class EnginePool:
         while not self.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    def close(self) -> None:
+    def close(self, wait: float = 30.0) -> None:
         for queue in self.queues.values():
-            queue.close()
+            queue.close(wait)
