@@ -14,6 +14,8 @@ import msgspec
 import uvicorn
 
 from server.app import asgi, create_app, on_terminate
+from server.pool import discover
+from server.router.admission import allowed_networks
 from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 
 ROLES = ("standalone", "node", "router")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidSettings as exc:
         return _refuse(str(exc))
     config = uvicorn.Config(asgi(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.request_timeout))
+                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout)))
     GracefulServer(config, lambda: on_terminate(app)).run()
     return 0
 
@@ -87,7 +89,28 @@ def check_role(settings: Settings) -> str | None:
             return "a node needs the shared node token (--node-token or SDSERVE_NODE_TOKEN)"
     if settings.role == "router" and not settings.node_token:
         return "a router needs the shared node token (--node-token or SDSERVE_NODE_TOKEN) so that nodes can join"
+    return check_fleet(settings) or check_default_model(settings)
+
+
+def check_fleet(settings: Settings) -> str | None:
+    try:
+        allowed_networks(tuple(settings.node_networks))
+    except ValueError as exc:
+        return f"--node-networks: {exc}"
     return None
+
+
+def check_default_model(settings: Settings) -> str | None:
+    """A standalone server knows its models at start-up: a default that names none of them is a typo. (A
+    router learns its models from nodes later: it logs a warning and /readyz says so instead.)"""
+    name = settings.default_model
+    if settings.role != "standalone" or not name or name in settings.model_aliases:
+        return None
+    found = sorted(path.name for path in discover(settings.models_dir, settings.models))
+    if name in found:
+        return None
+    listed = ", ".join(found) or "none"
+    return f"--default-model '{name}' is not a model here (found in {settings.models_dir}: {listed})"
 
 
 class GracefulServer(uvicorn.Server):

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
@@ -21,15 +22,17 @@ from litestar.types import ASGIApp
 from server import errors, node
 from server.access import AccessLog
 from server.metrics import Metrics
-from server.pool import EnginePool
+from server.pool import EnginePool, discover
 from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
+from server.router.prober import Prober
 from server.router.registry import Registry
 from server.routes import files, fleet, health, images, models, node_api
 from server.routes.guards import api_key
 from server.settings import Settings
 from server.state import AppState
 from server.store import ImageStore
+from server.supervisor import supervise
 
 log = logging.getLogger("sdserve.server")
 SWEEP_SECONDS = 60.0
@@ -47,14 +50,14 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     registry = Registry(settings.heartbeat_timeout)
     # Standalone answers 429 from its own pool's queue; a router queues when every node is full.
     dispatcher = Dispatcher(registry, metrics, settings.retries,
-                            wait_limit=0 if role == "standalone" else settings.queue_depth)
+                            wait_limit=0 if role == "standalone" else settings.queue_depth,
+                            default_model=default_model(settings))
     if pool is not None:
         local = LocalNode(pool, lambda: node.report(pool, settings, LOCAL_NODE, "in-process"),
                           settings.request_timeout, settings.keepalive_interval)
         registry.register(local.report(), local, local=True)
     return AppState(settings=settings, renderer=dispatcher, metrics=metrics, pool=pool, registry=registry,
-                    dispatcher=dispatcher, store=ImageStore(settings.images_dir, settings.image_ttl,
-                                                                       settings.images_max_bytes),
+                    dispatcher=dispatcher, store=ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes),
                     api_keys=tuple(settings.keys()))
 
 
@@ -68,7 +71,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         if state.pool is not None:
             state.pool.start()
         if state.dispatcher is not None:
-            background += [asyncio.create_task(state.dispatcher.probe_forever()), asyncio.create_task(_sweep(state))]
+            prober = Prober(state.registry, state.dispatcher, settings.probe_timeout)
+            background += [supervise("prober", prober.run), supervise("image sweeper", partial(_sweep, state))]
         if state.agent is not None:
             state.agent.start()
         try:
@@ -77,13 +81,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
             for task in background:
                 task.cancel()
             if state.pool is not None:
-                await state.pool.drain(timeout=settings.request_timeout)
+                await state.pool.drain(timeout=settings.drain_timeout)
             if state.agent is not None:
                 await state.agent.stop()
             if state.pool is not None:
-                state.pool.close()
+                await asyncio.to_thread(state.pool.close)
             if state.registry is not None:
-                for record in state.registry.nodes.values():
+                for record in list(state.registry.nodes.values()):
                     await record.client.close()
 
     handlers: list = [health.healthz, health.readyz, health.metrics]
@@ -134,3 +138,14 @@ async def _sweep(state: AppState) -> None:
             await asyncio.to_thread(state.store.sweep)
         except OSError as exc:  # a full or vanished disk must not end the sweeper
             log.warning("image store sweep failed: %s", exc)
+
+
+def default_model(settings: Settings) -> str | None:
+    """Decided once, from configuration: `--default-model`, else (standalone) the first `--model`, else the
+    first model directory by name. A router has no default unless configured (its models come and go)."""
+    if settings.default_model or settings.role == "router":
+        return settings.default_model
+    if settings.models:
+        return settings.models[0]
+    found = discover(settings.models_dir, [])
+    return found[0].name if found else None

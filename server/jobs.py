@@ -43,18 +43,23 @@ class Upload:
     param: str
 
 
-def resolve_model(name: str | None, ready: dict[str, ModelInfo], known: set[str], settings: Settings) -> ModelInfo:
-    """A request's `model` → a model that can render now. OpenAI's names and configured aliases map to the
-    default model; unknown names are 404; known models that cannot render now (loading, no healthy node)
-    are 503."""
-    target = name
-    if name is None or name in OPENAI_MODEL_NAMES:
-        target = settings.default_model or (min(ready) if ready else (min(known) if known else None))
+def resolve_model(name: str | None, ready: dict[str, ModelInfo], known: set[str], settings: Settings,
+                  default: str | None) -> ModelInfo:
+    """A request's `model` → a model that can render now. No model and OpenAI's names mean `default`
+    (decided once at start-up); configured aliases map to their model; unknown names are 404; known
+    models that cannot render now (loading, no healthy node) are 503."""
+    target = default if name is None or name in OPENAI_MODEL_NAMES else name
     target = settings.model_aliases.get(name or "", target)
+    if target is None:
+        raise ApiError(400, "this server has no default model: name one in 'model' (see /v1/models), or start "
+                       "it with --default-model", param="model", code="model_required")
     if target in ready:
         return ready[target]
-    if target is None or target in known or name is None:
-        raise ApiError(503, "no model can render right now (still loading, or no healthy node)",
+    if target in known:
+        raise ApiError(503, f"model '{target}' cannot render right now (still loading, failed, or no healthy "
+                       "node)", code="model_unavailable", headers={"Retry-After": "10"})
+    if target != name:
+        raise ApiError(503, f"the default model '{target}' (--default-model) is not served by any node now",
                        code="model_unavailable", headers={"Retry-After": "10"})
     available = ", ".join(sorted(known | set(ready))) or "none"
     raise ApiError(404, f"the model '{name}' does not exist; available: {available}", param="model",

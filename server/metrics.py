@@ -20,6 +20,8 @@ class Metrics:
                                         buckets=RENDER_BUCKETS, registry=r)
         self.queue_depth = Gauge("sdserve_queue_depth", "requests waiting for a render slot", ["model"], registry=r)
         self.in_flight = Gauge("sdserve_renders_in_flight", "renders running now", ["model"], registry=r)
+        self.model_load_failures = Counter("sdserve_model_load_failures", "models that failed to load", ["model"],
+                                           registry=r)
         self.images = Counter("sdserve_images", "images produced", ["model"], registry=r)
         # router role
         self.node_requests = Counter("sdserve_node_requests", "requests sent to each node", ["node"], registry=r)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from functools import partial
 from importlib import metadata
 
 import httpx
@@ -15,6 +16,7 @@ import msgspec
 from server.pool import EnginePool
 from server.protocol import ModelLoad, NodeReport, Registered
 from server.settings import Settings
+from server.supervisor import supervise
 
 log = logging.getLogger("sdserve.node")
 
@@ -40,8 +42,7 @@ def node_id(settings: Settings) -> str:
 def report(pool: EnginePool, settings: Settings, identity: str, url: str) -> NodeReport:
     ready = pool.ready_models()
     capacity = settings.render_slots + settings.queue_depth
-    load = {name: ModelLoad(running=q["running"], waiting=q["waiting"], work=q["work"], capacity=capacity)
-            for name, q in pool.load().items()}
+    load = {name: ModelLoad(capacity=capacity, **numbers) for name, numbers in pool.load().items()}
     first = next(iter(ready.values()), None)
     return NodeReport(
         node_id=identity, url=url, version=version(), models=list(ready.values()),
@@ -65,7 +66,7 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._keep_registered(router.rstrip("/")))
+        self._tasks = [supervise(f"registration with {router}", partial(self._keep_registered, router.rstrip("/")))
                        for router in self.settings.routers]
 
     def report(self) -> NodeReport:

@@ -55,6 +55,7 @@ class ModelQueue:
         self._running_work = 0
         self._last_seconds = 5.0  # the latest render's duration, for Retry-After
         self._closed = False
+        self._current: set[Work] = set()  # running now
         self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
                          for i in range(slots)]
         for thread in self._threads:
@@ -86,7 +87,7 @@ class ModelQueue:
                                headers={"Retry-After": "5"})
             if len(self._waiting) >= self.depth and self._running + len(self._waiting) >= len(self._threads):
                 raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
-                               code="queue_full", headers={"Retry-After": str(self._retry_after())})
+                               code="queue_full", headers={"Retry-After": str(self.retry_after())})
             self._waiting.append(work)
             self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
             self._ready.notify()
@@ -107,7 +108,7 @@ class ModelQueue:
                 self._waiting.remove(work)
                 self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
 
-    def _retry_after(self) -> int:
+    def retry_after(self) -> int:
         """A rough wait: the queue ahead times the last render's duration."""
         return max(1, int(self._last_seconds * (len(self._waiting) + 1) / len(self._threads)))
 
@@ -123,6 +124,7 @@ class ModelQueue:
                 if work.cancel.is_set():
                     continue
                 self._running += 1
+                self._current.add(work)
                 self._running_work += work.job.work
             self.metrics.in_flight.labels(self.id).inc()
             try:
@@ -136,6 +138,7 @@ class ModelQueue:
                 self.metrics.in_flight.labels(self.id).dec()
                 with self._ready:
                     self._running -= 1
+                    self._current.discard(work)
                     self._running_work -= work.job.work
                     self._ready.notify_all()
             work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
@@ -171,10 +174,21 @@ class ModelQueue:
             return 0
         return sum(tokenizer.tokens(text) for text in (job.prompt, job.negative_prompt or ""))
 
-    def close(self) -> None:
+    def close(self, wait: float) -> None:
+        """Stop: what waits is dropped, what runs stops at its next step; wait up to `wait` s for the threads
+        (a process must not exit while a thread is inside ONNX Runtime)."""
         with self._ready:
             self._closed = True
+            for work in self._current:
+                work.cancel.set()
+            for work in self._waiting:
+                work.loop.call_soon_threadsafe(_deliver, work.future, ApiError(
+                    503, f"model {self.id} is shutting down", code="draining", headers={"Retry-After": "5"}))
+            self._waiting.clear()
             self._ready.notify_all()
+        deadline = time.monotonic() + wait
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def idle(self) -> bool:
         with self._ready:
@@ -203,7 +217,12 @@ def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
 
 
 class EnginePool:
-    """Every model directory under the models dir, loaded in the background at start-up."""
+    """Every model directory under the models dir, loaded in the background at start-up.
+
+    The loader thread replaces `queues` and `states` with new dicts rather than changing them, so the event
+    loop can iterate them at any time; a model that fails to load, for any reason, is reported (log,
+    `failed`, metrics) and the others still load.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
@@ -221,18 +240,30 @@ class EnginePool:
             self._loader.join(timeout)
 
     def _load_all(self) -> None:
-        s = self.settings
-        for path in discover(s.models_dir, s.models):
+        for path in discover(self.settings.models_dir, self.settings.models):
             started = time.perf_counter()
             try:
-                pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models)
-            except engines.EngineError as exc:
-                self.states[path.name] = f"failed: {exc}"
-                log.error("model %s failed to load: %s", path.name, exc)
+                queue = self._load(path)
+            except Exception as exc:  # any failure is this model's, never the loader's
+                log.error("model %s failed to load: %s: %s", path.name, type(exc).__name__, exc,
+                          exc_info=not isinstance(exc, engines.EngineError))
+                self.states = {**self.states, path.name: f"failed: {type(exc).__name__}: {exc}"}
+                self.metrics.model_load_failures.labels(path.name).inc()
                 continue
-            self.queues[path.name] = ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview)
-            self.states[path.name] = "ready"
-            log.info("model %s ready on %s in %.1f s", path.name, pipeline.info.device, time.perf_counter() - started)
+            self.queues = {**self.queues, path.name: queue}
+            self.states = {**self.states, path.name: "ready"}
+            log.info("model %s ready on %s in %.1f s", path.name, queue.pipeline.info.device,
+                     time.perf_counter() - started)
+
+    def _load(self, path: Path) -> ModelQueue:
+        s = self.settings
+        pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models)
+        return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview)
+
+    def failed(self) -> dict[str, str]:
+        """Models that failed to load, with why."""
+        return {name: state.removeprefix("failed: ") for name, state in self.states.items()
+                if state.startswith("failed: ")}
 
     def ready_models(self) -> dict[str, engines.ModelInfo]:
         return {name: queue.pipeline.info for name, queue in self.queues.items()}
@@ -256,14 +287,15 @@ class EnginePool:
             state = self.states.get(job.model)
             if state is None:
                 raise ApiError(404, f"model '{job.model}' not found", param="model", code="model_not_found")
-            raise ApiError(503, f"model '{job.model}' is {state}", code="model_unavailable",
+            what = "failed to load (see the server log)" if state.startswith("failed") else state
+            raise ApiError(503, f"model '{job.model}' {what}", code="model_unavailable",
                            headers={"Retry-After": "10"})
         return queue
 
     def load(self) -> dict[str, dict[str, int]]:
-        """Per model: renders running, waiting, and their work units (for balancing)."""
-        return {name: {"running": q.running, "waiting": q.waiting, "work": q.outstanding_work()}
-                for name, q in self.queues.items()}
+        """Per model: renders running, waiting, their work units (for balancing) and the wait estimate."""
+        return {name: {"running": q.running, "waiting": q.waiting, "work": q.outstanding_work(),
+                       "retry_after": q.retry_after()} for name, q in self.queues.items()}
 
     def idle(self) -> bool:
         return all(q.idle() for q in self.queues.values())
@@ -275,6 +307,6 @@ class EnginePool:
         while not self.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    def close(self) -> None:
+    def close(self, wait: float = 30.0) -> None:
         for queue in self.queues.values():
-            queue.close()
+            queue.close(wait)

@@ -13,6 +13,9 @@ from msgspec import Meta
 
 Role = Literal["standalone", "node", "router"]
 SECRETS = ("api_keys", "node_token", "admin_key")
+# Loopback and the private ranges (RFC 1918, IPv6 ULA): where nodes live. Not link-local (169.254/16 holds
+# cloud metadata services) nor public addresses, so a token holder cannot make the router probe them.
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 Positive = Annotated[int, Meta(ge=1)]
 Count = Annotated[int, Meta(ge=0)]
@@ -41,6 +44,7 @@ class Settings(msgspec.Struct, kw_only=True):
     request_timeout: Seconds = 600.0  # seconds from acceptance to answer → 504
     preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
+    drain_timeout: Seconds = 25.0  # SIGTERM: seconds to finish accepted work (Kubernetes kills after 30 by default)
     # uploads and outputs
     max_upload_bytes: Positive = 25 * 1024 * 1024
     max_pixels: Positive = 16_000_000
@@ -59,6 +63,8 @@ class Settings(msgspec.Struct, kw_only=True):
     heartbeat_interval: Seconds = 3.0
     heartbeat_timeout: Seconds = 15.0  # router: a node silent this long leaves rotation
     connect_timeout: Seconds = 3.0  # router → node
+    probe_timeout: Seconds = 2.0  # router: a node's status must answer within this, or it leaves rotation
+    node_networks: list[str] = msgspec.field(default_factory=lambda: list(PRIVATE_NETWORKS))  # router
     retries: Count = 2  # router: other nodes tried when one fails before starting
     log_level: str = "info"
 
@@ -103,7 +109,7 @@ def _env_name(field: str) -> str:
 
 def _parse_env(field: str, raw: str, kind: object) -> object:
     """Environment values are strings: lists are comma separated, maps are name=value pairs."""
-    if field in ("models", "api_keys", "routers"):
+    if field in ("models", "api_keys", "routers", "node_networks"):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
@@ -134,6 +140,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--preview", choices=["full", "linear"],
          help="streaming: partial images by the full VAE decode (default) or a cheap linear latent-to-RGB map")
     flag("--keepalive-interval", type=float, help="streaming: seconds between keep-alive comments (default 10)")
+    flag("--drain-timeout", type=float, help="on SIGTERM, seconds to finish accepted requests before exiting "
+         "(default 25: under Kubernetes' default terminationGracePeriodSeconds of 30)")
     flag("--max-upload-bytes", type=int, help="per uploaded file (default 25 MiB)")
     flag("--max-pixels", type=int, help="per uploaded image (default 16 000 000)")
     flag("--images-dir", help="where url-format images are kept (default images/)")
@@ -151,6 +159,11 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--heartbeat-timeout", type=float,
          help="router: seconds of silence before a node leaves rotation (default 15)")
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
+    flag("--probe-timeout", type=float,
+         help="router: seconds a node has to answer its status probe before leaving rotation (default 2)")
+    flag("--node-networks", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+         metavar="CIDR,…", help="router: networks that node advertise URLs may resolve into (default: loopback "
+         "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
 

@@ -61,7 +61,9 @@ class AppState:
         return connection.app.state.sdserve
 
     def resolve_model(self, name: str | None, connection: ASGIConnection) -> ModelInfo:
-        info = jobs.resolve_model(name, self.renderer.ready_models(), self.renderer.known_models(), self.settings)
+        default = self.dispatcher.default_model if self.dispatcher is not None else None
+        info = jobs.resolve_model(name, self.renderer.ready_models(), self.renderer.known_models(), self.settings,
+                                  default)
         connection.state.model = info.id
         return info
 
@@ -77,6 +79,16 @@ class AppState:
             yield
         finally:
             self.admitting[model] -= 1
+
+    def problems(self) -> dict[str, object]:
+        """What /readyz reports beside readiness: models that failed to load, a default model no node has."""
+        found: dict[str, object] = {}
+        if self.pool is not None and self.pool.failed():
+            found["failed_models"] = self.pool.failed()
+        problem = self.dispatcher.default_model_problem() if self.dispatcher is not None else None
+        if problem:
+            found["default_model"] = problem
+        return found
 
     @staticmethod
     def request_id(connection: ASGIConnection) -> str:

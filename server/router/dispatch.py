@@ -1,10 +1,13 @@
 """Dispatch: each job to the healthy node hosting its model with the least outstanding work.
 
-Work is weighted by steps × pixels × images; ties are broken at random. A node that cannot be reached or
-refuses before starting is taken out of rotation and the job is retried on another node (at most
-`retries` times). When every node is full, the job waits at the router for room (up to `wait_limit`
-waiting jobs per model, then 429) until the request's own timeout. A prober puts failed nodes back
-when they answer again.
+Work is weighted by steps × pixels × images; ties are broken at random. A node that cannot be reached,
+refuses before starting, or is lost while the job waits on it (its lease expired, a probe failed, it was
+replaced) is taken out of rotation and the job is sent to another node (at most `retries` times): the
+router answers a client only once a node has answered it, so nothing was sent yet. When every node is
+full, the job waits at the router for room (up to `wait_limit` waiting jobs per model, then 429 with the
+nodes' own estimate in `Retry-After`) until the request's own timeout. The prober (`prober.py`) puts
+nodes back when they answer again. Streams are dispatched the same way; once a node has sent a stream's
+first event, its failure ends the stream with an error event instead (`streaming.relay`).
 """
 
 from __future__ import annotations
@@ -22,19 +25,21 @@ from engines.info import ModelInfo
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.protocol import ModelLoad, RenderedImages, RenderJob
-from server.router.node_client import NodeClient, NodeFull, NodeUnavailable
+from server.router.node_client import NodeFull, NodeUnavailable
 from server.router.registry import NodeRecord, Registry
 from server.streaming import NodeGone, NodeStream, relay
 
 log = logging.getLogger("sdserve.router")
-PROBE_SECONDS = 1.0
 T = TypeVar("T")
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, metrics: Metrics, retries: int, wait_limit: int) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, retries: int, wait_limit: int,
+                 default_model: str | None = None) -> None:
         self.registry, self.metrics = registry, metrics
         self.retries, self.wait_limit = retries, wait_limit
+        self.default_model = default_model
+        self._default_problem: str | None = None
         self._room = asyncio.Condition()
         self._waiting: dict[str, int] = defaultdict(int)
 
@@ -58,22 +63,26 @@ class Dispatcher:
         """A streamed job: returns once a node accepted it (errors before that are the usual HTTP ones),
         then its frames; a node failing before its first event is replaced, as `render` retries."""
         first = await self._dispatch(job, self._open, set())
-        return relay(job, first, lambda job, failed: self._dispatch(job, self._open, set(failed)))
+
+        def reopen(job: RenderJob, failed: set[str]) -> Awaitable[NodeStream]:
+            return self._dispatch(job, self._open, {n for n in self.registry.nodes.values() if n.id in failed})
+
+        return relay(job, first, reopen)
 
     async def _dispatch(self, job: RenderJob, attempt: Callable[[NodeRecord, RenderJob, bool], Awaitable[T]],
-                        failures: set[str]) -> T:
-        full: set[str] = set()
+                        failures: set[NodeRecord]) -> T:
+        full: dict[NodeRecord, int] = {}  # node → its Retry-After
         waiting = False
         try:
             while True:
-                node = self._choose(job.model, exclude=failures | full)
+                node = self._choose(job.model, exclude=failures | set(full))
                 if node is None:
                     if not self._hosting(job.model, exclude=failures):
                         raise ApiError(503, f"no healthy node can render model '{job.model}' right now",
                                        code="no_node_available", headers={"Retry-After": "5"})
                     if not waiting:
                         if self._waiting[job.model] >= self.wait_limit:
-                            raise self._full_error(job.model)
+                            raise self._full_error(job.model, full)
                         self._waiting[job.model] += 1
                         waiting = True
                     await self._wait_for_room()
@@ -81,10 +90,10 @@ class Dispatcher:
                     continue
                 try:
                     return await attempt(node, job, bool(failures))
-                except NodeFull:
-                    full.add(node.id)
+                except NodeFull as exc:
+                    full[node] = _seconds(exc.error.headers.get("Retry-After"))
                 except NodeUnavailable as exc:
-                    failures.add(node.id)
+                    failures.add(node)
                     log.warning("request %s: node %s failed (%s); %s", job.request_id, node.id, exc,
                                 "retrying" if len(failures) <= self.retries else "giving up")
                     if len(failures) > self.retries:
@@ -104,7 +113,7 @@ class Dispatcher:
         return free + max(0, self.wait_limit - self._waiting[model])
 
     def full_error(self, model: str) -> ApiError:
-        return self._full_error(model)
+        return self._full_error(model, {})
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -112,7 +121,7 @@ class Dispatcher:
         self._begin(node, job, retry)
         started = time.perf_counter()
         try:
-            result = await node.client.render(job)
+            result = await _unless_lost(node, node.client.render(job))
             self.metrics.node_latency.labels(node.id).observe(time.perf_counter() - started)
             return result
         except NodeUnavailable as exc:
@@ -122,10 +131,11 @@ class Dispatcher:
             await self._end(node, job)
 
     async def _open(self, node: NodeRecord, job: RenderJob, retry: bool) -> NodeStream:
-        """Start a stream on `node`; it counts as in flight there until the stream ends."""
+        """Start a stream on `node`; it counts as in flight there until the stream ends. A node lost while
+        the stream runs (lease expired, probe failed, replaced) ends it as a dead connection would."""
         self._begin(node, job, retry)
         try:
-            chunks = await node.client.open_stream(job)
+            chunks = await _unless_lost(node, node.client.open_stream(job))
         except NodeUnavailable as exc:
             self._node_failed(node, str(exc))
             await self._end(node, job)
@@ -136,7 +146,13 @@ class Dispatcher:
 
         async def tracked() -> AsyncIterator[bytes]:
             try:
-                async for chunk in chunks:
+                while True:
+                    try:
+                        chunk = await _unless_lost(node, anext(chunks))
+                    except StopAsyncIteration:
+                        return
+                    except NodeUnavailable as exc:
+                        raise NodeGone(str(exc)) from exc
                     yield chunk
             except NodeGone as exc:
                 self._node_failed(node, str(exc))
@@ -158,29 +174,34 @@ class Dispatcher:
     async def _end(self, node: NodeRecord, job: RenderJob) -> None:
         node.in_flight[job.model] -= 1
         node.in_flight_work -= job.work
+        await node.close_if_retired()
         async with self._room:
             self._room.notify_all()
 
     def _node_failed(self, node: NodeRecord, reason: str) -> None:
-        self.registry.mark_failed(node, reason)
+        if node.healthy:
+            self.registry.mark_failed(node, reason)
         self.metrics.node_failures.labels(node.id).inc()
-        self._count_healthy()
+        self.count_healthy()
 
-    def _choose(self, model: str, exclude: set[str]) -> NodeRecord | None:
+    def _choose(self, model: str, exclude: set[NodeRecord]) -> NodeRecord | None:
         self._refresh_local()
-        nodes = [n for n in self.registry.candidates(model) if n.id not in exclude and n.has_room(model)]
+        nodes = [n for n in self.registry.candidates(model) if n not in exclude and n.has_room(model)]
         if not nodes:
             return None
         best = min(node.score() for node in nodes)
         return random.choice([node for node in nodes if node.score() == best])
 
-    def _hosting(self, model: str, exclude: set[str]) -> bool:
-        return any(n.id not in exclude for n in self.registry.candidates(model))
+    def _hosting(self, model: str, exclude: set[NodeRecord]) -> bool:
+        return any(n not in exclude for n in self.registry.candidates(model))
 
-    def _full_error(self, model: str) -> ApiError:
+    def _full_error(self, model: str, full: dict[NodeRecord, int]) -> ApiError:
+        """429, with the soonest wait any node estimates (from its refusal, else its last report)."""
+        estimates = list(full.values()) or [n.report.load.get(model, ModelLoad()).retry_after
+                                             for n in self.registry.candidates(model)]
         queued = f" and {self.wait_limit} requests are waiting" if self.wait_limit else ""
         return ApiError(429, f"every node serving '{model}' is busy{queued}; retry shortly", code="queue_full",
-                        headers={"Retry-After": "2"})
+                        headers={"Retry-After": str(max(1, min(estimates, default=1)))})
 
     async def _wait_for_room(self) -> None:
         """Until a render finishes somewhere (or a short while passes: heartbeats may have freed room)."""
@@ -197,31 +218,45 @@ class Dispatcher:
             if record.local:
                 record.report = record.client.report()
 
-    def _count_healthy(self) -> None:
+    def default_model_problem(self) -> str | None:
+        """Why the configured default model cannot serve, once the fleet knows some models."""
+        known = self.known_models()
+        if self.default_model is None or not known or self.default_model in known:
+            return None
+        return (f"--default-model '{self.default_model}' matches no model of any node (they have: "
+                f"{', '.join(sorted(known))}); requests without a model fail")
+
+    def check_default_model(self) -> None:
+        problem = self.default_model_problem()
+        if problem and problem != self._default_problem:
+            log.warning("%s", problem)
+        self._default_problem = problem
+
+    def count_healthy(self) -> None:
         self.metrics.nodes_healthy.set(sum(1 for n in self.registry.nodes.values() if self.registry.in_rotation(n)))
 
-    async def probe_forever(self) -> None:
-        """Put failed nodes back when they answer; forget nodes silent for 20 heartbeat timeouts."""
-        while True:
-            await asyncio.sleep(PROBE_SECONDS)
-            for record in list(self.registry.nodes.values()):
-                if record.local or self.registry.in_rotation(record):
-                    continue
-                silent = time.monotonic() - record.last_seen
-                if silent > 20 * self.registry.heartbeat_timeout:
-                    log.info("forgetting node %s (silent for %.0f s)", record.id, silent)
-                    self.registry.remove(record)
-                    await record.client.close()
-                    continue
-                if not isinstance(record.client, NodeClient):
-                    continue
-                try:
-                    report = await record.client.status()
-                except NodeUnavailable as exc:
-                    record.last_error = str(exc)
-                    continue
-                if report.node_id == record.id:
-                    self.registry.heartbeat(record, report)
-                    log.info("node %s answers again: back in rotation", record.id)
-                    await self.notify()
-            self._count_healthy()
+
+async def _unless_lost(node: NodeRecord, render: Awaitable[T]) -> T:
+    """The node's answer, or NodeUnavailable as soon as the node is lost (the render is abandoned, so the
+    node stops it at its next step if it is still there to notice)."""
+    lost = node.lost  # the event of this spell in rotation: a later restore makes a new one
+    answer = asyncio.ensure_future(render)
+    gone = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            with contextlib.suppress(BaseException):
+                await answer
+    if answer.cancelled():
+        raise NodeUnavailable(f"node lost while rendering ({node.last_error or 'replaced'})")
+    return answer.result()
+
+
+def _seconds(value: str | None) -> int:
+    try:
+        return max(1, int(value or 1))
+    except ValueError:
+        return 1

@@ -8,6 +8,7 @@ Renders are idempotent (the seed is fixed before dispatch), so retrying one a de
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -48,8 +49,15 @@ class NodeClient:
             raise ApiError(504, "the node did not answer within the request timeout", code="timeout") from exc
         except httpx.TransportError as exc:  # refused, reset, closed mid-answer
             raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            if not self.http.is_closed:
+                raise
+            raise NodeUnavailable("this node's registration was replaced") from exc
         if response.status_code == 200:
-            return msgspec.msgpack.decode(response.content, type=RenderedImages)
+            try:
+                return msgspec.msgpack.decode(response.content, type=RenderedImages)
+            except msgspec.DecodeError as exc:  # not a node, or a broken one: try another
+                raise NodeUnavailable(f"the answer is not a render: {exc}") from exc
         raise _refusal(response)
 
     async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
@@ -62,6 +70,10 @@ class NodeClient:
             raise NodeUnavailable(f"timeout: {exc}") from exc
         except httpx.TransportError as exc:
             raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            if not self.http.is_closed:
+                raise
+            raise NodeUnavailable("this node's registration was replaced") from exc
         if response.status_code != 200:
             try:
                 await response.aread()
@@ -72,14 +84,20 @@ class NodeClient:
             raise _refusal(response)
         return _chunks(response)
 
-    async def status(self) -> NodeReport:
+    async def status(self, timeout: float) -> NodeReport:
+        """The node's report, within `timeout` seconds in all (a probe: short, unlike a render)."""
         try:
-            response = await self.http.get("/v0/status")
-        except httpx.HTTPError as exc:
+            response = await asyncio.wait_for(self.http.get("/v0/status", timeout=timeout), timeout)
+        except TimeoutError as exc:
+            raise NodeUnavailable(f"no status within {timeout:g} s") from exc
+        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: the client was closed meanwhile
             raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
             raise NodeUnavailable(f"status answered {response.status_code}")
-        return msgspec.json.decode(response.content, type=NodeReport)
+        try:
+            return msgspec.json.decode(response.content, type=NodeReport)
+        except msgspec.DecodeError as exc:
+            raise NodeUnavailable(f"status is not a node report: {exc}") from exc
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -1,12 +1,17 @@
 """The router's view of its nodes: who they are, what they host, whether they are in rotation.
 
-A node is in rotation while it heartbeats (within `heartbeat_timeout`) and answers; a connection failure
-takes it out at once, and the prober puts it back when it answers again. Each registration gets a lease:
-heartbeats and deregistration must present it, so a node cannot speak for another node's identity.
+A node is in rotation while its lease lives (a heartbeat within `heartbeat_timeout`) and the router's
+last call to it succeeded. A failed call, a failed probe or an expired lease takes it out at once and
+sets its `lost` event, which re-dispatches the requests still waiting on it; only a successful router →
+node call (registration or probe) puts it back: a heartbeat proves the node can reach us, not that we
+can reach it. Each registration gets a lease that heartbeats and deregistration must present, so a node
+cannot speak for another node's identity. A record replaced or removed is retired: its waiting requests
+go elsewhere and its client is closed once none is using it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,6 +34,9 @@ class NodeRecord:
     failures: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)  # model → requests this router has outstanding
     in_flight_work: int = 0
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when requests on it should go elsewhere
+    retired: bool = False  # replaced or removed: close the client once idle
+    closed: bool = False
 
     @property
     def id(self) -> str:
@@ -51,6 +59,14 @@ class NodeRecord:
         reported = sum(load.work for load in self.report.load.values())
         return max(self.in_flight_work, reported)
 
+    def idle(self) -> bool:
+        return not any(self.in_flight.values())
+
+    async def close_if_retired(self) -> None:
+        if self.retired and self.idle() and not self.closed:
+            self.closed = True
+            await self.client.close()
+
     def state(self) -> str:
         if self.draining:
             return "draining"
@@ -72,14 +88,8 @@ class Registry:
         self.nodes: dict[str, NodeRecord] = {}
 
     def register(self, report: NodeReport, client: object, local: bool = False) -> NodeRecord:
-        if report.protocol != PROTOCOL_VERSION:
-            raise ApiError(400, f"node {report.node_id} speaks protocol {report.protocol}; this router speaks "
-                           f"{PROTOCOL_VERSION}: run the same sdserve version on both", param="protocol",
-                           code="protocol_mismatch")
-        current = self.nodes.get(report.node_id)
-        if current is not None and current.report.url != report.url and self.alive(current):
-            raise ApiError(409, f"node id {report.node_id} is registered by a live node at {current.report.url}",
-                           param="node_id", code="node_id_taken")
+        """A new record for the node (replacing any record of the same id: `retire` that one)."""
+        check_protocol(report)
         record = NodeRecord(report=report, lease=secrets.token_urlsafe(24), client=client, local=local)
         self.nodes[report.node_id] = record
         return record
@@ -99,12 +109,27 @@ class Registry:
                            code="identity_changed")
         record.report = report
         record.last_seen = time.monotonic()
-        record.healthy = True
-        record.last_error = None
 
-    def remove(self, record: NodeRecord) -> None:
+    def restore(self, record: NodeRecord, report: NodeReport) -> bool:
+        """A probe reached the node: back in rotation if it is still the same node (True when it was out)."""
+        if report.node_id != record.id or record.retired:
+            return False
+        record.report = report
+        was_out, record.healthy, record.last_error = not record.healthy, True, None
+        if record.lost.is_set():
+            record.lost = asyncio.Event()
+        return was_out
+
+    async def remove(self, record: NodeRecord) -> None:
         if self.nodes.get(record.id) is record:
             del self.nodes[record.id]
+        await self.retire(record)
+
+    @staticmethod
+    async def retire(record: NodeRecord) -> None:
+        record.retired = True
+        record.lost.set()
+        await record.close_if_retired()
 
     def alive(self, record: NodeRecord) -> bool:
         return record.local or time.monotonic() - record.last_seen <= self.heartbeat_timeout
@@ -134,6 +159,21 @@ class Registry:
         record.healthy = False
         record.failures += 1
         record.last_error = reason
+        record.lost.set()
+
+    def expire_leases(self) -> list[NodeRecord]:
+        """Nodes whose lease ran out since the last look: out of rotation, their requests re-dispatched."""
+        expired = [r for r in self.nodes.values() if r.healthy and not self.alive(r)]
+        for record in expired:
+            self.mark_failed(record, f"no heartbeat for {self.heartbeat_timeout:g} s (lease expired)")
+        return expired
 
     def views(self) -> list[NodeView]:
         return [record.view() for _, record in sorted(self.nodes.items())]
+
+
+def check_protocol(report: NodeReport) -> None:
+    if report.protocol != PROTOCOL_VERSION:
+        raise ApiError(400, f"node {report.node_id} speaks protocol {report.protocol}; this router speaks "
+                       f"{PROTOCOL_VERSION}: run the same sdserve version on both", param="protocol",
+                       code="protocol_mismatch")

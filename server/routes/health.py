@@ -17,11 +17,13 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", responses=documented(503), summary="Readiness: at least one model can render")
 async def readyz(request: Request) -> dict[str, object]:
-    renderer = AppState.of(request).renderer
-    if not renderer.ready():
-        raise ApiError(503, "not ready: no model can render yet (loading, draining, or no healthy node)",
+    state = AppState.of(request)
+    problems = state.problems()
+    if not state.renderer.ready():
+        detail = f"; {problems}" if problems else ""
+        raise ApiError(503, f"not ready: no model can render yet (loading, draining, or no healthy node){detail}",
                        code="not_ready", headers={"Retry-After": "5"})
-    return {"status": "ready", "models": sorted(renderer.ready_models())}
+    return {"status": "ready", "models": sorted(state.renderer.ready_models()), **problems}
 
 
 @get("/metrics", media_type=MediaType.TEXT, summary="Prometheus metrics")

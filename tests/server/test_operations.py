@@ -96,6 +96,7 @@ def test_client_disconnect_cancels_the_render(small_queue: ServerProcess) -> Non
     body = b'{"prompt": "abandoned", "size": "512x512", "steps": 150, "n": 4}'
     with socket.create_connection(("127.0.0.1", small_queue.port)) as sock:
         sock.sendall(b"POST " + GEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"x-request-id: abandoned-7\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 10
         while metric(small_queue, "sdserve_renders_in_flight") < 1 and time.monotonic() < deadline:
@@ -104,7 +105,7 @@ def test_client_disconnect_cancels_the_render(small_queue: ServerProcess) -> Non
     gone = time.monotonic()
     _wait_idle(small_queue)
     assert time.monotonic() - gone < 5  # stopped at the next step, not after 150 steps
-    assert small_queue.log_lines("cancelled")
+    assert small_queue.log_lines("request abandoned-7 cancelled at step")  # this request's render, stopped
 
 
 def _wait_idle(server: ServerProcess, timeout: float = 30) -> None:

@@ -1,0 +1,166 @@
+"""A server's life around its requests: loading models (and failing to), the default model, the queue's
+Retry-After estimate, background tasks, and how long SIGTERM waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.metrics import Metrics
+from server.pool import EnginePool
+from server.settings import Settings
+from server.supervisor import supervise
+from tests.processes import ROOT, ServerProcess
+from tests.server.test_operations import metric
+
+GEN = "/v1/images/generations"
+
+
+def broken_copy(good: Path, target: Path) -> Path:
+    """A copy of a model whose UNet file has the right size and garbage bytes."""
+    shutil.copytree(good, target)
+    unet = target / "unet" / "model.onnx"
+    unet.write_bytes(b"\x07" * unet.stat().st_size)
+    return target
+
+
+def test_a_model_that_fails_to_load_is_reported_and_the_others_still_load(models_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    broken_copy(models_dir / "tiny-sd15", models / "aaa-broken")  # first by name: loaded first
+    (models / "tiny-sd15").symlink_to(models_dir / "tiny-sd15")
+    server = ServerProcess("standalone", ["--models-dir", str(models), "--images-dir", str(tmp_path / "images")],
+                           tmp_path).start()
+    try:
+        ready = httpx.get(server.url + "/readyz").json()
+        assert ready["models"] == ["tiny-sd15"]
+        assert set(ready["failed_models"]) == {"aaa-broken"}
+        assert metric(server, "sdserve_model_load_failures_total", 'model="aaa-broken"') == 1
+        assert server.log_lines("model aaa-broken failed to load")
+        named = httpx.post(server.url + GEN, json={"model": "tiny-sd15", "prompt": "p", "size": "64x64", "steps": 1},
+                           timeout=60)
+        assert named.status_code == 200
+        # The default was decided at start-up (the first model by name), not by which models loaded.
+        unnamed = httpx.post(server.url + GEN, json={"prompt": "p", "size": "64x64", "steps": 1}, timeout=60)
+        assert unnamed.status_code == 503, unnamed.text
+        assert "aaa-broken" in unnamed.json()["error"]["message"]
+    finally:
+        server.kill()
+
+
+def test_the_loader_survives_any_exception(models_dir: Path) -> None:
+    """An absurd thread count makes ONNX Runtime raise a TypeError, not one of our errors."""
+    settings = Settings(models_dir=str(models_dir), models=["tiny-sd15", "tiny-sd21"], backend="cpu", threads=2**40)
+    pool = EnginePool(settings, Metrics())
+    pool.start()
+    pool.wait_loaded(60)
+    assert pool.states.keys() == {"tiny-sd15", "tiny-sd21"}
+    assert set(pool.failed()) == {"tiny-sd15", "tiny-sd21"}  # each tried and reported; none left "loading"
+    assert all("TypeError" in why for why in pool.failed().values())
+
+
+def test_a_mistyped_default_model_stops_a_standalone_server(models_dir: Path) -> None:
+    command = [sys.executable, "-m", "server", "standalone", "--models-dir", str(models_dir),
+               "--default-model", "tiny-sd51", "--port", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--default-model 'tiny-sd51' is not a model here" in done.stderr
+    assert "tiny-sd15" in done.stderr.splitlines()[-1]  # says what there is
+
+
+@pytest.fixture(scope="module")
+def lean(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("lean")
+    process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", "tiny-sd15",
+                                           "--images-dir", str(work / "images"), "--queue-depth", "1",
+                                           "--request-timeout", "300", "--drain-timeout", "2"], work).start()
+    yield process
+    process.kill()
+
+
+BLOCKER = {"prompt": "long", "size": "512x512", "steps": 150, "n": 4, "response_format": "b64_json"}
+QUICK = {"prompt": "quick", "size": "64x64", "steps": 1, "response_format": "b64_json"}
+
+
+async def _until(server: ServerProcess, name: str, value: float) -> None:
+    deadline = time.monotonic() + 30
+    while metric(server, name) < value and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert metric(server, name) >= value
+
+
+def test_retry_after_is_the_pools_estimate(lean: ServerProcess) -> None:
+    """With one render running and one waiting, the next request is refused with the queue's own estimate:
+    the last render's duration × (waiting + 1) / render slots."""
+    first = httpx.post(lean.url + GEN, json={**QUICK, "size": "256x256", "steps": 8}, timeout=120)
+    total = float(re.search(r"total;dur=([\d.]+)", first.headers["server-timing"]).group(1)) / 1000
+    expected = {max(1, int(total * 2 + d)) for d in (-0.001, 0.001)}
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
+            blocker = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
+            await _until(lean, "sdserve_renders_in_flight", 1)
+            queued = asyncio.ensure_future(client.post(GEN, json=QUICK))
+            await _until(lean, "sdserve_queue_depth", 1)
+            refused = await client.post(GEN, json=QUICK)
+            for task in (blocker, queued):
+                task.cancel()  # the client goes away: the server drops both
+            return refused
+
+    refused = asyncio.run(scenario())
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) in expected, (refused.headers["retry-after"], total)
+
+
+def test_sigterm_waits_at_most_the_drain_timeout(lean: ServerProcess) -> None:
+    """Two renders far longer than --drain-timeout (2 s here) are accepted: the server still exits in time,
+    cleanly (the running render stops at its next step; a process exiting inside ONNX Runtime would abort).
+    (On hardware fast enough to finish it first, it exits sooner: the bound holds either way.)"""
+    async def scenario() -> int:
+        async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
+            running = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
+            await _until(lean, "sdserve_renders_in_flight", 1)
+            queued = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
+            await _until(lean, "sdserve_queue_depth", 1)
+            lean.signal(signal.SIGTERM)
+            exit_status = await asyncio.to_thread(lean.process.wait, 30)  # TimeoutExpired if it waits longer
+            for request in (running, queued):
+                with contextlib.suppress(httpx.HTTPError):  # cut at the drain timeout: the connection closes
+                    await request
+            return exit_status
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_failing_background_task_is_logged_and_restarted(caplog: pytest.LogCaptureFixture) -> None:
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise RuntimeError(f"fault {len(runs)}")
+        await asyncio.Event().wait()
+
+    async def scenario() -> None:
+        task = supervise("flaky", flaky, restart_after=0.01)
+        while len(runs) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="sdserve.server"):
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert len(runs) == 3
+    failures = [r for r in caplog.records if "background task flaky failed" in r.getMessage()]
+    assert len(failures) == 2 and all(r.exc_info for r in failures)
