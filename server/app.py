@@ -56,9 +56,9 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
         local = LocalNode(pool, lambda: node.report(pool, settings, LOCAL_NODE, "in-process"),
                           settings.request_timeout, settings.keepalive_interval)
         registry.register(local.report(), local, local=True)
+    store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)
     return AppState(settings=settings, renderer=dispatcher, metrics=metrics, pool=pool, registry=registry,
-                    dispatcher=dispatcher, store=ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes),
-                    api_keys=tuple(settings.keys()))
+                    dispatcher=dispatcher, store=store, api_keys=tuple(settings.keys()))
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
