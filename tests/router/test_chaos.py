@@ -31,7 +31,7 @@ BOUND = 60  # seconds any scenario's requests may take in all
 @pytest.fixture(scope="module")
 def chaos(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     fleet = Fleet(models_dir, tmp_path_factory.mktemp("chaos"),
-                  ["--heartbeat-timeout", "3", "--probe-timeout", "1", "--retries", "3",
+                  ["--heartbeat-timeout", "3", "--heartbeat-interval", "1", "--probe-timeout", "1", "--retries", "3",
                    "--default-model", "tiny-sd15"],
                   node_args=["--heartbeat-interval", "0.5", "--threads", "1"])
     for name in ("chaos-a", "chaos-b", "chaos-c"):

@@ -23,7 +23,7 @@ BASE = {"model": "tiny-sd15", "size": "64x64"}
 def pair(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     fleet = Fleet(models_dir, tmp_path_factory.mktemp("stream-fleet"))
     for name in ("node-a", "node-b"):
-        fleet.add_node(name, "tiny-sd15", extra=["--keepalive-interval", "0.2"])
+        fleet.add_node(name, "tiny-sd15", extra=["--keepalive-interval", "0.02"])
     yield fleet.start()
     fleet.stop()
 
@@ -49,8 +49,11 @@ def test_stream_through_the_router(sdk: OpenAI) -> None:
 
 
 def test_unbuffered_keepalive_reaches_the_client_through_the_router(pair: Fleet) -> None:
-    """A comment frame written by the node during a long silence arrives before the render's first event."""
-    body = {"prompt": "silence", "stream": True, "partial_images": 1, "steps": 60, "seed": 1, **BASE}
+    """A comment frame written by the node during a long silence arrives before the render's only event.
+    The silence is 150 guided steps and a decode at 256x256 against a 20 ms keep-alive: longer than that on
+    any hardware (300 sequential UNet calls), so the order does not depend on this machine's speed."""
+    body = {"prompt": "silence", "stream": True, "partial_images": 0, "steps": 150, "seed": 1,
+            "model": "tiny-sd15", "size": "256x256"}
     with httpx.stream("POST", f"{pair.router.url}/v1/images/generations", json=body, timeout=60) as response:
         assert response.status_code == 200
         first = next(line for line in response.iter_lines() if line)
