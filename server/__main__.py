@@ -13,6 +13,7 @@ from types import FrameType
 import msgspec
 import uvicorn
 
+from server import logs
 from server.app import asgi, create_app, on_terminate
 from server.settings import Settings, add_arguments, from_sources
 
@@ -51,8 +52,7 @@ Health: {url}/readyz   API schema: {url}/schema/openapi.json   Stop: Ctrl-C
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = from_sources(args.role, args)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("sdserve.server")
     log.info("settings: %s", msgspec.json.encode(settings.masked()).decode())
     if args.announce:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
@@ -103,10 +104,20 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                                      description="OpenAI-compatible image generation: Stable Diffusion on ONNX "
                                      "Runtime and TensorRT"),
         logging_config=None,
+        cors_config=_cors(settings),
     )
     app.state.sdserve = state
     app.state.started = time.time()
     return app
+
+
+def _cors(settings: Settings) -> CORSConfig | None:
+    """Browsers may call the API from these origins; the request id is readable by their scripts."""
+    if not settings.cors_origins:
+        return None
+    # Any request header: the OpenAI SDKs send their own (x-stainless-*) from browsers too.
+    return CORSConfig(allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                      allow_headers=["*"], expose_headers=["X-Request-Id"], max_age=600)
 
 
 def asgi(app: Litestar) -> ASGIApp:

@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, kw_only=True):
     connect_timeout: float = 3.0  # router → node
     retries: int = 2  # router: other nodes tried when one fails before starting
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
+    cors_origins: list[str] = msgspec.field(default_factory=list)  # browser origins allowed to call the API
 
     def keys(self) -> list[str]:
         """API keys from the setting and the keys file (one per line, # comments)."""
@@ -74,7 +76,7 @@ def _env_name(field: str) -> str:
 
 def _parse_env(field: str, raw: str, kind: object) -> object:
     """Environment values are strings: lists are comma separated, maps are name=value pairs."""
-    if field in ("models", "api_keys", "routers"):
+    if field in ("models", "api_keys", "routers", "cors_origins"):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
@@ -119,6 +121,11 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    flag("--log-format", choices=["text", "json"],
+         help="text (default) or json: one JSON object per line, the access log with its request_id included")
+    flag("--cors-origins", action="extend", type=lambda text: [o.strip() for o in text.split(",") if o.strip()],
+         metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
+         "https://app.example.com, or * for any (repeatable; default none)")
 
 
 def from_sources(role: Role, args: argparse.Namespace | None = None,

@@ -1,7 +1,8 @@
 """Images behind `response_format=url`: files named by unguessable ids, valid for a time-to-live.
 
 The id is 192 random bits; expiry is by file age, so it survives restarts. Expired files answer 404
-at once and are deleted by a periodic sweep.
+at once and are deleted by a periodic sweep. Nothing is kept in memory: routers that share one
+directory (a shared volume) serve each other's images, and any of them may sweep.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class ImageStore:
         deadline = time.time() - self.ttl
         removed = 0
         for path in self.directory.iterdir():
+            # Only our own files: a shared volume (several routers) may hold others, like lost+found.
+            if not (_NAME.match(path.name) or path.name.endswith(".partial")):
+                continue
             try:
                 if path.stat().st_mtime < deadline:
                     path.unlink()
