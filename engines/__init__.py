@@ -6,7 +6,8 @@
                                                guidance_scale=5.0, sampler="euler", seed=1))
     result.images[0].save("cat.png")
 
-The server sees only this surface: `load`, `Pipeline.render`, `Pipeline.info` and the errors.
+The server sees only this surface: `load`, `Pipeline.render`, `Pipeline.info`, `is_model_dir` and the errors.
+`load` takes our model directories (with `model.json`) and ONNX pipeline folders in optimum's layout.
 `load` and `Pipeline` are imported on first use, so that a router (which holds no engines) needs no
 ONNX Runtime installed.
 """
@@ -23,6 +24,7 @@ from engines.errors import (
 )
 from engines.info import ModelInfo
 from engines.noise import Noise
+from engines.optimum_folder import is_model_dir
 from engines.progress import Partial
 from engines.render import RenderRequest, RenderResult, Timings
 from engines.schedulers import SAMPLERS
@@ -42,6 +44,7 @@ __all__ = [
     "RenderRequest",
     "RenderResult",
     "Timings",
+    "is_model_dir",
     "load",
 ]
 

@@ -22,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir")
     info.add_argument("--backend", choices=BACKENDS, default="auto")
     render = commands.add_parser("render", help="render images and print per-stage timings")
-    render.add_argument("model_dir", help="a model directory written by `python -m export`")
+    render.add_argument("model_dir", help="a model directory written by `python -m export`, or an ONNX folder "
+                        "in optimum's layout (optimum-cli export onnx; its manifest is inferred)")
     render.add_argument("--prompt", required=True)
     render.add_argument("--negative-prompt")
     render.add_argument("--out", default="out.png", help="output PNG; with -n > 1, out-0.png, out-1.png, …")

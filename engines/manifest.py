@@ -55,13 +55,18 @@ class Component(msgspec.Struct, frozen=True):
 
 
 class Tokenizer(msgspec.Struct, frozen=True):
-    """A CLIP tokenizer in the `tokenizers` JSON format, with the ids the prompt windows need."""
+    """A CLIP tokenizer, with the ids the prompt windows need: `file` is a `tokenizers` JSON file, or with
+    `merges` set, the vocab.json of transformers' slow layout (vocab.json + merges.txt, as optimum writes)."""
 
     file: FileRef
     max_length: int
     bos_id: int
     eos_id: int
     pad_id: int
+    merges: FileRef | None = None  # added after format 1 shipped; the default keeps older files readable
+
+    def files(self) -> list[FileRef]:
+        return [self.file] if self.merges is None else [self.file, self.merges]
 
 
 class TextEncoder(msgspec.Struct, frozen=True):
@@ -161,7 +166,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     tensorrt: list[PlanSet] = []
 
     def files(self) -> list[FileRef]:
-        refs = [self.scheduler, *(t.file for t in self.tokenizers.values())]
+        refs = [self.scheduler, *(f for t in self.tokenizers.values() for f in t.files())]
         for component in self.components.values():
             refs.extend(component.files())
         return refs
@@ -190,7 +195,8 @@ def read(model_dir: Path | str, verify: bool = True) -> Manifest:
     root = Path(model_dir)
     path = root / MANIFEST_FILE
     if not path.is_file():
-        raise ModelNotFound(str(root), f"no model directory at {root} (missing {MANIFEST_FILE})")
+        raise ModelNotFound(str(root), f"no model directory at {root} (missing {MANIFEST_FILE}, and no "
+                            "model_index.json of an ONNX pipeline folder in the optimum layout either)")
     try:
         manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

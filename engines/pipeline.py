@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import images, schedulers
+from engines import images, optimum_folder, schedulers
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound
@@ -89,6 +89,11 @@ class Pipeline:
             samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device,
         )
         self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor)
+
+    def _timestep(self, t: float, batch: int) -> np.ndarray:
+        """One timestep per image, or a scalar for graphs that take one (optimum's UNet export)."""
+        spec = next(i for i in self.manifest.components["unet"].inputs if i.name == "timestep")
+        return np.float32(t) if not spec.shape else np.full(batch, t, np.float32)
 
     def render(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
                on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
@@ -297,7 +302,7 @@ class Pipeline:
             model_input = scheduler.scale_model_input(schedule, i, np.concatenate([x] * copies))
             if mask_input is not None:
                 model_input = np.concatenate([model_input, mask_input], axis=1)
-            feeds = {"sample": model_input, "timestep": np.full(model_input.shape[0], t, np.float32), **conditioning}
+            feeds = {"sample": model_input, "timestep": self._timestep(t, model_input.shape[0]), **conditioning}
             predicted = self.sessions["unet"].run(feeds, ["out_sample"])["out_sample"]
             if job.guided:
                 uncond, cond = np.split(predicted, 2)
@@ -375,7 +380,7 @@ def load(model_dir: str | Path, backend: str = "auto", threads: int | None = Non
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelNotFound(str(model_dir), f"no model directory at {model_dir}")
-    manifest = mf.read(root, verify=verify)
+    manifest = optimum_folder.infer(root) if optimum_folder.is_optimum_folder(root) else mf.read(root, verify=verify)
     chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
     return Pipeline(root, manifest, chosen, sessions, max_batch)

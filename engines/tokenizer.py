@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from engines import manifest as mf
 from engines.errors import ModelInvalid
@@ -26,8 +27,9 @@ MAX_WINDOWS = 8
 class PromptTokenizer:
     def __init__(self, spec: mf.Tokenizer, root: Path) -> None:
         try:
-            self._tokenizer = Tokenizer.from_file(str(root / spec.file.path))
-        except Exception as exc:  # the tokenizers package raises a bare Exception on bad JSON
+            self._tokenizer = (Tokenizer.from_file(str(root / spec.file.path)) if spec.merges is None
+                               else _clip_bpe(root / spec.file.path, root / spec.merges.path))
+        except Exception as exc:  # the tokenizers package raises a bare Exception on bad files
             raise ModelInvalid(f"{root / spec.file.path}: {exc}") from exc
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
@@ -57,3 +59,22 @@ class PromptTokenizer:
 
     def _ids(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+
+# CLIP's word rule: contractions, letter runs, single digits, runs of other non-space characters.
+_CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _clip_bpe(vocab: Path, merges: Path) -> Tokenizer:
+    """The CLIP tokenizer of a vocab.json + merges.txt pair, with the rules transformers' CLIPTokenizer
+    applies: NFC, whitespace runs to one space, lower case; CLIP's word split; byte-level BPE with '</w>'
+    closing each word."""
+    model = BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>",
+                          unk_token="<|endoftext|>", fuse_unk=False)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(_CLIP_WORDS), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return tokenizer

@@ -6,11 +6,16 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no import-time noise
-from export import presets, tensorrt
+from engines import manifest as mf
+from export import adopt, presets
 from export.errors import ExportError
-from export.exporter import ExportReport, ExportSettings, export_model, output_dir
+
+if TYPE_CHECKING:
+    from export import tensorrt
+    from export.exporter import ExportReport, ExportSettings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export a Stable Diffusion checkpoint to an ONNX model directory (model.json + one graph "
         "per component), checking every graph against PyTorch.",
-        epilog=f"presets (name, default source, description):\n{listing}",
+        epilog=f"presets (name, default source, description):\n{listing}\n\n"
+        "python -m export adopt DIR writes model.json into an ONNX folder in optimum's layout (see its --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli.add_argument("preset", help="which architecture and defaults: one of the presets below")
@@ -71,6 +77,8 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def settings_from(args: argparse.Namespace) -> ExportSettings:
+    from export.exporter import ExportSettings
+
     precision = args.precision or ("fp16" if args.tensorrt else "fp32")
     return ExportSettings(
         preset=args.preset,
@@ -107,9 +115,41 @@ def plan_summary(report: tensorrt.PlanSetReport) -> str:
     return "\n".join(rows)
 
 
+def adopt_parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(
+        prog="python -m export adopt",
+        description="Write model.json (with every file's sha256) into an ONNX pipeline folder in optimum's layout "
+        "(optimum-cli export onnx, or a hub repository's onnx folder), so that later loads check its files. "
+        "Such folders are served without it too; nothing is converted.")
+    cli.add_argument("folder", help="the folder holding model_index.json, unet/model.onnx, tokenizer/, …")
+    cli.add_argument("--force", action="store_true", help="infer and write model.json again if it exists")
+    return cli
+
+
+def adopt_main(argv: list[str]) -> int:
+    args = adopt_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        manifest = adopt.adopt(args.folder, force=args.force)
+    except ExportError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+    sizes = manifest.sizes
+    print(f"adopted {args.folder}: {manifest.family}/{manifest.variant}, {manifest.prediction_type}, "
+          f"components {', '.join(manifest.components)}; sizes {sizes.min}-{sizes.max} step {sizes.step}; "
+          f"wrote {mf.MANIFEST_FILE}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adopt"]:
+        return adopt_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from export import tensorrt  # torch and diffusers take seconds: imported only here
+    from export.exporter import export_model, output_dir
+
     settings = settings_from(args)
     lines = []
     try:

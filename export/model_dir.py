@@ -11,12 +11,13 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from diffusers import DiffusionPipeline
+from typing import TYPE_CHECKING, Any
 
 from engines import manifest as mf
 from export.errors import ExportError
+
+if TYPE_CHECKING:  # diffusers only for the type: `export adopt` writes manifests without importing it
+    from diffusers import DiffusionPipeline
 
 STAGING_MARK = ".partial-"
 

@@ -49,12 +49,16 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+def vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's vocabulary rule over the first merges: bytes, bytes + '</w>', merges, then the specials."""
     merges = [tuple(line.split()) for line in MERGES_FILE.read_text(encoding="utf-8").splitlines() if line]
     symbols = _bytes_to_unicode()
     words = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS, EOS]
-    vocab = {word: i for i, word in enumerate(words)}
+    return {word: i for i, word in enumerate(words)}, merges
+
+
+def tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    vocab, merges = vocabulary()
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 

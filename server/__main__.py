@@ -13,6 +13,7 @@ from types import FrameType
 import msgspec
 import uvicorn
 
+from server import logs
 from server.app import asgi, create_app, on_terminate
 from server.pool import discover
 from server.router.admission import allowed_networks
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = from_sources(args.role, args)
     except InvalidSettings as exc:
         return _refuse(str(exc))
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("sdserve.server")
     log.info("settings: %s", msgspec.json.encode(settings.masked()).decode())
     if args.announce:

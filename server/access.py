@@ -59,5 +59,8 @@ class AccessLog:
         finally:
             route = scope.get("path_template") or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
-            log.info("%s %s %s %d model=%s user=%s %.0fms", request_id, scope["method"], _printable(scope["path"]),
-                     status, state.get("model", "-"), state.get("user", "-"), (time.perf_counter() - started) * 1000)
+            fields = {"request_id": request_id, "method": scope["method"], "path": _printable(scope["path"]), "status": status,
+                      "model": state.get("model", "-"), "user": state.get("user", "-"),
+                      "ms": round((time.perf_counter() - started) * 1000)}
+            log.info("%(request_id)s %(method)s %(path)s %(status)d model=%(model)s user=%(user)s %(ms)dms", fields,
+                     extra=fields)

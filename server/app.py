@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
@@ -109,10 +110,20 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                                      description="OpenAI-compatible image generation: Stable Diffusion on ONNX "
                                      "Runtime and TensorRT"),
         logging_config=None,
+        cors_config=_cors(settings),
     )
     app.state.sdserve = state
     app.state.started = time.time()
     return app
+
+
+def _cors(settings: Settings) -> CORSConfig | None:
+    """Browsers may call the API from these origins; the request id is readable by their scripts."""
+    if not settings.cors_origins:
+        return None
+    # Any request header: the OpenAI SDKs send their own (x-stainless-*) from browsers too.
+    return CORSConfig(allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                      allow_headers=["*"], expose_headers=["X-Request-Id"], max_age=600)
 
 
 def asgi(app: Litestar) -> ASGIApp:

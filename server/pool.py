@@ -22,7 +22,6 @@ from pathlib import Path
 from PIL import Image
 
 import engines
-from engines import manifest as mf
 from server import images
 from server.errors import ApiError
 from server.metrics import Metrics
@@ -212,7 +211,7 @@ def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    found = sorted(p for p in root.iterdir() if (p / mf.MANIFEST_FILE).is_file())
+    found = sorted(p for p in root.iterdir() if engines.is_model_dir(p))
     return [p for p in found if not only or p.name in only]
 
 

@@ -67,6 +67,8 @@ class Settings(msgspec.Struct, kw_only=True):
     node_networks: list[str] = msgspec.field(default_factory=lambda: list(PRIVATE_NETWORKS))  # router
     retries: Count = 2  # router: other nodes tried when one fails before starting
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
+    cors_origins: list[str] = msgspec.field(default_factory=list)  # browser origins allowed to call the API
 
     def __post_init__(self) -> None:
         """Constraints across fields and on the file system (msgspec reports them as ValidationErrors)."""
@@ -109,7 +111,7 @@ def _env_name(field: str) -> str:
 
 def _parse_env(field: str, raw: str, kind: object) -> object:
     """Environment values are strings: lists are comma separated, maps are name=value pairs."""
-    if field in ("models", "api_keys", "routers", "node_networks"):
+    if field in ("models", "api_keys", "routers", "node_networks", "cors_origins"):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
@@ -124,7 +126,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--host", help="address to bind (default 127.0.0.1)")
     flag("--port", type=int, help="port (default 8080)")
     flag("--public-url", help="base URL for image links when behind a proxy")
-    flag("--models-dir", help="folder of model directories (default models/)")
+    flag("--models-dir", help="folder of model directories, ours or ONNX folders in optimum's layout (default models/)")
     flag("--model", dest="models", action="append", help="serve only this model id (repeatable)")
     flag("--default-model", help="model used when a request names none or an OpenAI model name")
     flag("--model-alias", dest="model_aliases", action="append", metavar="NAME=MODEL",
@@ -166,6 +168,11 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    flag("--log-format", choices=["text", "json"],
+         help="text (default) or json: one JSON object per line, the access log with its request_id included")
+    flag("--cors-origins", action="extend", type=lambda text: [o.strip() for o in text.split(",") if o.strip()],
+         metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
+         "https://app.example.com, or * for any (repeatable; default none)")
 
 
 def from_sources(role: Role, args: argparse.Namespace | None = None,

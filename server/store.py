@@ -4,6 +4,8 @@ The id is 192 random bits; expiry is by file age, so it survives restarts. Expir
 at once and are deleted by a periodic sweep, which also keeps the folder under an optional size cap
 (oldest first). The sweep touches only names this store writes: the folder may be a volume root holding
 `lost+found` or an operator's files.
+Nothing is kept in memory: routers that share one directory (a shared volume) serve each other's images,
+and any of them may sweep.
 """
 
 from __future__ import annotations

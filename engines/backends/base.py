@@ -24,7 +24,8 @@ class Session(ABC):
         return [t.name for t in self.component.inputs]
 
     def cast(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: np.ascontiguousarray(feeds[name], dtype=self._dtypes[name]) for name in self._dtypes}
+        # asarray, not ascontiguousarray: that one turns a scalar (optimum's UNet timestep) into shape (1,)
+        return {name: np.asarray(feeds[name], dtype=self._dtypes[name], order="C") for name in self._dtypes}
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
