@@ -59,8 +59,8 @@ class AccessLog:
         finally:
             route = scope.get("path_template") or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
-            fields = {"request_id": request_id, "method": scope["method"], "path": _printable(scope["path"]), "status": status,
-                      "model": state.get("model", "-"), "user": state.get("user", "-"),
+            fields = {"request_id": request_id, "method": scope["method"], "path": _printable(scope["path"]),
+                      "status": status, "model": state.get("model", "-"), "user": state.get("user", "-"),
                       "ms": round((time.perf_counter() - started) * 1000)}
             log.info("%(request_id)s %(method)s %(path)s %(status)d model=%(model)s user=%(user)s %(ms)dms", fields,
                      extra=fields)
