@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,10 +91,9 @@ class OrtBackend(Backend):
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-        if self.name == "cpu":
-            # Activations go back to the system after each run instead of staying in a grown arena
-            # (measured on random-sd15: README, Performance).
-            options.enable_cpu_mem_arena = False
+        if self.name == "cpu":  # one arena for every CPU session of the process (see shared_cpu_arena)
+            shared_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         return options
 
     def open(self, name: str, component: mf.Component) -> OrtSession:
@@ -110,6 +110,25 @@ class OrtBackend(Backend):
         if actual != PROVIDER[self.name]:
             raise EngineFailure(f"{name}: asked ONNX Runtime for {PROVIDER[self.name]}, it runs on {actual}")
         return OrtSession(name, component, session)
+
+
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def shared_cpu_arena() -> None:
+    """Register one CPU arena, grown only by what is asked (not to the next power of two), that every CPU
+    session uses: a model's components run one at a time, so the VAE reuses the UNet's activation memory
+    instead of keeping its own. On random-sd15 (UNet + VAE decoder, one run each) the peak fell from
+    6.68 to 5.64 GiB at the same speed; switching the arena off instead saved 0.1 GiB and halved the VAE."""
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        same_as_requested = 1  # arena_extend_strategy
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
+        _arena_registered = True
 
 
 def _check_tensorrt_ep(name: str, component: mf.Component) -> None:
