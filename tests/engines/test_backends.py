@@ -133,3 +133,15 @@ def test_fp16_sd2_unet_is_finite_at_768_on_cuda(tmp_path: Path) -> None:
              "encoder_hidden_states": rng.standard_normal((2, 77, hidden)) * 4}
     out = session.run(feeds, ["out_sample"])["out_sample"]
     assert np.isfinite(out).all()
+
+
+def test_cpu_sessions_share_one_arena(tmp_path: Path, tiny_model: Model) -> None:
+    """Every CPU session uses the process's one registered arena (README, Performance: the VAE then reuses
+    the UNet's activation memory); and models still render the same after a second one loads."""
+    manifest = mf.read(tiny_model("tiny-sd15"))
+    options = ort.OrtBackend(tmp_path, "cpu", manifest).session_options()
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    request = engines.RenderRequest(prompt="a cube", width=64, height=64, steps=2, seed=3)
+    first = engines.load(tiny_model("tiny-sd15"), backend="cpu").render(request).pixels
+    engines.load(tiny_model("tiny-sd21"), backend="cpu")
+    assert np.array_equal(engines.load(tiny_model("tiny-sd15"), backend="cpu").render(request).pixels, first)
