@@ -1,5 +1,6 @@
 """`python -m engines render MODEL_DIR --prompt … --out out.png`: one image, with per-stage timings.
-`python -m engines info MODEL_DIR`: what a model supports and which backend it loads on."""
+`python -m engines info MODEL_DIR`: what a model supports and which backend it loads on.
+`python -m engines doctor [MODEL_DIR] [--json]`: which packages, providers, GPU and TensorRT work here."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model's capabilities and the backend it loads on")
     info.add_argument("model_dir")
     info.add_argument("--backend", choices=BACKENDS, default="auto")
+    doctor = commands.add_parser("doctor", help="check this host: onnxruntime, providers, GPU, TensorRT (and a "
+                                 "model's plans and a small render per backend); exit 1 on a problem")
+    doctor.add_argument("model_dir", nargs="?", help="also check this model directory")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     render = commands.add_parser("render", help="render images and print per-stage timings")
     render.add_argument("model_dir", help="a model directory written by `python -m export`, or an ONNX folder "
                         "in optimum's layout (optimum-cli export onnx; its manifest is inferred)")
@@ -83,6 +88,12 @@ def render(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "doctor":
+        from engines import doctor
+
+        report = doctor.run(args.model_dir)
+        print(msgspec.json.format(msgspec.json.encode(report)).decode() if args.json else doctor.text(report))
+        return 0 if report.ok else 1
     try:
         if args.command == "info":
             print(msgspec.json.format(msgspec.json.encode(load(args.model_dir, backend=args.backend).info)).decode())

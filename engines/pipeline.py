@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import images, optimum_folder, schedulers
+from engines import images, optimum_folder, schedulers, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound
@@ -346,8 +346,11 @@ class Pipeline:
     # -- 6 ------------------------------------------------------------------------------------------
 
     def decode_latents(self, x: np.ndarray) -> np.ndarray:
+        """The VAE decoder; above a size threshold in overlapping tiles (`vae_tiling`), capping its memory."""
         latents = x / self.manifest.vae_scaling_factor
-        decoded = self.sessions["vae_decoder"].run({"latent_sample": latents}, ["sample"])["sample"]
+        session = self.sessions["vae_decoder"]
+        decoded = vae_tiling.decode(lambda z: session.run({"latent_sample": z}, ["sample"])["sample"], latents,
+                                    self.manifest.vae_scale_factor)
         return images.to_pixels(decoded)
 
     def close(self) -> None:

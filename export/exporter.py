@@ -65,7 +65,7 @@ def export_model(settings: ExportSettings) -> ExportReport:
         raise ExportError(f"{target} already exists; pass --force to replace it")
     log.info("loading %s", settings.model or preset.hub_id or f"{preset.name} (random weights)")
     pipe, origin = source.load(preset, settings.model, settings.revision, settings.config)
-    parts = component_graphs(pipe)
+    parts = component_graphs(pipe, fp32_attention=preset.family == "sd2")
     reports = []
     with model_dir.staging(target, settings.force) as stage:
         for index, graph in enumerate(parts, 1):
@@ -83,13 +83,13 @@ def output_dir(settings: ExportSettings) -> Path:
     return Path(settings.output or f"models/{settings.preset}")
 
 
-def component_graphs(pipe: DiffusionPipeline) -> list[graphs.Graph]:
+def component_graphs(pipe: DiffusionPipeline, fp32_attention: bool = False) -> list[graphs.Graph]:
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     parts = [graphs.text_encoder("text_encoder", pipe.text_encoder)]
     if text_encoder_2 is not None:
         parts.append(graphs.text_encoder("text_encoder_2", text_encoder_2))
     pooled_dim = text_encoder_2.config.projection_dim if text_encoder_2 is not None else None
-    parts.append(graphs.unet(pipe.unet, pooled_dim))
+    parts.append(graphs.unet(pipe.unet, pooled_dim, fp32_attention))
     parts.append(graphs.vae_encoder(pipe.vae, _vae_scale(pipe)))
     parts.append(graphs.vae_decoder(pipe.vae))
     return parts

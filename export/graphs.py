@@ -16,6 +16,7 @@ import onnx
 import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from export import precision
 from export.errors import ExportError
 
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -42,6 +43,7 @@ class Graph:
     dynamic_axes: dict[str, dict[int, str]]
     make_inputs: Callable[[Shape, torch.Generator], dict[str, torch.Tensor]]
     keep_fp32_inputs: tuple[str, ...] = ()  # float inputs that stay fp32 in an fp16 graph
+    fp32_attention: bool = False  # attention scores stay fp32 in an fp16 graph (SD 2.x: export.precision)
 
     def inputs(self, shape: Shape, seed: int) -> dict[str, torch.Tensor]:
         return self.make_inputs(shape, torch.Generator().manual_seed(seed))
@@ -99,8 +101,9 @@ class _UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
-def unet(model: torch.nn.Module, text_embeds_dim: int | None) -> Graph:
-    """The UNet; SDXL's (`text_embeds_dim` set) also takes the pooled text embedding and the time ids."""
+def unet(model: torch.nn.Module, text_embeds_dim: int | None, fp32_attention: bool = False) -> Graph:
+    """The UNet; SDXL's (`text_embeds_dim` set) also takes the pooled text embedding and the time ids.
+    `fp32_attention` (or the config's `upcast_attention`) keeps attention scores fp32 in fp16 graphs."""
     config = model.config
     spatial = {0: BATCH, 2: "height", 3: "width"}
     names = ["sample", "timestep", "encoder_hidden_states"]
@@ -126,7 +129,8 @@ def unet(model: torch.nn.Module, text_embeds_dim: int | None) -> Graph:
         return inputs
 
     # fp16 cannot tell 985.5 from 985.6: timesteps (and the small time ids) stay fp32.
-    return Graph("unet", _UNet(model), names, ["out_sample"], axes, make, keep_fp32_inputs=("timestep", "time_ids"))
+    return Graph("unet", _UNet(model), names, ["out_sample"], axes, make, keep_fp32_inputs=("timestep", "time_ids"),
+                 fp32_attention=fp32_attention or bool(getattr(config, "upcast_attention", False)))
 
 
 class _VaeEncoder(torch.nn.Module):
@@ -177,7 +181,8 @@ def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: in
     """Write `folder/model.onnx` (plus `model.onnx_data` for graphs over 2 GB) and check it.
 
     Always traced in fp32: PyTorch's CPU half kernels trace into graphs of mixed types. An fp16 graph is
-    converted afterwards by ONNX Runtime's float16 converter, keeping `keep_fp32_inputs` in fp32.
+    converted afterwards by ONNX Runtime's float16 converter, keeping `keep_fp32_inputs` and the nodes of
+    `export.precision.fp32_nodes` in fp32.
     """
     scratch = folder / "trace"
     scratch.mkdir(parents=True)
@@ -195,7 +200,7 @@ def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: in
             dynamo=False,
         )
     if precision == "fp16":
-        _convert_to_fp16(scratch / "model.onnx", list(graph.keep_fp32_inputs))
+        _convert_to_fp16(scratch / "model.onnx", list(graph.keep_fp32_inputs), graph.fp32_attention)
     _merge_external_data(scratch, folder)
     shutil.rmtree(scratch)
     try:
@@ -204,10 +209,12 @@ def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: in
         raise ExportError(f"{graph.name}: the traced graph fails onnx.checker: {exc}") from exc
 
 
-def _convert_to_fp16(path: Path, keep_fp32: list[str]) -> None:
+def _convert_to_fp16(path: Path, keep_fp32: list[str], fp32_attention: bool) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(str(path), keep_io_types=keep_fp32 or False)
+    blocked = precision.fp32_nodes(onnx.load(str(path), load_external_data=False).graph, fp32_attention)
+    model = convert_float_to_float16(str(path), keep_io_types=keep_fp32 or False, node_block_list=blocked)
+    precision.drop_round_trips(model.graph)
     _sort_nodes(model.graph)
     for stale in path.parent.iterdir():
         stale.unlink()

@@ -3,17 +3,26 @@
 `get_available_providers()` lists CUDA and TensorRT even where they cannot run (it reports what the
 package was built with); asking for them then silently falls back to CPU. So a backend is accepted only
 after a real session reports the provider it asked for.
+
+Provider options are per component: TensorRT's fp16 mode only for fp16 graphs (an fp32 VAE built with
+fp16 kernels overflows and renders black), optimization profiles derived like the native plans' (without
+them the first request of every new shape builds an engine for minutes), and the engine cache under the
+user's cache folder, which `export --force` does not delete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from engines import libraries, plans
 from engines import manifest as mf
 from engines.backends.base import Backend, Session
 from engines.errors import EngineFailure
@@ -40,43 +49,108 @@ class OrtSession(Session):
 
 
 class OrtBackend(Backend):
-    def __init__(self, root: Path, name: str, threads: int | None = None, device_id: int = 0,
-                 fp16: bool = False) -> None:
+    def __init__(self, root: Path, name: str, manifest: mf.Manifest, threads: int | None = None, device_id: int = 0,
+                 profiles: Sequence[mf.Profile] | None = None) -> None:
         if name not in PROVIDER:
             raise ValueError(f"unknown ONNX Runtime backend {name!r}")
-        self.root, self.name, self.threads, self.device_id, self.fp16 = root, name, threads, device_id, fp16
+        self.root, self.name, self.manifest, self.threads, self.device_id = root, name, manifest, threads, device_id
+        # TensorRT EP profiles in request terms: the plan sets' when built, else the model's native size
+        self.profiles = list(profiles) if profiles else plans.make_profiles(manifest)
         self.device = f"CPU ({threads or os.cpu_count()} threads)" if name == "cpu" else f"CUDA device {device_id}"
 
-    def providers(self) -> list[str | tuple[str, dict[str, object]]]:
+    def providers(self, key: str, component: mf.Component) -> list[str | tuple[str, dict[str, object]]]:
         options: dict[str, dict[str, object]] = {
             "cuda": {"device_id": self.device_id},
-            "tensorrt-ep": {
-                "device_id": self.device_id,
-                "trt_fp16_enable": self.fp16,
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(self.root / "tensorrt-ep-cache"),
-                "trt_timing_cache_enable": True,
-            },
+            "tensorrt-ep": self.tensorrt_options(key, component),
         }
         chain = [self.name, *FALLBACK[self.name]]
         return [(PROVIDER[n], options[n]) if n in options else PROVIDER[n] for n in chain]
 
-    def open(self, name: str, component: mf.Component) -> OrtSession:
+    def tensorrt_options(self, key: str, component: mf.Component) -> dict[str, object]:
+        cache = str(cache_dir(self.manifest, key, component))
+        options: dict[str, object] = {
+            "device_id": self.device_id,
+            "trt_fp16_enable": component.precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": cache,
+        }
+        if component.external_data is not None:  # over 2 GB: the EP hands TensorRT the weights itself
+            options["trt_load_user_initializer"] = True
+        shaped = plans.component_profiles(self.manifest, key, self.profiles)
+        for bound in ("min", "opt", "max"):
+            options[f"trt_profile_{bound}_shapes"] = ",".join(
+                f"{r.name}:{'x'.join(str(d) for d in getattr(r, bound))}" for profile in shaped for r in profile.inputs)
+        return options
+
+    def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        if self.name == "cpu":  # one arena for every CPU session of the process (see shared_cpu_arena)
+            shared_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        return options
+
+    def open(self, name: str, component: mf.Component) -> OrtSession:
         path = self.root / component.graph.path
+        if self.name != "cpu":  # CUDA, cuDNN (and TensorRT) libraries before the first GPU session
+            libraries.prepare(self.name)
+        if self.name == "tensorrt-ep":
+            _check_tensorrt_ep(name, component)
         try:
-            session = ort.InferenceSession(str(path), options, providers=self.providers())
+            session = ort.InferenceSession(str(path), self.session_options(), providers=self.providers(name, component))
         except Exception as exc:
             raise EngineFailure(f"ONNX Runtime cannot load {path}: {exc}") from exc
         actual = session.get_providers()[0]
         if actual != PROVIDER[self.name]:
             raise EngineFailure(f"{name}: asked ONNX Runtime for {PROVIDER[self.name]}, it runs on {actual}")
         return OrtSession(name, component, session)
+
+
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def shared_cpu_arena() -> None:
+    """Register one CPU arena, grown only by what is asked (not to the next power of two), that every CPU
+    session uses: a model's components run one at a time, so the VAE reuses the UNet's activation memory
+    instead of keeping its own. On random-sd15 (UNet + VAE decoder, one run each) the peak fell from
+    6.68 to 5.64 GiB at the same speed; switching the arena off instead saved 0.1 GiB and halved the VAE."""
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        same_as_requested = 1  # arena_extend_strategy
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
+        _arena_registered = True
+
+
+def _check_tensorrt_ep(name: str, component: mf.Component) -> None:
+    """A graph over 2 GB reaches TensorRT through the EP only with `trt_load_user_initializer`
+    (onnxruntime 1.23+, TensorRT 10.13+); refuse clearly rather than fail inside TensorRT's parser."""
+    if component.external_data is None:
+        return
+    runtime = tuple(int(p) for p in ort.__version__.split(".")[:2])
+    tensorrt = libraries.tensorrt_version() or "0"
+    if runtime < (1, 23) or tuple(int(p) for p in tensorrt.split(".")[:2]) < (10, 13):
+        raise EngineFailure(f"{name}: the graph is over 2 GB; tensorrt-ep runs it only with onnxruntime 1.23+ and "
+                            f"TensorRT 10.13+ (here {ort.__version__} and {tensorrt}); use the cuda or native "
+                            "tensorrt backend")
+
+
+def cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) -> Path:
+    """The TensorRT EP's engine cache for one graph: under $SDSERVE_CACHE_DIR (default
+    ~/.cache/sdserve), keyed by the graph's hash, so a re-export neither deletes nor reuses stale engines."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdserve"
+    base = Path(os.environ.get("SDSERVE_CACHE_DIR") or default)
+    digest = hashlib.sha256("".join(ref.sha256 for ref in component.files()).encode()).hexdigest()[:16]
+    return base / "tensorrt-ep" / f"{manifest.name}-{key}-{digest}"
 
 
 def available() -> list[str]:

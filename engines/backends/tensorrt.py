@@ -39,11 +39,12 @@ class TensorRtSession(Session):
     stream, and the CUDA graphs captured so far. Calls are serialized: a context runs one call at a time."""
 
     def __init__(self, name: str, component: mf.Component, engine: Any, profiles: list[plans.ShapeProfile],
-                 fallback: Fallback) -> None:
+                 fallback: Fallback, memory: ContextMemory) -> None:
         super().__init__(name, component)
         self._cuda, self._engine, self._profiles, self._make_fallback = gpu.cudart(), engine, profiles, fallback
         self._fallback: Session | None = None
-        self._lock = threading.Lock()
+        self._memory = memory
+        self._lock = memory.lock  # the contexts of one model share their activation memory: one call at a time
         self._buffers: dict[str, int] = {}
         self._graphs: dict[tuple[Any, ...], Any] = {}
         self._graphs_work = True
@@ -62,9 +63,10 @@ class TensorRtSession(Session):
         if engine.num_optimization_profiles != len(self._profiles):
             raise EngineFailure(f"{self.name}: the plan has {engine.num_optimization_profiles} profiles, the "
                                 f"manifest's plan set implies {len(self._profiles)}; rebuild the plans")
-        self._context = engine.create_execution_context()
+        self._context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self._context is None:
             raise EngineFailure(f"{self.name}: TensorRT cannot create an execution context (out of GPU memory?)")
+        self._memory.attach(self._context, int(engine.device_memory_size_v2))
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._plan_dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
@@ -206,9 +208,46 @@ class TensorRtSession(Session):
             cuda.cudaFree(address)
         if self._stream is not None:
             cuda.cudaStreamDestroy(self._stream)
+        if self._context is not None:
+            self._memory.detach(self._context)
         self._graphs, self._buffers, self._stream, self._context = {}, {}, None, None
         if self._fallback is not None:
             self._fallback.close()
+
+
+class ContextMemory:
+    """One device block for the activations of every execution context of a model, sized to the largest
+    (user-managed allocation, as NVIDIA's diffusion demo does): the pipeline runs one component at a
+    time, so the text encoders, UNet and VAE need not each hold their own. Grown as contexts attach."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._cuda = gpu.cudart()
+        self._address, self._size = 0, 0
+        self._contexts: list[Any] = []
+
+    def attach(self, context: Any, size: int) -> None:
+        with self.lock:
+            if size > self._size:
+                address = gpu.call(self._cuda.cudaMalloc(size))
+                if self._address:
+                    self._cuda.cudaFree(self._address)
+                self._address, self._size = address, size
+                for other in self._contexts:
+                    other.set_device_memory(self._address, self._size)
+            context.set_device_memory(self._address, self._size)
+            self._contexts.append(context)
+
+    def detach(self, context: Any) -> None:
+        with self.lock:
+            self._contexts = [c for c in self._contexts if c is not context]
+            if not self._contexts and self._address:
+                self._cuda.cudaFree(self._address)
+                self._address, self._size = 0, 0
+
+    @property
+    def size(self) -> int:
+        return self._size
 
 
 class TensorRtBackend(Backend):
@@ -224,16 +263,25 @@ class TensorRtBackend(Backend):
         self._logger = gpu.logger()  # TensorRT keeps a pointer to it: it must live as long as the runtime
         self._runtime = gpu.tensorrt().Runtime(self._logger)
         self._fallback: ort.OrtBackend | None = None
+        self.memory = ContextMemory()
         log.info("%s: TensorRT plans %s (%s)", root.name, self.plan_set.key,
                  ", ".join(p.label for p in self.plan_set.profiles))
 
     def open(self, name: str, component: mf.Component) -> TensorRtSession:
+        """One component's plan; every failure (TensorRT's RuntimeError or TypeError, an OSError) is an
+        EngineFailure, so that loading falls back to ONNX Runtime."""
         path = self.root / self.plan_set.plans[name].path
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise EngineFailure(f"{name}: TensorRT cannot load {path}: {self._logger.last_error()}")
-        profiles = plans.component_profiles(self.manifest, name, self.plan_set.profiles)
-        return TensorRtSession(name, component, engine, profiles, lambda: self._open_fallback(name, component))
+        try:
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise EngineFailure(f"{name}: TensorRT cannot load {path}: {self._logger.last_error()}")
+            profiles = plans.component_profiles(self.manifest, name, self.plan_set.profiles)
+            return TensorRtSession(name, component, engine, profiles, lambda: self._open_fallback(name, component),
+                                   self.memory)
+        except EngineFailure:
+            raise
+        except Exception as exc:
+            raise EngineFailure(f"{name}: TensorRT failed loading {path}: {type(exc).__name__}: {exc}") from exc
 
     def _open_fallback(self, name: str, component: mf.Component) -> Session:
         """ONNX Runtime for the calls no profile fits: the first of CUDA and CPU that loads."""
@@ -241,7 +289,7 @@ class TensorRtBackend(Backend):
             return self._fallback.open(name, component)
         failures = []
         for provider in [p for p in ("cuda", "cpu") if p in ort.available()]:
-            backend = ort.OrtBackend(self.root, provider, threads=self.threads, device_id=self.device_id)
+            backend = ort.OrtBackend(self.root, provider, self.manifest, threads=self.threads, device_id=self.device_id)
             try:
                 session = backend.open(name, component)
             except EngineFailure as exc:

@@ -274,6 +274,6 @@ def test_a_padded_batch_matches_onnx_runtime(model: Path) -> None:
         got = session.run(feeds, ["out_sample"])["out_sample"]
     finally:
         session.close()
-    expected = OrtBackend(model, "cpu").open("unet", unet).run(feeds, ["out_sample"])["out_sample"]
+    expected = OrtBackend(model, "cpu", manifest).open("unet", unet).run(feeds, ["out_sample"])["out_sample"]
     assert got.shape == expected.shape == (7, 4, 8, 8) and got.dtype == np.float32
     assert np.abs(got - expected).max() < 0.05

@@ -1,0 +1,223 @@
+"""`python -m engines doctor [MODEL_DIR] [--json]`: what works on this host, for a new GPU machine and
+for bug reports.
+
+Each check says ok, problem (with the fix) or absent (not installed and not needed, e.g. no GPU on a CPU
+host). Providers are tried by creating a real one-node session, never trusted from
+`get_available_providers()`. With a model directory it also checks the TensorRT plans against this GPU
+and renders a small image on every backend that loads, comparing each with the CPU's render.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+from engines import gpu, libraries, plans
+from engines import manifest as mf
+from engines.errors import EngineError
+
+Status = Literal["ok", "problem", "absent"]
+# x + x over a float[1, 4]: the smallest graph every provider must run (opset 17, IR 8).
+PROBE_GRAPH = (b'\x08\x08\x12\x07sdserve:F\n\x13\n\x01x\n\x01x\x12\x01y\x1a\x03add"\x03Add\x12\x05probeZ\x13\n\x01x'
+               b'\x12\x0e\n\x0c\x08\x01\x12\x08\n\x02\x08\x01\n\x02\x08\x04b\x13\n\x01y\x12\x0e\n\x0c\x08\x01\x12\x08'
+               b'\n\x02\x08\x01\n\x02\x08\x04B\x04\n\x00\x10\x11')
+RENDER_TOLERANCE = 0.02  # mean |backend - CPU| of 0-1 pixels: fp16 rounding, not a different image
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt-ep": "TensorrtExecutionProvider"}
+
+
+class Check(msgspec.Struct):
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+class Report(msgspec.Struct):
+    ok: bool  # no problem found
+    checks: list[Check]
+    seconds: float
+
+
+def run(model_dir: str | None = None) -> Report:
+    started = time.perf_counter()
+    checks = [package(), *[provider(name) for name in PROVIDERS], cuda_libraries(), device(), tensorrt()]
+    if model_dir is not None:
+        usable = [c.name.split(" ")[1] for c in checks if c.name.startswith("provider ") and c.status == "ok"]
+        checks += model(Path(model_dir), usable)
+    return Report(ok=all(c.status != "problem" for c in checks), checks=checks,
+                  seconds=round(time.perf_counter() - started, 2))
+
+
+def package() -> Check:
+    cpu, gpu_package = libraries.installed("onnxruntime"), libraries.installed("onnxruntime-gpu")
+    if cpu and gpu_package:
+        return Check("onnxruntime package", "problem", f"both onnxruntime {cpu} and onnxruntime-gpu {gpu_package} are "
+                     "installed; they overwrite each other's files",
+                     "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'sdserve[gpu]'")
+    if gpu_package:
+        return Check("onnxruntime package", "ok", f"onnxruntime-gpu {gpu_package}")
+    if cpu:
+        return Check("onnxruntime package", "ok", f"onnxruntime {cpu} (CPU only; GPUs need sdserve[gpu])")
+    return Check("onnxruntime package", "problem", "no onnxruntime distribution found", "pip install 'sdserve[cpu]'")
+
+
+def provider(name: str) -> Check:
+    import onnxruntime as ort
+
+    label = f"provider {name}"
+    if PROVIDERS[name] not in ort.get_available_providers():
+        return Check(label, "absent", "this onnxruntime build has no such provider")
+    try:
+        if name != "cpu":
+            libraries.prepare(name)
+        session = ort.InferenceSession(PROBE_GRAPH, providers=[PROVIDERS[name]])
+        result = session.run(None, {"x": np.ones((1, 4), np.float32)})[0]
+    except Exception as exc:  # a failing provider says why in its exception
+        return Check(label, "problem", f"cannot create a session: {_one_line(exc)}", _fix(name))
+    if session.get_providers()[0] != PROVIDERS[name] or not np.array_equal(result, np.full((1, 4), 2, np.float32)):
+        return Check(label, "problem", f"a session asked for {PROVIDERS[name]} runs on {session.get_providers()[0]}",
+                     _fix(name))
+    return Check(label, "ok", "a one-node graph runs on it")
+
+
+def _fix(name: str) -> str:
+    if name == "tensorrt-ep":
+        return "install the TensorRT major that onnxruntime-gpu links (see the tensorrt check), or use backend cuda"
+    return "install sdserve[gpu] on a host with an NVIDIA driver (R580+ for CUDA 13); see the cuda libraries check"
+
+
+def cuda_libraries() -> Check:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return Check("cuda libraries", "absent", "not needed by this onnxruntime build")
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").is_file() else ""
+    wanted = ("libcudart", "libcublas", "libcudnn")
+    found = sorted({Path(line.split()[-1]).name for line in maps.splitlines()
+                    if any(w in line for w in wanted) and line.split()[-1].startswith("/")})
+    missing = [w for w in wanted if not any(f.startswith(w) for f in found)]
+    if missing:
+        loaded = ", ".join(found) or "none"
+        return Check("cuda libraries", "problem", f"not loaded: {', '.join(missing)} (loaded: {loaded})",
+                     "pip install 'sdserve[gpu]' (brings the nvidia-* wheels), or put CUDA 13 and cuDNN 9 on "
+                     "LD_LIBRARY_PATH")
+    return Check("cuda libraries", "ok", ", ".join(found))
+
+
+def device() -> Check:
+    smi = shutil.which("nvidia-smi")
+    expected = libraries.installed("onnxruntime-gpu") is not None
+    if smi is None:
+        return Check("gpu", "problem" if expected else "absent",
+                     "no NVIDIA GPU here: nvidia-smi is not on PATH (checked the packages and providers only)",
+                     "install the NVIDIA driver" if expected else None)
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Check("gpu", "problem", f"nvidia-smi failed: {_one_line(exc)}", "check the NVIDIA driver")
+    if not out:
+        return Check("gpu", "problem" if expected else "absent", "nvidia-smi lists no GPU")
+    return Check("gpu", "ok", "; ".join(line.replace(", ", " | ") for line in out.splitlines()) +
+                 " (name | memory | compute capability | driver)")
+
+
+def tensorrt() -> Check:
+    linked = libraries.linked_tensorrt_major()
+    cuda_python = libraries.installed("cuda-python")
+    try:
+        version = libraries.tensorrt_version()
+    except EngineError as exc:
+        return Check("tensorrt", "problem", str(exc), "pip install --force-reinstall 'sdserve[tensorrt]'")
+    if version is None:
+        detail = "TensorRT is not installed (the tensorrt and tensorrt-ep backends need it)"
+        linked_note = f"; onnxruntime-gpu's EP links TensorRT {linked}" if linked else ""
+        return Check("tensorrt", "absent", detail + linked_note)
+    detail = f"TensorRT {version}, cuda-python {cuda_python or 'not installed'}"
+    if linked is not None and int(version.split(".")[0]) != linked:
+        return Check("tensorrt", "problem", f"{detail}; onnxruntime-gpu's TensorRT EP links TensorRT {linked}",
+                     f"tensorrt-ep needs TensorRT {linked}.x; the native tensorrt backend works with {version}")
+    if cuda_python is None:
+        return Check("tensorrt", "problem", detail,
+                     "pip install 'sdserve[tensorrt]' (the native backend needs cuda-python)")
+    return Check("tensorrt", "ok", detail + (f"; matches onnxruntime-gpu's EP (TensorRT {linked})" if linked else ""))
+
+
+def model(root: Path, usable: list[str]) -> list[Check]:
+    try:
+        manifest = mf.read(root)
+    except EngineError as exc:
+        return [Check("model", "problem", str(exc), f"re-export it: python -m export PRESET --output {root} --force")]
+    checks = [Check("model", "ok", f"{manifest.name} ({manifest.family}), components "
+                    + ", ".join(f"{k} {c.precision}" for k, c in manifest.components.items()))]
+    checks.append(_plans(root, manifest))
+    backends = [*usable, *(["tensorrt"] if checks[-1].status == "ok" else [])]
+    reference = None
+    for backend in backends:
+        check, pixels = _render(root, manifest, backend, reference)
+        reference = pixels if backend == "cpu" else reference
+        checks.append(check)
+    return checks
+
+
+def _plans(root: Path, manifest: mf.Manifest) -> Check:
+    if not manifest.tensorrt:
+        return Check("tensorrt plans", "absent", "none built (python -m export PRESET --tensorrt builds them)")
+    try:
+        found = gpu.probe()
+        plan_set = plans.select(root, manifest, found.tensorrt_version, found.compute_capability)
+    except EngineError as exc:
+        return Check("tensorrt plans", "problem", str(exc),
+                     f"python -m export {manifest.name} --tensorrt --output {root}")
+    return Check("tensorrt plans", "ok", f"{plan_set.key} for {found.name}: "
+                 + ", ".join(p.label for p in plan_set.profiles))
+
+
+def _render(root: Path, manifest: mf.Manifest, backend: str, reference: np.ndarray | None
+            ) -> tuple[Check, np.ndarray | None]:
+    from engines.pipeline import load
+    from engines.render import RenderRequest
+
+    label = f"render {backend}"
+    size = manifest.sizes.min
+    try:
+        pipe = load(root, backend=backend, verify=False)
+        try:
+            pixels = pipe.render(RenderRequest(prompt="a red cube on a table", width=size, height=size, steps=2,
+                                               seed=0)).pixels
+        finally:
+            pipe.close()
+    except EngineError as exc:
+        return Check(label, "problem", _one_line(exc), "see the provider checks above"), None
+    if not np.isfinite(pixels).all():
+        return Check(label, "problem", "the image has NaN or infinite pixels (fp16 overflow?)",
+                     "re-export with --precision fp32 or report it"), None
+    if reference is None:
+        return Check(label, "ok", f"{size}x{size}, 2 steps, finite"), pixels
+    difference = float(np.abs(pixels - reference).mean())
+    if difference > RENDER_TOLERANCE:
+        return Check(label, "problem", f"differs from the CPU render by {difference:.3g} on average (tolerance "
+                     f"{RENDER_TOLERANCE})", "report it with this output"), pixels
+    return Check(label, "ok", f"{size}x{size}, 2 steps, mean difference to CPU {difference:.2g}"), pixels
+
+
+def text(report: Report) -> str:
+    lines = []
+    for check in report.checks:
+        lines.append(f"{check.status:<8} {check.name:<20} {check.detail}")
+        if check.fix and check.status == "problem":
+            lines.append(f"{'':<8} {'':<20} fix: {check.fix}")
+    verdict = "everything found works" if report.ok else "problems found"
+    lines.append(f"{verdict} ({report.seconds:.1f} s)")
+    return "\n".join(lines)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400] or type(exc).__name__
+

@@ -1,0 +1,147 @@
+"""Choosing backends and building their options, checked without a GPU; the GPU halves are marked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engines
+from engines import libraries, plans
+from engines import manifest as mf
+from engines.backends import auto_order, ort
+from tests.engines.test_tensorrt_plans import _copy, _fake_plans, _list
+
+Model = Callable[[str], Path]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _with_plans(manifest: mf.Manifest, root: Path) -> mf.Manifest:
+    return _list(root, _fake_plans(root, manifest, plans.make_profiles(manifest)))
+
+
+def test_auto_prefers_cuda_unless_tensorrt_profiles_exist(tiny_model: Model, tmp_path: Path) -> None:
+    root = _copy(tiny_model, "tiny-sd15", tmp_path)
+    built = ["tensorrt-ep", "cuda", "cpu"]
+    plain = mf.read(root)
+    assert auto_order(plain, built) == ["cuda", "cpu"]
+    assert auto_order(plain, ["cpu"]) == ["cpu"]
+    assert auto_order(_with_plans(plain, root), built) == ["tensorrt", "tensorrt-ep", "cuda", "cpu"]
+
+
+def test_tensorrt_ep_options_follow_each_components_precision(tiny_model: Model, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = mf.read(tiny_model("tiny-sd15"))
+    # as an fp16 export writes it: fp16 UNet and text encoder, fp32 VAE
+    components = {k: c if k.startswith("vae_") else mf.Component(c.graph, "fp16", c.inputs, c.outputs)
+                  for k, c in manifest.components.items()}
+    backend = ort.OrtBackend(tmp_path, "tensorrt-ep", manifest)
+    for key, component in components.items():
+        options = backend.tensorrt_options(key, component)
+        assert options["trt_fp16_enable"] is (not key.startswith("vae_")), key
+        cache = Path(str(options["trt_engine_cache_path"]))
+        assert cache.is_relative_to(tmp_path / "cache") and not cache.is_relative_to(tiny_model("tiny-sd15"))
+        assert "trt_load_user_initializer" not in options  # small graphs keep their weights inline
+
+
+def test_tensorrt_ep_profiles_are_the_native_plans_shapes(tiny_model: Model, tmp_path: Path) -> None:
+    manifest = mf.read(tiny_model("tiny-sd15"))
+    options = ort.OrtBackend(tmp_path, "tensorrt-ep", manifest).tensorrt_options("unet", manifest.components["unet"])
+    h, w = manifest.defaults.height // 8, manifest.defaults.width // 8
+    hidden = manifest.components["unet"].inputs[2].shape[2]
+    # batch: one image unguided up to max_batch guided pairs; prompt windows of 77 tokens, up to 3
+    assert options["trt_profile_min_shapes"] == f"sample:1x4x{h}x{w},timestep:1,encoder_hidden_states:1x77x{hidden}"
+    assert options["trt_profile_opt_shapes"] == f"sample:2x4x{h}x{w},timestep:2,encoder_hidden_states:2x77x{hidden}"
+    top = 2 * manifest.max_batch
+    assert options["trt_profile_max_shapes"] == (f"sample:{top}x4x{h}x{w},timestep:{top},"
+                                                 f"encoder_hidden_states:{top}x{77 * 3}x{hidden}")
+
+
+def test_the_tensorrt_provider_library_names_its_tensorrt(tmp_path: Path) -> None:
+    library = tmp_path / libraries.TENSORRT_PROVIDER_LIBRARY
+    library.write_bytes(b"\x7fELF\0\0libcudart.so.13\0libnvinfer.so.10\0libnvonnxparser.so.10\0")
+    assert libraries.linked_tensorrt_major(library) == 10
+    assert libraries.linked_tensorrt_major(tmp_path / "absent.so") is None
+
+
+@pytest.mark.skipif(libraries.linked_tensorrt_major() is not None, reason="this onnxruntime has the TensorRT EP")
+def test_tensorrt_ep_without_the_provider_is_one_clear_failure(tiny_model: Model) -> None:
+    with pytest.raises(engines.EngineFailure, match="no TensorRT execution provider"):
+        engines.load(tiny_model("tiny-sd15"), backend="tensorrt-ep")
+
+
+def test_any_exception_while_loading_a_backend_is_an_engine_failure(tiny_model: Model, tmp_path: Path) -> None:
+    """A TensorRT whose libraries fail to load raises OSError, not ImportError: "auto" must still fall
+    back to ONNX Runtime and an explicit backend must fail as EngineFailure (the server maps that)."""
+    root = _copy(tiny_model, "tiny-sd15", tmp_path)
+    _with_plans(mf.read(root), root)
+    fake = tmp_path / "site" / "tensorrt"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise OSError('libnvinfer.so.11: cannot open shared object file')\n")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[2]); import engines\n"
+        "print(engines.load(sys.argv[1], backend='auto').info.backend)\n"
+        "try:\n    engines.load(sys.argv[1], backend='tensorrt')\n"
+        "except engines.EngineFailure as exc:\n    print('EngineFailure', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(root), str(tmp_path / "site")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "cpu"
+    assert lines[1].startswith("EngineFailure") and "OSError" in lines[1] and "libnvinfer" in lines[1]
+
+
+# -- on a GPU (the gpu-bench workflow) -------------------------------------------------------------
+
+def _cuda_runs() -> bool:
+    return "CUDAExecutionProvider" in ort.ort.get_available_providers() and os.path.exists("/dev/nvidiactl")
+
+
+needs_cuda = pytest.mark.skipif(not _cuda_runs(), reason="needs onnxruntime-gpu and an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_loads_without_torch_imported(tiny_model: Model) -> None:
+    """The server never imports torch: the CUDA libraries must come from preload_dlls."""
+    script = ("import sys, engines; pipe = engines.load(sys.argv[1], backend='cuda'); "
+              "assert 'torch' not in sys.modules; print(pipe.info.backend)")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_model("tiny-sd15"))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["cuda"], done.stderr
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp16_sd2_unet_is_finite_at_768_on_cuda(tmp_path: Path) -> None:
+    from export import ExportSettings, export_model
+
+    root = tmp_path / "tiny-sd21-fp16"
+    export_model(ExportSettings(preset="tiny-sd21", precision="fp16", output=str(root)))
+    manifest = mf.read(root)
+    session = ort.OrtBackend(root, "cuda", manifest).open("unet", manifest.components["unet"])
+    rng = np.random.default_rng(0)
+    hidden = manifest.components["unet"].inputs[2].shape[2]
+    feeds = {"sample": rng.standard_normal((2, 4, 96, 96)) * 14.6, "timestep": np.array([999.0, 999.0]),
+             "encoder_hidden_states": rng.standard_normal((2, 77, hidden)) * 4}
+    out = session.run(feeds, ["out_sample"])["out_sample"]
+    assert np.isfinite(out).all()
+
+
+def test_cpu_sessions_share_one_arena(tmp_path: Path, tiny_model: Model) -> None:
+    """Every CPU session uses the process's one registered arena (README, Performance: the VAE then reuses
+    the UNet's activation memory); and models still render the same after a second one loads."""
+    manifest = mf.read(tiny_model("tiny-sd15"))
+    options = ort.OrtBackend(tmp_path, "cpu", manifest).session_options()
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    request = engines.RenderRequest(prompt="a cube", width=64, height=64, steps=2, seed=3)
+    first = engines.load(tiny_model("tiny-sd15"), backend="cpu").render(request).pixels
+    engines.load(tiny_model("tiny-sd21"), backend="cpu")
+    assert np.array_equal(engines.load(tiny_model("tiny-sd15"), backend="cpu").render(request).pixels, first)
