@@ -181,7 +181,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
     flag("--probe-timeout", type=float,
          help="router: seconds a node has to answer its status probe before leaving rotation (default 2)")
-    flag("--node-networks", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+    flag("--node-networks", type=_comma_list,
          metavar="CIDR,…", help="router: networks that node advertise URLs may resolve into (default: loopback "
          "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
