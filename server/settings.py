@@ -4,6 +4,7 @@ defaults (a flag wins over the environment). Printed at start-up with secrets ma
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -51,6 +52,10 @@ class Settings(msgspec.Struct, kw_only=True):
     images_dir: str = "images"
     image_ttl: Seconds = 3600.0
     images_max_bytes: Positive | None = None  # size cap of images_dir: the oldest go first
+    # http(s) image URLs in JSON edits: off, as a client could make the server request its network
+    fetch_image_urls: bool = False
+    fetch_timeout: Seconds = 10.0  # a whole fetch, redirects included → 400
+    fetch_allow_networks: list[str] = msgspec.field(default_factory=list)  # CIDRs exempt from the address check
     # security
     api_keys: list[str] = msgspec.field(default_factory=list)
     api_keys_file: str | None = None
@@ -79,6 +84,11 @@ class Settings(msgspec.Struct, kw_only=True):
             raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist or cannot be read")
         if self.role != "node" and not _writable(Path(self.images_dir)):
             raise ValueError(f"images_dir {self.images_dir!r} cannot be created or written")
+        for network in self.fetch_allow_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"fetch_allow_networks: {network!r} is not a network (CIDR)") from exc
 
     def keys(self) -> list[str]:
         """API keys from the setting and the keys file (one per line, # comments)."""
@@ -111,13 +121,17 @@ def _env_name(field: str) -> str:
 
 def _parse_env(field: str, raw: str, kind: object) -> object:
     """Environment values are strings: lists are comma separated, maps are name=value pairs."""
-    if field in ("models", "api_keys", "routers", "node_networks", "cors_origins"):
-        return [part.strip() for part in raw.split(",") if part.strip()]
+    if field in ("models", "api_keys", "routers", "node_networks", "cors_origins", "fetch_allow_networks"):
+        return _comma_list(raw)
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
-    if field == "verify_models":
+    if field in ("verify_models", "fetch_image_urls"):
         return raw.strip().lower() not in ("0", "false", "no", "off")
     return raw  # converted (and range-checked, naming the field) with the rest in from_sources
+
+
+def _comma_list(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
 
 
 def add_arguments(cli: argparse.ArgumentParser) -> None:
@@ -150,6 +164,12 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--image-ttl", type=float, help="seconds an image URL stays valid (default 3600)")
     flag("--images-max-bytes", type=int,
          help="size cap of --images-dir: the sweep deletes the oldest images beyond it (default: no cap)")
+    flag("--fetch-image-urls", action="store_const", const=True,
+         help="JSON edits: fetch http(s) image URLs (default off: data: URLs only), with the upload limit, no "
+         "redirects to other hosts, and never from loopback, link-local, private, multicast or reserved addresses")
+    flag("--fetch-timeout", type=float, help="seconds for one image URL fetch, redirects included (default 10)")
+    flag("--fetch-allow-networks", action="extend", type=_comma_list, metavar="CIDR,…",
+         help="networks fetched from even though loopback/private/link-local/… (repeatable; default none)")
     flag("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable; or SDSERVE_API_KEYS)")
     flag("--api-keys-file", help="file of accepted API keys, one per line")
     flag("--node-token", help="shared secret for node registration (or SDSERVE_NODE_TOKEN)")
@@ -163,14 +183,14 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
     flag("--probe-timeout", type=float,
          help="router: seconds a node has to answer its status probe before leaving rotation (default 2)")
-    flag("--node-networks", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+    flag("--node-networks", type=_comma_list,
          metavar="CIDR,…", help="router: networks that node advertise URLs may resolve into (default: loopback "
          "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     flag("--log-format", choices=["text", "json"],
          help="text (default) or json: one JSON object per line, the access log with its request_id included")
-    flag("--cors-origins", action="extend", type=lambda text: [o.strip() for o in text.split(",") if o.strip()],
+    flag("--cors-origins", action="extend", type=_comma_list,
          metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
          "https://app.example.com, or * for any (repeatable; default none)")
 

@@ -1,8 +1,8 @@
 """`/v1/images/edits` as application/json: `images: [{image_url}]` and `mask: {image_url}` → uploads.
 
-`data:` URLs are always read (with the upload size limit). `http(s)` URLs are refused: fetching them would
-let a client make this server request addresses on its network; `file_id` is refused: there is no Files
-API here. Both answer 400 naming the field.
+`data:` URLs are always read (with the upload size limit). `http(s)` URLs are fetched (server/fetch.py) only
+where the operator enabled it: fetching lets a client make this server request addresses on its network.
+`file_id` is refused: there is no Files API here. Refusals answer 400 naming the field.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 
+from server import fetch
 from server.errors import ApiError
 from server.jobs import Upload
 from server.protocol import ImageRef
+from server.settings import Settings
 
 
-def read_image(ref: ImageRef | None, param: str, limit: int) -> Upload | None:
+async def read_image(ref: ImageRef | None, param: str, settings: Settings) -> Upload | None:
     if ref is None:
         return None
     if ref.file_id is not None:
@@ -24,9 +26,12 @@ def read_image(ref: ImageRef | None, param: str, limit: int) -> Upload | None:
     url = ref.image_url
     if not url:
         raise ApiError(400, f"'{param}' needs an image_url", param=param, code=f"invalid_{param}")
-    if url.startswith(("http://", "https://")):
-        raise ApiError(400, f"'{param}': fetching http(s) image URLs is not enabled on this server; send a data: URL",
-                       param=param, code="image_url_not_allowed")
+    if url[:8].lower().startswith(("http://", "https://")):
+        if not settings.fetch_image_urls:
+            raise ApiError(400, f"'{param}': fetching http(s) image URLs is not enabled on this server; send a "
+                           "data: URL", param=param, code="image_url_not_allowed")
+        return Upload(await fetch.fetch(url, param, settings), param)
+    limit = settings.max_upload_bytes
     head, comma, payload = url.partition(",")
     if not head.startswith("data:") or not head.endswith(";base64") or not comma:
         raise ApiError(400, f"'{param}': image_url must be a data:image/…;base64,… URL", param=param,

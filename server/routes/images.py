@@ -61,17 +61,16 @@ async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
     if not data.images:
         raise ApiError(400, "missing required parameter 'images' (a list of {image_url})", param="images",
                        code="missing_required_parameter")
-    limit = state.settings.max_upload_bytes
-    image = edit_json.read_image(data.images[0], "images", limit)
+    image = await edit_json.read_image(data.images[0], "images", state.settings)
     assert image is not None
-    return await _edit(request, state, data, image, edit_json.read_image(data.mask, "mask", limit))
+    return await _edit(request, state, data, image, await edit_json.read_image(data.mask, "mask", state.settings))
 
 
 @post("/images/edits", status_code=200, guards=[edit_body], before_request=_json_edits,
       responses=documented(*IMAGE_ERRORS),
       summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image",
       description="multipart/form-data as below, or application/json with `images: [{image_url}]` and `mask: "
-      "{image_url}` (data: URLs) and the same other fields")
+      "{image_url}` (data: URLs; http(s) where the server fetches them) and the same other fields")
 async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
     limit = state.settings.max_upload_bytes

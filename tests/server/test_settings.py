@@ -20,6 +20,9 @@ from server.__main__ import main
     (["--images-dir", "{tmp}/a-file/images"], {}, "images_dir"),
     (["--images-max-bytes", "0"], {}, "images_max_bytes"),
     (["--threads", "0"], {}, "threads"),
+    (["--fetch-allow-networks", "127.0.0.0/8,not-a-network"], {}, "fetch_allow_networks"),
+    ([], {"SDSERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/33"}, "fetch_allow_networks"),
+    (["--fetch-timeout", "0"], {}, "fetch_timeout"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(args: list[str], env: dict[str, str], named: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str],
