@@ -5,8 +5,10 @@ that is dead before the stream starts is replaced by the other one."""
 from __future__ import annotations
 
 import base64
+import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -61,19 +63,25 @@ def test_unbuffered_keepalive_reaches_the_client_through_the_router(pair: Fleet)
 
 
 def test_node_dead_before_the_first_event_is_replaced(pair: Fleet, sdk: OpenAI) -> None:
-    """node-b dies while idle; until the router learns it (a failed attempt, or the heartbeat timeout), streams
-    sent to it fail to connect and go to node-a instead: every client still gets its events."""
-    deadline = time.monotonic() + 10  # fresh heartbeats: both idle, so dispatch picks either at random
+    """node-b hangs (SIGSTOP) while idle. A burst of streams right after it is spread over both nodes by
+    outstanding work, before any probe (2 s timeout) can notice, so some are sent to node-b: the router
+    replaces it once it is lost, and every client still gets its events from node-a."""
+    deadline = time.monotonic() + 10  # fresh heartbeats: both idle
     while any(load["work"] for view in pair.views().values() for load in view["load"].values()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    pair.nodes["node-b"].kill()
-    for seed in range(8):
-        events = list(sdk.images.generate(prompt="retry me", stream=True, partial_images=1, **BASE,
-                                          extra_body={"seed": seed, "steps": 2}))
-        assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
-        if pair.router.log_lines("node node-b failed", timeout=0):
-            break
+    pair.nodes["node-b"].signal(signal.SIGSTOP)
+
+    def stream(seed: int) -> list[str]:
+        return [e.type for e in sdk.images.generate(prompt="retry me", stream=True, partial_images=1, **BASE,
+                                                    extra_body={"seed": seed, "steps": 2})]
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(stream, range(4)))
+    finally:
+        pair.nodes["node-b"].kill()
+    assert results == [["image_generation.partial_image", "image_generation.completed"]] * 4
     assert pair.router.log_lines("node node-b failed", "retrying", timeout=0), pair.router.log()[-2000:]
 
 
