@@ -50,6 +50,7 @@ class Settings(msgspec.Struct, kw_only=True):
     connect_timeout: float = 3.0  # router → node
     retries: int = 2  # router: other nodes tried when one fails before starting
     log_level: str = "info"
+    playground: bool = True  # the browser page at GET / (standalone and router roles)
 
     def keys(self) -> list[str]:
         """API keys from the setting and the keys file (one per line, # comments)."""
@@ -78,7 +79,7 @@ def _parse_env(field: str, raw: str, kind: object) -> object:
         return [part.strip() for part in raw.split(",") if part.strip()]
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
-    if field == "verify_models":
+    if field in ("verify_models", "playground"):
         return raw.strip().lower() not in ("0", "false", "no", "off")
     return msgspec.convert(raw, type=kind, strict=False)
 
@@ -118,6 +119,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          help="router: seconds of silence before a node leaves rotation (default 15)")
     flag("--connect-timeout", type=float, help="router: seconds to connect to a node (default 3)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
+    flag("--no-playground", dest="playground", action="store_const", const=False,
+         help="do not serve the browser playground page at / (standalone and router roles)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
 
 
