@@ -23,6 +23,7 @@ from engines.errors import (
 )
 from engines.info import ModelInfo
 from engines.noise import Noise
+from engines.progress import Partial
 from engines.render import RenderRequest, RenderResult, Timings
 from engines.schedulers import SAMPLERS
 
@@ -35,6 +36,7 @@ __all__ = [
     "ModelInvalid",
     "ModelNotFound",
     "Noise",
+    "Partial",
     "Pipeline",
     "RenderCancelled",
     "RenderRequest",

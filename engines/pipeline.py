@@ -29,9 +29,11 @@ import numpy as np
 from engines import images, schedulers
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
-from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound, RenderCancelled
+from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound
 from engines.info import ModelInfo
 from engines.noise import Noise, SeededNoise
+from engines.preview import Previewer, PreviewMode
+from engines.progress import PartialCallback, StepCallback, StepHook
 from engines.render import RenderRequest, RenderResult, Timings
 from engines.tokenizer import PromptTokenizer
 
@@ -39,7 +41,6 @@ log = logging.getLogger("sdserve.engines")
 
 MAX_STEPS = 150
 MAX_SEED = 2**63 - 1
-StepCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,20 @@ class Pipeline:
             max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
             samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device,
         )
+        self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor)
 
     def render(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
-               on_step: StepCallback | None = None) -> RenderResult:
+               on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
+               partial_images: int = 0, preview: PreviewMode = "full") -> RenderResult:
         """Render `request.n` images. `latents` is the starting noise ε (n, 4, h, w), as diffusers'
         `latents` argument (for image inputs: the noise mixed into the encoded image); `noise` holds
-        the other draws. Both default to draws from the seeds."""
+        the other draws. Both default to draws from the seeds. `on_step(done, total)` follows each
+        chunk's steps; `on_partial` gets `partial_images` previews per image (`engines.progress`)."""
         started = time.perf_counter()
         timings = Timings()
         # 1. Check inputs
         job = self.check_inputs(request)
+        hook = StepHook(on_step, on_partial, partial_images, self.previewer, preview)
         try:
             # 2. Encode the prompt
             with timings.stage("text_encoder"):
@@ -107,7 +112,7 @@ class Pipeline:
             pixels = []
             for first in range(0, request.n, self.max_batch):
                 chunk = slice(first, min(request.n, first + self.max_batch))
-                pixels.append(self._render_chunk(job, prompt, schedule, chunk, latents, noise, on_step, timings))
+                pixels.append(self._render_chunk(job, prompt, schedule, chunk, latents, noise, hook, timings))
         except EngineError:
             raise
         except Exception as exc:  # a numpy or backend error is our fault, never the caller's
@@ -119,14 +124,14 @@ class Pipeline:
                             steps_run=len(schedule.timesteps))
 
     def _render_chunk(self, job: Job, prompt: Prompt, schedule: schedulers.Schedule, chunk: slice,
-                      latents: np.ndarray | None, noise: Noise | None, on_step: StepCallback | None,
+                      latents: np.ndarray | None, noise: Noise | None, hook: StepHook,
                       timings: Timings) -> np.ndarray:
         draws = SeededNoise(job.seeds[chunk], self._latent_shape(job))
         # 4. Prepare latents
         x, inpainting = self.prepare_latents(job, schedule, draws, chunk, latents, noise, timings)
         # 5. Denoise
         with timings.stage("unet"):
-            x = self.denoise(job, prompt, schedule, x, inpainting, draws, chunk, noise, on_step, timings)
+            x = self.denoise(job, prompt, schedule, x, inpainting, draws, chunk, noise, hook, timings)
         # 6. Decode
         with timings.stage("vae_decoder"):
             return self.decode_latents(x)
@@ -265,7 +270,7 @@ class Pipeline:
 
     def denoise(self, job: Job, prompt: Prompt, schedule: schedulers.Schedule, x: np.ndarray,
                 inpainting: Inpainting | None, draws: SeededNoise, chunk: slice, noise: Noise | None,
-                on_step: StepCallback | None, timings: Timings) -> np.ndarray:
+                hook: StepHook | None, timings: Timings) -> np.ndarray:
         scheduler, images_in_chunk = job.scheduler, x.shape[0]
         copies = 2 if job.guided else 1
         conditioning = self._unet_conditioning(job, prompt, images_in_chunk)
@@ -295,8 +300,8 @@ class Pipeline:
             if inpainting is not None and inpainting.image_latents is not None:
                 x = self._blend_outside_mask(job, schedule, i, x, inpainting)
             timings.steps.append(time.perf_counter() - step_started)
-            if on_step is not None:
-                _report(on_step, i + 1, total)
+            if hook is not None:  # progress, cancellation and partial images, from this step's x0 estimate
+                hook(i + 1, total, chunk.start, previous.denoised)
         return x
 
     def _unet_conditioning(self, job: Job, prompt: Prompt, count: int) -> dict[str, np.ndarray]:
@@ -342,15 +347,6 @@ def _given(explicit: np.ndarray | None, chunk: slice, drawn: np.ndarray) -> np.n
     if part.shape != drawn.shape:
         raise InvalidRequest("noise", f"expected noise of shape {drawn.shape} for this chunk, got {part.shape}")
     return part
-
-
-def _report(on_step: StepCallback, done: int, total: int) -> None:
-    try:
-        on_step(done, total)
-    except EngineError:
-        raise
-    except Exception as exc:  # the caller asked to stop: its own reason rides along as the cause
-        raise RenderCancelled(str(exc) or type(exc).__name__) from exc
 
 
 def _decoded(param: str, convert: Callable[[], np.ndarray]) -> np.ndarray:

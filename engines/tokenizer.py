@@ -32,6 +32,10 @@ class PromptTokenizer:
         """How many windows `text` needs (at least one, also for the empty prompt)."""
         return max(1, -(-len(self._ids(text)) // self.piece))
 
+    def tokens(self, text: str) -> int:
+        """How many tokens `text` is, without the special and padding tokens (for usage reports)."""
+        return len(self._ids(text))
+
     def windows(self, text: str, count: int | None = None) -> np.ndarray:
         """(windows, max_length) int64 token ids; `count` pads with empty windows so that a prompt and
         its negative prompt line up."""

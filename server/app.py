@@ -49,7 +49,8 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     dispatcher = Dispatcher(registry, metrics, settings.retries,
                             wait_limit=0 if role == "standalone" else settings.queue_depth)
     if pool is not None:
-        local = LocalNode(pool, lambda: node.report(pool, settings, LOCAL_NODE, "in-process"))
+        local = LocalNode(pool, lambda: node.report(pool, settings, LOCAL_NODE, "in-process"),
+                          settings.request_timeout, settings.keepalive_interval)
         registry.register(local.report(), local, local=True)
     return AppState(settings=settings, renderer=dispatcher, metrics=metrics, pool=pool, registry=registry,
                     dispatcher=dispatcher, store=ImageStore(settings.images_dir, settings.image_ttl),
@@ -95,7 +96,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         if settings.playground:
             handlers += playground.handlers()
     if state.agent is not None:
-        handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.status]))
+        handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.stream, node_api.status]))
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: errors.handle},

@@ -3,7 +3,7 @@ against what the model supports, so that everything a node receives is already v
 
 The quality and style mapping (documented in the README):
     quality  standard | auto | medium → the model's default steps
-             hd | high               → 1.5 × default steps (at least 30 for non-Turbo models)
+             hd | high | xhigh | max → 1.5 × default steps (at least 30 for non-Turbo models)
              low                     → 0.5 × default steps (at least 1)
     style    vivid → the model's default guidance;  natural → 0.7 × that
 Explicit `steps` / `guidance_scale` win over both.
@@ -75,7 +75,7 @@ def resolve_steps(request: Request, info: ModelInfo) -> int:
         return request.steps
     default = info.defaults.steps
     quality = getattr(request, "quality", None)
-    if quality in ("hd", "high"):
+    if quality in ("hd", "high", "xhigh", "max"):
         steps = math.ceil(default * 1.5)
         return min(150, steps if info.variant == "turbo" else max(30, steps))
     if quality == "low":
@@ -100,9 +100,17 @@ def resolve_prompt(prompt: str) -> str:
     return text
 
 
+def resolve_background(request: Request) -> None:
+    if getattr(request, "background", None) == "transparent":
+        raise ApiError(400, "background 'transparent' is not supported: Stable Diffusion draws no alpha; use "
+                       "'opaque' or 'auto'", param="background", code="invalid_background")
+
+
 def build(request: Request, info: ModelInfo, request_id: str, prompt: str, strength: float,
           image: bytes | None = None, mask: bytes | None = None) -> RenderJob:
     width, height = resolve_size(request.size, info)
+    resolve_background(request)
+    streamed = bool(getattr(request, "stream", None))
     return RenderJob(
         request_id=request_id,
         model=info.id,
@@ -120,6 +128,9 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         mask=mask,
         output_format=request.output_format or "png",
         output_compression=request.output_compression,
+        quality=getattr(request, "quality", None) or "auto",
+        partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
+        events=("image_edit" if isinstance(request, ImageEditRequest) else "image_generation") if streamed else None,
     )
 
 

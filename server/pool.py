@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,13 +39,15 @@ class Work:
     future: asyncio.Future[RenderedImages]
     enqueued: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
+    on_partial: Callable[[engines.Partial], None] | None = None  # streaming: called on the render thread
 
 
 class ModelQueue:
     """One model: its pipeline, its waiting requests and its render threads."""
 
-    def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics) -> None:
-        self.pipeline, self.depth, self.metrics = pipeline, depth, metrics
+    def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics,
+                 preview: str = "full") -> None:
+        self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
         self.id = pipeline.info.id
         self._waiting: deque[Work] = deque()
         self._ready = threading.Condition()
@@ -70,8 +73,12 @@ class ModelQueue:
             return sum(w.job.work for w in self._waiting) + self._running_work
 
     async def submit(self, job: RenderJob) -> RenderedImages:
+        return await self.outcome(self.enqueue(job))
+
+    def enqueue(self, job: RenderJob, on_partial: Callable[[engines.Partial], None] | None = None) -> Work:
+        """Queue a job (from the event loop), or refuse it at once: 429 when full, 503 when closing."""
         loop = asyncio.get_running_loop()
-        work = Work(job, loop, loop.create_future())
+        work = Work(job, loop, loop.create_future(), on_partial=on_partial)
         with self._ready:
             if self._closed:
                 raise ApiError(503, f"model {self.id} is shutting down", code="draining",
@@ -82,15 +89,22 @@ class ModelQueue:
             self._waiting.append(work)
             self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
             self._ready.notify()
+        return work
+
+    async def outcome(self, work: Work) -> RenderedImages:
         try:
             return await asyncio.shield(work.future)
         except asyncio.CancelledError:  # timeout or client gone: drop it, or stop it at its next step
-            work.cancel.set()
-            with self._ready:
-                if work in self._waiting:
-                    self._waiting.remove(work)
-                    self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+            self.abandon(work)
             raise
+
+    def abandon(self, work: Work) -> None:
+        """Nobody waits for this work any more: drop it from the queue, or stop it at its next step."""
+        work.cancel.set()
+        with self._ready:
+            if work in self._waiting:
+                self._waiting.remove(work)
+                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
 
     def _retry_after(self) -> int:
         """A rough wait: the queue ahead times the last render's duration."""
@@ -138,14 +152,23 @@ class ModelQueue:
             if work.cancel.is_set():
                 raise engines.RenderCancelled(f"request {job.request_id} cancelled at step {done}/{total}")
 
-        result = self.pipeline.render(request, on_step=on_step)
+        result = self.pipeline.render(request, on_step=on_step, on_partial=work.on_partial,
+                                      partial_images=job.partial_images, preview=self.preview)
         started = time.perf_counter()
         encoded = [images.encode(image, job.output_format, job.output_compression) for image in result.images]
         timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
         self._last_seconds = timings.get("total", 0.0)
         self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
         self.metrics.images.labels(self.id).inc(len(encoded))
-        return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run)
+        return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
+                              input_tokens=self._input_tokens(job))
+
+    def _input_tokens(self, job: RenderJob) -> int:
+        """Prompt tokens (and negative prompt tokens) as the first text encoder's tokenizer counts them."""
+        tokenizer = next(iter(self.pipeline.tokenizers.values()), None)
+        if tokenizer is None:
+            return 0
+        return sum(tokenizer.tokens(text) for text in (job.prompt, job.negative_prompt or ""))
 
     def close(self) -> None:
         with self._ready:
@@ -206,7 +229,7 @@ class EnginePool:
                 self.states[path.name] = f"failed: {exc}"
                 log.error("model %s failed to load: %s", path.name, exc)
                 continue
-            self.queues[path.name] = ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics)
+            self.queues[path.name] = ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview)
             self.states[path.name] = "ready"
             log.info("model %s ready on %s in %.1f s", path.name, pipeline.info.device, time.perf_counter() - started)
 
@@ -220,6 +243,10 @@ class EnginePool:
         return bool(self.queues) and not self.draining
 
     async def render(self, job: RenderJob) -> RenderedImages:
+        return await self.queue_for(job).submit(job)
+
+    def queue_for(self, job: RenderJob) -> ModelQueue:
+        """The model's queue, or the error a request for it gets now (503 draining/loading, 404 unknown)."""
         if self.draining:
             raise ApiError(503, "this node is draining and takes no new work", code="draining",
                            headers={"Retry-After": "5"})
@@ -230,7 +257,7 @@ class EnginePool:
                 raise ApiError(404, f"model '{job.model}' not found", param="model", code="model_not_found")
             raise ApiError(503, f"model '{job.model}' is {state}", code="model_unavailable",
                            headers={"Retry-After": "10"})
-        return await queue.submit(job)
+        return queue
 
     def load(self) -> dict[str, dict[str, int]]:
         """Per model: renders running, waiting, and their work units (for balancing)."""

@@ -14,7 +14,8 @@ from msgspec import Meta
 
 from engines.info import ModelInfo
 
-Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+Quality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max", "auto"]
+Background = Literal["auto", "opaque", "transparent"]
 Style = Literal["vivid", "natural"]
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -58,20 +59,32 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     strength: Strength | None = None
 
 
-class ImageGenerationRequest(RenderOptions, kw_only=True):
+PartialImages = Annotated[int, Meta(ge=0, le=3, description="partial images per image while streaming, 0-3",
+                                     extra_json_schema=_FROM_ZERO)]
+
+
+class PromptedOptions(RenderOptions, kw_only=True):
+    """OpenAI's fields of the prompted routes (generations and edits): streaming and today's extras."""
+
     prompt: str
     quality: Quality | None = None
+    stream: bool | None = None
+    partial_images: PartialImages | None = None
+    background: Background | None = None  # "transparent" is refused: SD draws no alpha
+    moderation: str | None = None  # accepted; there is no moderation model
+    input_fidelity: str | None = None  # accepted, no effect
+
+
+class ImageGenerationRequest(PromptedOptions, kw_only=True):
     style: Style | None = None
 
 
-class ImageEditRequest(RenderOptions, kw_only=True):
+class ImageEditRequest(PromptedOptions, kw_only=True):
     """multipart/form-data; numbers arrive as strings and are converted."""
 
-    prompt: str
     image: File = None
     image_list: Files = msgspec.field(default=None, name="image[]")  # one part or several; the first is used
     mask: File = None
-    quality: Quality | None = None
 
 
 class ImageVariationRequest(RenderOptions, kw_only=True):
@@ -90,6 +103,59 @@ class ImagesResponse(msgspec.Struct):
     model: str
     size: str
     output_format: OutputFormat
+    quality: str = "auto"
+    background: str = "opaque"
+
+
+class InputTokensDetails(msgspec.Struct):
+    text_tokens: int
+    image_tokens: int = 0
+
+
+class Usage(msgspec.Struct):
+    """Our models read text tokens and write no image tokens."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+class PartialImageEvent(msgspec.Struct, kw_only=True):
+    """`image_generation.partial_image` / `image_edit.partial_image`, plus our `index` and `seed`."""
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: OutputFormat
+    partial_image_index: int
+    index: int
+    seed: int
+
+
+class CompletedImageEvent(msgspec.Struct, kw_only=True):
+    """`image_generation.completed` / `image_edit.completed`, plus our `index` and `seed`."""
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: OutputFormat
+    usage: Usage
+    index: int
+    seed: int
+
+
+class ErrorEvent(msgspec.Struct):
+    """A failure after the stream started: the last event."""
+
+    error: ErrorDetail
+    type: str = "error"
 
 
 class ErrorDetail(msgspec.Struct):
@@ -155,6 +221,9 @@ class RenderJob(msgspec.Struct, kw_only=True):
     mask: bytes | None = None  # PNG, 8-bit gray, white = repaint
     output_format: OutputFormat = "png"
     output_compression: int | None = None
+    quality: str = "auto"  # echoed in responses and events
+    partial_images: int = 0  # streaming: previews per image
+    events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
 
     @property
     def work(self) -> int:
@@ -167,6 +236,7 @@ class RenderedImages(msgspec.Struct):
     seeds: list[int]
     timings: dict[str, float]  # seconds per stage, including "queue"
     steps_run: int
+    input_tokens: int = 0  # prompt tokens the text encoders read
 
 
 

@@ -31,6 +31,8 @@ class Settings(msgspec.Struct, kw_only=True):
     render_slots: int = 1  # concurrent renders per model
     queue_depth: int = 8  # requests waiting per model beyond the slots; more → 429
     request_timeout: float = 600.0  # seconds from acceptance to answer → 504
+    preview: str = "full"  # streaming: partial images by the full VAE decode, or "linear" (cheap, blurry)
+    keepalive_interval: float = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
     # uploads and outputs
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 16_000_000
@@ -103,6 +105,9 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
     flag("--queue-depth", type=int, help="waiting requests per model before 429 (default 8)")
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
+    flag("--preview", choices=["full", "linear"],
+         help="streaming: partial images by the full VAE decode (default) or a cheap linear latent-to-RGB map")
+    flag("--keepalive-interval", type=float, help="streaming: seconds between keep-alive comments (default 10)")
     flag("--max-upload-bytes", type=int, help="per uploaded file (default 25 MiB)")
     flag("--max-pixels", type=int, help="per uploaded image (default 16 000 000)")
     flag("--images-dir", help="where url-format images are kept (default images/)")

@@ -4,6 +4,7 @@ the role (registry and dispatcher on routers, the agent on nodes)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +37,8 @@ class Renderer(Protocol):
     def ready(self) -> bool: ...
 
     async def render(self, job: RenderJob) -> RenderedImages: ...
+
+    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]: ...
 
 
 @dataclass

@@ -15,6 +15,8 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from engines.info import ModelInfo
 from server.errors import ApiError
@@ -22,9 +24,11 @@ from server.metrics import Metrics
 from server.protocol import RenderedImages, RenderJob
 from server.router.node_client import NodeClient, NodeFull, NodeUnavailable
 from server.router.registry import NodeRecord, Registry
+from server.streaming import NodeGone, NodeStream, relay
 
 log = logging.getLogger("sdserve.router")
 PROBE_SECONDS = 1.0
+T = TypeVar("T")
 
 
 class Dispatcher:
@@ -48,7 +52,16 @@ class Dispatcher:
         return bool(self.ready_models())
 
     async def render(self, job: RenderJob) -> RenderedImages:
-        failures: set[str] = set()
+        return await self._dispatch(job, self._send, set())
+
+    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
+        """A streamed job: returns once a node accepted it (errors before that are the usual HTTP ones),
+        then its frames; a node failing before its first event is replaced, as `render` retries."""
+        first = await self._dispatch(job, self._open, set())
+        return relay(job, first, lambda job, failed: self._dispatch(job, self._open, set(failed)))
+
+    async def _dispatch(self, job: RenderJob, attempt: Callable[[NodeRecord, RenderJob, bool], Awaitable[T]],
+                        failures: set[str]) -> T:
         full: set[str] = set()
         waiting = False
         try:
@@ -67,7 +80,7 @@ class Dispatcher:
                     full.clear()
                     continue
                 try:
-                    return await self._send(node, job, retry=bool(failures))
+                    return await attempt(node, job, bool(failures))
                 except NodeFull:
                     full.add(node.id)
                 except NodeUnavailable as exc:
@@ -84,27 +97,62 @@ class Dispatcher:
     # -- internals ---------------------------------------------------------------------------------
 
     async def _send(self, node: NodeRecord, job: RenderJob, retry: bool) -> RenderedImages:
-        node.in_flight[job.model] = node.in_flight.get(job.model, 0) + 1
-        node.in_flight_work += job.work
-        node.requests += 1
-        self.metrics.node_requests.labels(node.id).inc()
-        if retry:
-            self.metrics.retries.inc()
+        self._begin(node, job, retry)
         started = time.perf_counter()
         try:
             result = await node.client.render(job)
             self.metrics.node_latency.labels(node.id).observe(time.perf_counter() - started)
             return result
         except NodeUnavailable as exc:
-            self.registry.mark_failed(node, str(exc))
-            self.metrics.node_failures.labels(node.id).inc()
-            self._count_healthy()
+            self._node_failed(node, str(exc))
             raise
         finally:
-            node.in_flight[job.model] -= 1
-            node.in_flight_work -= job.work
-            async with self._room:
-                self._room.notify_all()
+            await self._end(node, job)
+
+    async def _open(self, node: NodeRecord, job: RenderJob, retry: bool) -> NodeStream:
+        """Start a stream on `node`; it counts as in flight there until the stream ends."""
+        self._begin(node, job, retry)
+        try:
+            chunks = await node.client.open_stream(job)
+        except NodeUnavailable as exc:
+            self._node_failed(node, str(exc))
+            await self._end(node, job)
+            raise
+        except BaseException:
+            await self._end(node, job)
+            raise
+
+        async def tracked() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except NodeGone as exc:
+                self._node_failed(node, str(exc))
+                raise
+            finally:
+                await chunks.aclose()
+                await self._end(node, job)
+
+        return NodeStream(node.id, tracked())
+
+    def _begin(self, node: NodeRecord, job: RenderJob, retry: bool) -> None:
+        node.in_flight[job.model] = node.in_flight.get(job.model, 0) + 1
+        node.in_flight_work += job.work
+        node.requests += 1
+        self.metrics.node_requests.labels(node.id).inc()
+        if retry:
+            self.metrics.retries.inc()
+
+    async def _end(self, node: NodeRecord, job: RenderJob) -> None:
+        node.in_flight[job.model] -= 1
+        node.in_flight_work -= job.work
+        async with self._room:
+            self._room.notify_all()
+
+    def _node_failed(self, node: NodeRecord, reason: str) -> None:
+        self.registry.mark_failed(node, reason)
+        self.metrics.node_failures.labels(node.id).inc()
+        self._count_healthy()
 
     def _choose(self, model: str, exclude: set[str]) -> NodeRecord | None:
         self._refresh_local()

@@ -8,9 +8,12 @@ Renders are idempotent (the seed is fixed before dispatch), so retrying one a de
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import msgspec
 
+from server import streaming
 from server.errors import ApiError, decode_error_body
 from server.protocol import NodeReport, RenderedImages, RenderJob
 
@@ -47,13 +50,27 @@ class NodeClient:
             raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if response.status_code == 200:
             return msgspec.msgpack.decode(response.content, type=RenderedImages)
-        error = decode_error_body(response.content, response.status_code)
-        if response.status_code == 429:
-            error.headers["Retry-After"] = response.headers.get("retry-after", "1")
-            raise NodeFull(error)
-        if response.status_code in (502, 503):
-            raise NodeUnavailable(f"{response.status_code}: {error.message}")
-        raise error
+        raise _refusal(response)
+
+    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
+        """POST /v0/stream; returns the event stream once the node answered 200 (its refusals raise here)."""
+        request = self.http.build_request("POST", "/v0/stream", content=msgspec.msgpack.encode(job),
+                                          headers={"content-type": MSGPACK, "x-request-id": job.request_id})
+        try:
+            response = await self.http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise NodeUnavailable(f"timeout: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            try:
+                await response.aread()
+            except httpx.HTTPError as exc:
+                raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                await response.aclose()
+            raise _refusal(response)
+        return _chunks(response)
 
     async def status(self) -> NodeReport:
         try:
@@ -68,16 +85,46 @@ class NodeClient:
         await self.http.aclose()
 
 
+def _refusal(response: httpx.Response) -> Exception:
+    error = decode_error_body(response.content, response.status_code)
+    if response.status_code == 429:
+        error.headers["Retry-After"] = response.headers.get("retry-after", "1")
+        return NodeFull(error)
+    if response.status_code in (502, 503):
+        return NodeUnavailable(f"{response.status_code}: {error.message}")
+    return error
+
+
+async def _chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as it arrives; a connection lost midway is the node's failure."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise streaming.NodeGone(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        await response.aclose()
+
+
 class LocalNode:
     """The standalone role's own engine pool, called in-process."""
 
-    def __init__(self, pool: object, report: object) -> None:
+    def __init__(self, pool: object, report: object, timeout: float = 600.0, keepalive: float = 10.0) -> None:
         self.pool = pool
         self.report = report  # () -> NodeReport, read fresh each time
+        self.timeout, self.keepalive = timeout, keepalive
 
     async def render(self, job: RenderJob) -> RenderedImages:
         try:
             return await self.pool.render(job)
+        except ApiError as error:
+            if error.status == 429:
+                raise NodeFull(error) from error
+            raise
+
+    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
+        try:
+            return streaming.open_local(self.pool, job, self.timeout, self.keepalive)
         except ApiError as error:
             if error.status == 429:
                 raise NodeFull(error) from error

@@ -13,7 +13,7 @@ from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
 
-from server import jobs
+from server import jobs, streaming
 from server.access import user_hash
 from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.protocol import (
@@ -94,6 +94,8 @@ async def _upload(part: Any, param: str, state: AppState) -> jobs.Upload:
 
 async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
                             response_format: str | None) -> Response[ImagesResponse]:
+    if job.events is not None:  # stream: true
+        return await streaming.respond(state, request, job)
     request.state.model = job.model
     rendered = await state.render_while_connected(request, job)
     data = []
@@ -104,7 +106,7 @@ async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
             name = await anyio.to_thread.run_sync(state.store.put, image, job.output_format)
             data.append(ImageData(seed=seed, url=f"{state.base_url(request)}/v1/images/files/{name}"))
     body = ImagesResponse(created=int(time.time()), data=data, model=job.model, size=f"{job.width}x{job.height}",
-                          output_format=job.output_format)
+                          output_format=job.output_format, quality=job.quality)
     return Response(body, headers={"server-timing": _server_timing(rendered)})
 
 
