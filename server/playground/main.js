@@ -10,7 +10,7 @@ const OPENAI_SIZES = ["256x256", "512x512", "1024x1024", "1536x1024", "1024x1536
 const PARAM_CONTROL = { "image[]": "image", images: "image", lora: "lora", partial_images: "partial_images" };
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
-const state = { models: new Map(), lastSeed: null, running: null, retry: null };
+const state = { models: new Map(), lastSeed: null, running: null, retry: null, strengthSet: false };
 const painter = new MaskPainter($("picture"), $("mask-canvas"), $("brush"));
 const gallery = new Gallery($("gallery"), $("gallery-empty"), { onReuse: reuse, onStatus: say });
 
@@ -266,6 +266,7 @@ async function reuse(entry) {
     applyModel(state.models.get(entry.fields.model));
   }
   const f = entry.fields;
+  state.strengthSet = f.strength !== undefined; // kept when the restored image and mask load
   $("prompt").value = f.prompt;
   $("negative_prompt").value = f.negative_prompt || "";
   for (const id of ["size", "n", "seed", "steps", "guidance_scale", "sampler", "strength"]) {
@@ -298,6 +299,13 @@ function setMode() {
   $("run").textContent = edit ? "Edit" : "Generate";
 }
 
+// The API's own default until the user moves the slider: 1.0 inside a mask, 0.75 without one.
+function defaultStrength(masked) {
+  if (state.strengthSet) return;
+  $("strength").value = masked ? "1" : "0.75";
+  showStrength();
+}
+
 function showStrength() {
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
 }
@@ -308,6 +316,7 @@ async function showImage() {
   if (!file) return;
   try {
     await painter.load(file);
+    defaultStrength(false);
     $("image-error").textContent = "";
   } catch {
     $("canvas-box").hidden = true;
@@ -322,9 +331,17 @@ function wire() {
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", setMode);
   $("seed-random").addEventListener("click", () => ($("seed").value = ""));
   $("seed-last").addEventListener("click", () => ($("seed").value = String(state.lastSeed)));
-  $("strength").addEventListener("input", showStrength);
+  $("strength").addEventListener("input", () => {
+    state.strengthSet = true;
+    showStrength();
+  });
+  $("mask-canvas").addEventListener("pointerdown", () => defaultStrength(true));
+  $("stream").addEventListener("change", () => ($("partial_images").disabled = !$("stream").checked));
   $("image").addEventListener("change", showImage);
-  $("clear-mask").addEventListener("click", () => painter.clear());
+  $("clear-mask").addEventListener("click", () => {
+    painter.clear();
+    defaultStrength(false);
+  });
   for (const id of ["prompt", "negative_prompt"]) {
     $(id).addEventListener("keydown", (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("controls").requestSubmit();
