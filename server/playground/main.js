@@ -199,34 +199,40 @@ function showPartial(event) {
   say(`Partial image ${event.partial_image_index + 1} of image ${event.index + 1}…`);
 }
 
+// One gallery entry per image: its own seed and n=1, so that each can be made again alone.
+function galleryEntry(fields, request, image, time) {
+  const seed = image.seed ?? (fields.seed ?? 0) + image.index;
+  const files = { output: `sdserve-${seed}.png` };
+  const blobs = { output: imageBlob(image.b64) };
+  if (request.image) {
+    files.image = `sdserve-${seed}-input.${EXTENSIONS[request.image.type] || "png"}`;
+    blobs.image = request.image;
+  }
+  if (request.mask) [files.mask, blobs.mask] = [`sdserve-${seed}-mask.png`, request.mask];
+  const route = mode() === "generate" ? "generations" : "edits";
+  const src = `data:image/png;base64,${image.b64}`;
+  return { route, fields: { ...fields, n: 1, seed }, files, blobs, src, seed, timeText: time };
+}
+
+function resultFigure(entry) {
+  const img = Object.assign(new Image(), { src: entry.src, alt: `Result, seed ${entry.seed}` });
+  img.dataset.kind = "final";
+  img.dataset.seed = String(entry.seed);
+  const caption = document.createElement("figcaption");
+  caption.textContent = `seed ${entry.seed} · ${entry.timeText}`;
+  const figure = document.createElement("figure");
+  figure.append(img, caption);
+  return figure;
+}
+
 function showResult(fields, request, result) {
   const time = timeText(result);
-  const figures = result.images.map((image) => {
-    const seed = image.seed ?? (fields.seed ?? 0) + image.index;
-    const src = `data:image/png;base64,${image.b64}`;
-    const entryFields = { ...fields, n: 1, seed };
-    const files = { output: `sdserve-${seed}.png` };
-    const blobs = { output: imageBlob(image.b64) };
-    if (request.image) {
-      files.image = `sdserve-${seed}-input.${EXTENSIONS[request.image.type] || "png"}`;
-      blobs.image = request.image;
-    }
-    if (request.mask) [files.mask, blobs.mask] = [`sdserve-${seed}-mask.png`, request.mask];
-    const route = mode() === "generate" ? "generations" : "edits";
-    gallery.add({ route, fields: entryFields, files, blobs, src, seed, timeText: time });
-    state.lastSeed = seed;
-    const img = Object.assign(new Image(), { src, alt: `Result, seed ${seed}` });
-    img.dataset.kind = "final";
-    img.dataset.seed = String(seed);
-    const caption = document.createElement("figcaption");
-    caption.textContent = `seed ${seed} · ${time}`;
-    const figure = document.createElement("figure");
-    figure.append(img, caption);
-    return figure;
-  });
-  $("result").replaceChildren(...figures);
+  const entries = result.images.map((image) => galleryEntry(fields, request, image, time));
+  for (const entry of [...entries].reverse()) gallery.add(entry); // newest first, a batch in seed order
+  $("result").replaceChildren(...entries.map(resultFigure));
+  state.lastSeed = entries.at(-1).seed;
   $("seed-last").disabled = false;
-  say(`Done: ${result.images.length} image${result.images.length > 1 ? "s" : ""}, ${time}.`);
+  say(`Done: ${entries.length} image${entries.length > 1 ? "s" : ""}, ${time}.`);
 }
 
 async function run(event) {
