@@ -216,15 +216,26 @@ def test_inpainting_with_a_painted_mask(browser: Any, server: ServerProcess, sho
     page.wait_for_selector("#result img[data-kind=final]")
     page.screenshot(path=shots / "inpainted.png", full_page=True)
     # the mask the request carried, as the gallery's download link gives it
-    with page.expect_download() as download:
-        page.locator("#gallery li").first.get_by_role("link", name="Mask").click()
-    mask = np.asarray(Image.open(download.value.path()))
+    card = page.locator("#gallery li").first
+    for link in ("Input image", "Mask"):
+        with page.expect_download() as download:
+            card.get_by_role("link", name=link).click()
+        download.value.save_as(tmp_path / download.value.suggested_filename)
+    mask = np.asarray(Image.open(tmp_path / "sdserve-5-mask.png"))
     assert mask.shape == (150, 200, 4)  # the image's own size, with alpha
     assert mask[75, 80, 3] == 0 and mask[75, 100, 3] == 0  # painted: transparent = edit (OpenAI)
     assert mask[10, 10, 3] == 255 and mask[140, 190, 3] == 255  # unpainted: kept
     (final,) = tab.final_images()
     assert final.shape == (128, 128, 4)
     assert "s render" in page.inner_text("#result figcaption")  # server-timing reached the page
+    # the copied commands, run next to the downloaded input and mask, make the same image
+    curl = subprocess.run(["bash", "-c", _copied(tab, "Copy as curl")], cwd=tmp_path, capture_output=True,
+                          timeout=120, check=True)
+    url = httpx.Response(200, content=curl.stdout).json()["data"][0]["url"]
+    np.testing.assert_array_equal(pixels(httpx.get(url, timeout=30).content), final)
+    subprocess.run([sys.executable, "-c", _copied(tab, "Copy as Python")], cwd=tmp_path, capture_output=True,
+                   timeout=120, check=True)
+    np.testing.assert_array_equal(pixels((tmp_path / "sdserve-5.png").read_bytes()), final)
     assert tab.script_errors() == []
     tab.context.close()
 
