@@ -24,7 +24,6 @@ from tests.processes import ServerProcess
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the `test` extra has it)")
 
 SIZE = "128x128"
-SEED = 4242
 STEPS = 4
 TIMEOUT_MS = 60_000
 # Records, in order, every image the page adds to the partial and result areas.
@@ -111,19 +110,20 @@ def api_render(server: ServerProcess, **fields: Any) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def generated(browser: Any, server: ServerProcess, shots: Path) -> Iterator[dict[str, Any]]:
-    """One streamed generation, started from the keyboard (Ctrl+Enter in the prompt)."""
+    """One streamed generation with a random seed, started from the keyboard (Ctrl+Enter in the prompt)."""
     tab = Page(browser, server)
     page = tab.page
-    tab.settings(size=SIZE, steps=str(STEPS), seed=str(SEED), partial_images="2")
     page.select_option("#model", "tiny-sd15")
-    tab.settings(size=SIZE, steps=str(STEPS), seed=str(SEED))  # the model's defaults replaced them
+    tab.settings(size=SIZE, steps=str(STEPS), seed="", partial_images="2")
     page.evaluate(OBSERVE)
     page.focus("#prompt")
     page.keyboard.press("Control+Enter")
     page.wait_for_selector("#result img[data-kind=final]")
     page.screenshot(path=shots / "generated.png", full_page=True)
     (final,) = tab.final_images()
-    yield {"tab": tab, "shown": page.evaluate("window.__shown"), "prompt": page.input_value("#prompt"), "final": final}
+    seed = int(page.get_attribute("#result img[data-kind=final]", "data-seed"))  # the one the server drew
+    yield {"tab": tab, "shown": page.evaluate("window.__shown"), "prompt": page.input_value("#prompt"), "final": final,
+           "seed": seed}
     tab.context.close()
 
 
@@ -153,8 +153,9 @@ def test_stream_shows_two_partials_then_the_final_image_equal_to_the_api(generat
         assert pixels(shown["src"]).shape == (128, 128, 4)
     tab = generated["tab"]
     caption = tab.page.inner_text("#result figcaption")
-    assert f"seed {SEED}" in caption
-    expected = api_render(server, model="tiny-sd15", prompt=generated["prompt"], size=SIZE, seed=SEED, steps=STEPS,
+    assert f"seed {generated['seed']}" in caption
+    expected = api_render(server, model="tiny-sd15", prompt=generated["prompt"], size=SIZE, seed=generated["seed"],
+                          steps=STEPS,
                           guidance_scale=7.5, sampler="euler")
     np.testing.assert_array_equal(generated["final"], expected)
     assert tab.script_errors() == []
@@ -172,7 +173,7 @@ def test_copied_curl_command_returns_the_same_image(generated: dict[str, Any]) -
         pytest.skip("curl is not installed")
     tab = generated["tab"]
     command = _copied(tab, "Copy as curl")
-    assert f'"seed":{SEED}' in command and f'"steps":{STEPS}' in command and '"sampler":"euler"' in command
+    assert f'"seed":{generated["seed"]}' in command and f'"steps":{STEPS}' in command and '"sampler":"euler"' in command
     run = subprocess.run(["bash", "-c", command], capture_output=True, timeout=120, check=True)
     url = httpx.Response(200, content=run.stdout).json()["data"][0]["url"]
     np.testing.assert_array_equal(pixels(httpx.get(url, timeout=30).content), generated["final"])
@@ -183,14 +184,16 @@ def test_copied_python_code_returns_the_same_image(generated: dict[str, Any], tm
     code = _copied(tab, "Copy as Python")
     assert "extra_body=" in code
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, timeout=120, check=True)
-    np.testing.assert_array_equal(pixels((tmp_path / f"sdserve-{SEED}.png").read_bytes()), generated["final"])
+    written = tmp_path / f"sdserve-{generated['seed']}.png"
+    np.testing.assert_array_equal(pixels(written.read_bytes()), generated["final"])
 
 
 def test_use_these_settings_again_makes_the_same_image(generated: dict[str, Any]) -> None:
     tab = generated["tab"]
     tab.settings(seed="1", steps="2", size="64x64", prompt="something else")
     tab.page.locator("#gallery li").first.get_by_role("button", name="Use these settings again").click()
-    assert [tab.page.input_value(f"#{name}") for name in ("seed", "steps", "size")] == [str(SEED), str(STEPS), SIZE]
+    restored = [tab.page.input_value(f"#{name}") for name in ("seed", "steps", "size")]
+    assert restored == [str(generated["seed"]), str(STEPS), SIZE]
     assert tab.page.evaluate("document.activeElement.id") == "prompt"  # back in the form, for the keyboard
     tab.page.click("#run")
     tab.page.wait_for_selector("#gallery li:nth-child(2)")
