@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument("--admin-key", default=os.environ.get("SDSERVE_ADMIN_KEY"),
                       help="admin key for the router's /v0/nodes spread (default $SDSERVE_ADMIN_KEY)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    http.add_argument("--stream", action="store_true",
+                      help="stream (generations and edits): also time the first partial image and the final one")
+    http.add_argument("--partial-images", type=int, default=2, help="with --stream: partial images, 0-3 (default 2)")
     http.add_argument("--max-errors", type=int,
                       help="exit 1 when more requests than this are not answered 200 (a gate; default: none)")
     http.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
@@ -96,7 +99,8 @@ def http_settings(args: argparse.Namespace) -> Any:
         raise SystemExit("bench: --concurrency levels and --requests must be positive")
     return HttpSettings(url=args.url, concurrency=levels, requests=args.requests, mix=mix, model=args.model,
                         size=args.size, steps=args.steps, n=args.n, response_format=args.response_format,
-                        api_key=args.api_key, admin_key=args.admin_key, timeout=args.timeout)
+                        api_key=args.api_key, admin_key=args.admin_key, timeout=args.timeout, stream=args.stream,
+                        partial_images=args.partial_images)
 
 
 def _api_key_from_environment() -> str | None:

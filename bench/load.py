@@ -42,6 +42,8 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     admin_key: str | None = None
     timeout: float = 600.0
     seed: int = 0
+    stream: bool = False  # generations and edits as event streams (variations have none)
+    partial_images: int = 2
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -49,6 +51,7 @@ class Outcome(msgspec.Struct, frozen=True):
     status: str  # the HTTP status, or "timeout" / "connection"
     seconds: float
     images: int
+    first_partial: float | None = None  # streams: seconds to the first partial image event
 
 
 class Level(msgspec.Struct, kw_only=True):
@@ -61,9 +64,11 @@ class Level(msgspec.Struct, kw_only=True):
     latency_p50: float | None  # seconds, over the requests answered 200
     latency_p95: float | None
     latency_p99: float | None
-    statuses: dict[str, int]
-    by_route: dict[str, dict[str, int]]
-    nodes: dict[str, int] | None  # node id → requests the router sent it during the level
+    first_partial_p50: float | None = None  # streams: seconds to the first partial image, over 200 answers
+    first_partial_p95: float | None = None
+    statuses: dict[str, int] = msgspec.field(default_factory=dict)
+    by_route: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    nodes: dict[str, int] | None = None  # node id → requests the router sent it during the level
 
 
 class HttpResult(msgspec.Struct, kw_only=True):
@@ -118,6 +123,8 @@ async def _level(client: httpx.AsyncClient, settings: HttpSettings, concurrency:
 
 async def _send(client: httpx.AsyncClient, route: str, bodies: _Bodies, number: int) -> Outcome:
     begun = time.perf_counter()
+    if bodies.settings.stream and route != "variations":
+        return await _send_stream(client, route, bodies, number, begun)
     try:
         if route == "generations":
             response = await client.post("/v1/images/generations", json=bodies.json(number))
@@ -136,6 +143,35 @@ async def _send(client: httpx.AsyncClient, route: str, bodies: _Bodies, number: 
         return Outcome(route, "200", seconds, len(data) if isinstance(data, list) else 0)
     except (ValueError, KeyError, TypeError):
         return Outcome(route, "invalid_json", seconds, 0)
+
+
+async def _send_stream(client: httpx.AsyncClient, route: str, bodies: _Bodies, number: int,
+                       begun: float) -> Outcome:
+    """A streamed request: the time to its first partial image event, and to its last completed event."""
+    if route == "generations":
+        request = client.build_request("POST", "/v1/images/generations", json=bodies.json(number) | bodies.streamed())
+    else:
+        form = bodies.form(route, number) | {k: str(v).lower() for k, v in bodies.streamed().items()}
+        request = client.build_request("POST", f"/v1/images/{route}", data=form, files=bodies.files(route))
+    first, completed, failed = None, 0, False
+    try:
+        response = await client.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                return Outcome(route, str(response.status_code), time.perf_counter() - begun, 0)
+            async for line in response.aiter_lines():
+                if line.startswith("event: ") and line.endswith(".partial_image") and first is None:
+                    first = time.perf_counter() - begun
+                completed += line.startswith("event: ") and line.endswith(".completed")
+                failed = failed or line == "event: error"
+        finally:
+            await response.aclose()
+    except httpx.TimeoutException:
+        return Outcome(route, "timeout", time.perf_counter() - begun, 0)
+    except httpx.HTTPError:
+        return Outcome(route, "connection", time.perf_counter() - begun, 0)
+    status = "error_event" if failed else "200"
+    return Outcome(route, status, time.perf_counter() - begun, completed, first)
 
 
 class _Bodies:
@@ -161,6 +197,9 @@ class _Bodies:
         if s.steps:
             values["steps"] = s.steps
         return values
+
+    def streamed(self) -> dict[str, Any]:
+        return {"stream": True, "partial_images": self.settings.partial_images}
 
     def json(self, number: int) -> dict[str, Any]:
         return self.fields(number) | {"prompt": f"a lighthouse on a cliff at dusk, request {number}"}
@@ -236,6 +275,7 @@ def _spread(before: dict[str, int] | None, after: dict[str, int] | None) -> dict
 
 def _summarize(concurrency: int, outcomes: list[Outcome], seconds: float, nodes: dict[str, int] | None) -> Level:
     latencies = [o.seconds for o in outcomes if o.status == "200"]
+    firsts = [o.first_partial for o in outcomes if o.status == "200" and o.first_partial is not None]
     images = sum(o.images for o in outcomes)
     by_route: dict[str, dict[str, int]] = {}
     for outcome in outcomes:
@@ -244,7 +284,8 @@ def _summarize(concurrency: int, outcomes: list[Outcome], seconds: float, nodes:
                  images_per_second=images / seconds if seconds else 0.0,
                  requests_per_second=len(outcomes) / seconds if seconds else 0.0,
                  latency_p50=percentile(latencies, 50), latency_p95=percentile(latencies, 95),
-                 latency_p99=percentile(latencies, 99),
+                 latency_p99=percentile(latencies, 99), first_partial_p50=percentile(firsts, 50),
+                 first_partial_p95=percentile(firsts, 95),
                  statuses=dict(sorted(Counter(o.status for o in outcomes).items())),
                  by_route={route: dict(sorted(counts.items())) for route, counts in sorted(by_route.items())},
                  nodes=nodes)
@@ -255,12 +296,19 @@ def markdown(result: HttpResult) -> str:
     mix = ", ".join(f"{route} {weight}" for route, weight in s.mix.items())
     head = (f"**{s.url}** ({', '.join(result.models) or 'no models listed'}): {s.requests} requests per level, "
             f"mix {mix}, size {s.size}, n {s.n}, {s.steps or 'default'} steps; {result.started}")
-    rows = [[level.concurrency, level.requests, level.seconds, level.images_per_second, level.latency_p50,
+    streamed = s.stream
+    rows = [[level.concurrency, level.requests, level.seconds, level.images_per_second,
+             *([level.first_partial_p50, level.first_partial_p95] if streamed else []), level.latency_p50,
              level.latency_p95, level.latency_p99, ", ".join(f"{k}: {v}" for k, v in level.statuses.items()),
              ", ".join(f"{k}: {v}" for k, v in level.nodes.items()) if level.nodes is not None else None]
             for level in result.levels]
+    first = ["first partial p50 s", "first partial p95 s"] if streamed else []
+    final = "final " if streamed else ""
+    if streamed:
+        head += f"; streamed, {s.partial_images} partial images"
     return "\n".join([head, "", report.table(
-        ["concurrency", "requests", "seconds", "images/s", "p50 s", "p95 s", "p99 s", "statuses", "per node"], rows)])
+        ["concurrency", "requests", "seconds", "images/s", *first, f"{final}p50 s", f"{final}p95 s", f"{final}p99 s",
+         "statuses", "per node"], rows)])
 
 
 def figure(result: HttpResult) -> Any:

@@ -21,12 +21,18 @@ from PIL import Image
 from engines.info import ModelInfo
 from server import images
 from server.errors import ApiError
-from server.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest, RenderJob
+from server.protocol import (
+    ImageEditJsonRequest,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageVariationRequest,
+    RenderJob,
+)
 from server.settings import OPENAI_MODEL_NAMES, Settings
 
 MAX_PROMPT = 4000
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-Request = ImageGenerationRequest | ImageEditRequest | ImageVariationRequest
+Request = ImageGenerationRequest | ImageEditRequest | ImageEditJsonRequest | ImageVariationRequest
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     width, height = resolve_size(request.size, info)
     resolve_background(request)
     streamed = bool(getattr(request, "stream", None))
+    events = "image_generation" if isinstance(request, ImageGenerationRequest) else "image_edit"
     return RenderJob(
         request_id=request_id,
         model=info.id,
@@ -130,7 +137,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         output_compression=request.output_compression,
         quality=getattr(request, "quality", None) or "auto",
         partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
-        events=("image_edit" if isinstance(request, ImageEditRequest) else "image_generation") if streamed else None,
+        events=events if streamed else None,
     )
 
 

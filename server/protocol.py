@@ -87,6 +87,18 @@ class ImageEditRequest(PromptedOptions, kw_only=True):
     mask: File = None
 
 
+class ImageRef(msgspec.Struct, kw_only=True):
+    image_url: str | None = None  # a data: URL (or http(s) where the operator allows)
+    file_id: str | None = None  # refused: there is no Files API here
+
+
+class ImageEditJsonRequest(PromptedOptions, kw_only=True):
+    """/v1/images/edits as application/json, OpenAI's newer form."""
+
+    images: list[ImageRef] | None = None
+    mask: ImageRef | None = None
+
+
 class ImageVariationRequest(RenderOptions, kw_only=True):
     image: File = None
 

@@ -25,6 +25,12 @@ def multipart_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         raise ApiError(415, "this route takes a multipart/form-data body", code="unsupported_media_type")
 
 
+def edit_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    if _content_type(connection) not in ("multipart/form-data", "application/json"):
+        raise ApiError(415, "this route takes a multipart/form-data or application/json body",
+                       code="unsupported_media_type")
+
+
 def api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """With keys configured, `Authorization: Bearer <key>` must match one (constant-time comparison,
     against every key, so timing tells nothing about which or how much matched)."""

@@ -18,6 +18,7 @@ from server.access import user_hash
 from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.protocol import (
     ImageData,
+    ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
@@ -25,7 +26,8 @@ from server.protocol import (
     RenderedImages,
     RenderJob,
 )
-from server.routes.guards import json_body, multipart_body
+from server.routes import edit_json
+from server.routes.guards import edit_body, json_body, multipart_body
 from server.state import AppState
 
 Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
@@ -45,16 +47,39 @@ async def generations(data: ImageGenerationRequest, request: Request) -> Respons
     return await _render_and_reply(state, request, job, data.response_format)
 
 
-@post("/images/edits", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
-      summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image")
+async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
+    """`application/json` edits, answered before Litestar reads the body as the multipart form below."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return None
+    state = AppState.of(request)
+    data = msgspec.json.decode(await request.body(), type=ImageEditJsonRequest)
+    if not data.images:
+        raise ApiError(400, "missing required parameter 'images' (a list of {image_url})", param="images",
+                       code="missing_required_parameter")
+    limit = state.settings.max_upload_bytes
+    image = edit_json.read_image(data.images[0], "images", limit)
+    assert image is not None
+    return await _edit(request, state, data, image, edit_json.read_image(data.mask, "mask", limit))
+
+
+@post("/images/edits", status_code=200, guards=[edit_body], before_request=_json_edits,
+      responses=documented(*IMAGE_ERRORS),
+      summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image",
+      description="multipart/form-data as below, or application/json with `images: [{image_url}]` and `mask: "
+      "{image_url}` (data: URLs) and the same other fields")
 async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) -> Response[ImagesResponse]:
     state = AppState.of(request)
+    image = await _upload(data.image if data.image is not None else data.image_list, "image", state)
+    mask = await _upload(data.mask, "mask", state) if data.mask is not None else None
+    return await _edit(request, state, data, image, mask)
+
+
+async def _edit(request: Request, state: AppState, data: ImageEditRequest | ImageEditJsonRequest, image: jobs.Upload,
+                mask: jobs.Upload | None) -> Response[ImagesResponse]:
     request.state.user = user_hash(data.user)
     prompt = jobs.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
     size = jobs.resolve_size(data.size, info)
-    image = await _upload(data.image if data.image is not None else data.image_list, "image", state)
-    mask = await _upload(data.mask, "mask", state) if data.mask is not None else None
     image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings, size)
     strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
     job = jobs.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)

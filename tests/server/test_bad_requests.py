@@ -112,7 +112,7 @@ CASES = [
     edit_case({"prompt": "a", "n": "three"}, dict([IMAGE]), 400, "n"),
     edit_case({"prompt": "a", "size": "65x65"}, dict([IMAGE]), 400, "size"),
     edit_case({"prompt": "a", "strength": "-0.5"}, dict([IMAGE]), 400, "strength"),
-    ("POST", EDIT, {"json": {"prompt": "a"}}, 415, None),
+    ("POST", EDIT, {"json": {"prompt": "a"}}, 400, "images"),  # JSON edits need images: [{image_url}]
     edit_case({}, {"image": ("a.txt", b"plain text", "text/plain")}, 400, "image", VARY),
     edit_case({"n": "1"}, {"mask": ("m.png", png(), "image/png")}, 400, "image", VARY),
     edit_case({"model": "dall-e-9000"}, dict([IMAGE]), 404, "model", VARY),

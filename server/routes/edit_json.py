@@ -1,0 +1,41 @@
+"""`/v1/images/edits` as application/json: `images: [{image_url}]` and `mask: {image_url}` → uploads.
+
+`data:` URLs are always read (with the upload size limit). `http(s)` URLs are refused: fetching them would
+let a client make this server request addresses on its network; `file_id` is refused: there is no Files
+API here. Both answer 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from server.errors import ApiError
+from server.jobs import Upload
+from server.protocol import ImageRef
+
+
+def read_image(ref: ImageRef | None, param: str, limit: int) -> Upload | None:
+    if ref is None:
+        return None
+    if ref.file_id is not None:
+        raise ApiError(400, f"'{param}' uses file_id, but this server has no Files API; send image_url with a "
+                       "data: URL", param=param, code="unsupported_file_id")
+    url = ref.image_url
+    if not url:
+        raise ApiError(400, f"'{param}' needs an image_url", param=param, code=f"invalid_{param}")
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, f"'{param}': fetching http(s) image URLs is not enabled on this server; send a data: URL",
+                       param=param, code="image_url_not_allowed")
+    head, comma, payload = url.partition(",")
+    if not head.startswith("data:") or not head.endswith(";base64") or not comma:
+        raise ApiError(400, f"'{param}': image_url must be a data:image/…;base64,… URL", param=param,
+                       code=f"invalid_{param}")
+    if len(payload) * 3 // 4 > limit:
+        raise ApiError(413, f"'{param}' is over the {limit}-byte upload limit", param=param, code="file_too_large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, f"'{param}': the data URL is not valid base64", param=param,
+                       code=f"invalid_{param}") from exc
+    return Upload(data, param)

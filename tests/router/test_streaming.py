@@ -1,0 +1,86 @@
+"""Streaming through a router with two nodes: the stock `openai` SDK sees the same events as from a
+standalone server; a node that dies mid-stream ends the stream with an `error` event, never a hang; a node
+that is dead before the stream starts is replaced by the other one."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.router.test_fleet import Fleet
+
+BASE = {"model": "tiny-sd15", "size": "64x64"}
+
+
+@pytest.fixture(scope="module")
+def pair(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(models_dir, tmp_path_factory.mktemp("stream-fleet"))
+    for name in ("node-a", "node-b"):
+        fleet.add_node(name, "tiny-sd15", extra=["--keepalive-interval", "0.2"])
+    yield fleet.start()
+    fleet.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(pair: Fleet) -> OpenAI:
+    return OpenAI(base_url=f"{pair.router.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_stream_through_the_router(sdk: OpenAI) -> None:
+    events = list(sdk.images.generate(prompt="a harbour", stream=True, partial_images=2, n=2, **BASE,
+                                      extra_body={"seed": 21, "steps": 6}))
+    kinds = [(e.type.split(".")[1], e.model_dump()["index"]) for e in events]
+    assert kinds[-2:] == [("completed", 0), ("completed", 1)]
+    assert sorted(kinds[:-2]) == [("partial_image", 0)] * 2 + [("partial_image", 1)] * 2
+    plain = sdk.images.generate(prompt="a harbour", n=2, response_format="b64_json", **BASE,
+                                extra_body={"seed": 21, "steps": 6})
+    assert [base64.b64decode(d.b64_json) for d in plain.data] == [base64.b64decode(e.b64_json) for e in events[-2:]]
+    image = base64.b64decode(plain.data[0].b64_json)
+    edits = list(sdk.images.edit(image=("in.png", image, "image/png"), prompt="at night", stream=True,
+                                 partial_images=1, **BASE, extra_body={"seed": 1, "steps": 4}))
+    assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_unbuffered_keepalive_reaches_the_client_through_the_router(pair: Fleet) -> None:
+    """A comment frame written by the node during a long silence arrives before the render's first event."""
+    body = {"prompt": "silence", "stream": True, "partial_images": 1, "steps": 60, "seed": 1, **BASE}
+    with httpx.stream("POST", f"{pair.router.url}/v1/images/generations", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        first = next(line for line in response.iter_lines() if line)
+    assert first == ": keep-alive"
+
+
+def test_node_dead_before_the_first_event_is_replaced(pair: Fleet, sdk: OpenAI) -> None:
+    """node-b dies while idle; until the router learns it (a failed attempt, or the heartbeat timeout), streams
+    sent to it fail to connect and go to node-a instead: every client still gets its events."""
+    deadline = time.monotonic() + 10  # fresh heartbeats: both idle, so dispatch picks either at random
+    while any(load["work"] for view in pair.views().values() for load in view["load"].values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pair.nodes["node-b"].kill()
+    for seed in range(8):
+        events = list(sdk.images.generate(prompt="retry me", stream=True, partial_images=1, **BASE,
+                                          extra_body={"seed": seed, "steps": 2}))
+        assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+        if pair.router.log_lines("node node-b failed", timeout=0):
+            break
+    assert pair.router.log_lines("node node-b failed", "retrying", timeout=0), pair.router.log()[-2000:]
+
+
+def test_node_dying_mid_stream_gives_an_error_event(pair: Fleet, sdk: OpenAI) -> None:
+    stream = sdk.images.generate(prompt="a long one", stream=True, partial_images=3, **BASE,
+                                 extra_body={"seed": 5, "steps": 100}, extra_headers={"x-request-id": "doomed-1"})
+    events = iter(stream)
+    assert next(events).type == "image_generation.partial_image"
+    assert "doomed-1" in pair.nodes["node-a"].log()  # the only node left
+    pair.nodes["node-a"].kill()
+    with pytest.raises(openai.APIError, match="node rendering this stream failed"):
+        for _ in events:
+            pass
