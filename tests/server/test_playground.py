@@ -130,7 +130,9 @@ def generated(browser: Any, server: ServerProcess, shots: Path) -> Iterator[dict
 def test_page_loads_without_console_errors_and_fits_a_phone(browser: Any, server: ServerProcess, shots: Path) -> None:
     tab = Page(browser, server, width=1280)
     assert tab.page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")[0] == "tiny-sd15"
-    assert tab.page.input_value("#size") == "256x256"  # the model's default, from /v1/models
+    card = next(m for m in httpx.get(server.url + "/v1/models").json()["data"] if m["id"] == "tiny-sd15")
+    shown = [tab.page.input_value(f"#{name}") for name in ("size", "steps", "guidance_scale", "sampler")]
+    assert shown == [card["default_size"], str(card["default_steps"]), "7.5", "euler"]  # the tiny presets' defaults
     assert tab.page.is_hidden("#key-box")  # no keys configured
     tab.page.screenshot(path=shots / "loaded.png", full_page=True)
     assert tab.errors == []
