@@ -7,7 +7,7 @@ import { MaskPainter } from "./mask.js";
 const $ = (id) => document.getElementById(id);
 const OPENAI_SIZES = ["256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792"];
 // Error params that name a control under another id.
-const PARAM_CONTROL = { "image[]": "image", images: "image", lora: "lora", partial_images: "partial_images" };
+const PARAM_CONTROL = { "image[]": "image", images: "image" };
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
 const state = { models: new Map(), lastSeed: null, running: null, retry: null, strengthSet: false };
@@ -29,6 +29,7 @@ async function loadModels() {
   try {
     const models = await listModels();
     $("key-box").hidden = !apiKey();
+    $("api-key-error").textContent = "";
     if (!models.length) {
       say("No model is ready yet (still loading?); trying again…");
       state.retry = setTimeout(loadModels, 2000);
@@ -37,8 +38,12 @@ async function loadModels() {
     fillModels(models);
     say("Ready.");
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) askForKey(error.message);
-    else say(`Could not list the models: ${error.message}`);
+    if (error instanceof ApiError && error.status === 401) {
+      askForKey(error.message);
+      return;
+    }
+    say(`Could not list the models (${error.message}); trying again…`);
+    state.retry = setTimeout(loadModels, 5000);
   }
 }
 
