@@ -12,7 +12,7 @@ MODELS_DIR ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: setup serve test lint format clean
+.PHONY: setup browser serve test lint format clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,14 @@ $(MODELS_DIR)/$(DEFAULT_MODEL)/model.json: | $(STAMP)
 serve: $(STAMP) $(MODELS_DIR)/$(DEFAULT_MODEL)/model.json
 	$(BIN)/python -m server standalone --models-dir $(MODELS_DIR) --host $(HOST) --port $(PORT) --announce
 
-test: $(STAMP)
+# A real browser for the playground tests: Debian's chromium, installed when missing and we are root.
+# Without it those tests skip and say why; nothing else depends on it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: could not install chromium; the playground browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -48,7 +48,7 @@ sdserve is starting on {url}  (OpenAI base_url: {url}/v1)
 The built-in demo model (tiny-sd15) has random weights: its images are noise. For real images export a
 real model, e.g. `.venv/bin/python -m export sd15` (needs the Hugging Face hub), and restart.
 Health: {url}/readyz   API schema: {url}/schema/openapi.json   Stop: Ctrl-C
-""", flush=True)
+""" + (f"Playground (open in a browser): {url}/\n" if settings.playground else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

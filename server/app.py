@@ -28,7 +28,7 @@ from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
 from server.router.prober import Prober
 from server.router.registry import Registry
-from server.routes import files, fleet, health, images, models, node_api
+from server.routes import files, fleet, health, images, models, node_api, playground
 from server.routes.guards import api_key
 from server.settings import Settings
 from server.state import AppState
@@ -99,6 +99,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
             Router("/v1", route_handlers=[files.image_file]),
             Router("/v0", route_handlers=[fleet.register, fleet.heartbeat, fleet.deregister, fleet.list_nodes]),
         ]
+        if settings.playground:
+            handlers += playground.handlers()
     if state.agent is not None:
         handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.stream, node_api.status]))
     app = Litestar(

@@ -198,6 +198,8 @@ class ModelCard(msgspec.Struct):
     sizes: SizeRange | None = None
     default_size: str = ""
     default_steps: int = 0
+    default_guidance_scale: float = 0.0
+    default_sampler: str = ""
     samplers: list[str] = msgspec.field(default_factory=list)
     backends: list[str] = msgspec.field(default_factory=list)
 

@@ -74,6 +74,7 @@ class Settings(msgspec.Struct, kw_only=True):
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
     cors_origins: list[str] = msgspec.field(default_factory=list)  # browser origins allowed to call the API
+    playground: bool = True  # the browser page at GET / (standalone and router roles)
 
     def __post_init__(self) -> None:
         """Constraints across fields and on the file system (msgspec reports them as ValidationErrors)."""
@@ -125,7 +126,7 @@ def _parse_env(field: str, raw: str, kind: object) -> object:
         return _comma_list(raw)
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
-    if field in ("verify_models", "fetch_image_urls"):
+    if field in ("verify_models", "fetch_image_urls", "playground"):
         return raw.strip().lower() not in ("0", "false", "no", "off")
     return raw  # converted (and range-checked, naming the field) with the rest in from_sources
 
@@ -187,6 +188,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          metavar="CIDR,…", help="router: networks that node advertise URLs may resolve into (default: loopback "
          "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
+    flag("--no-playground", dest="playground", action="store_const", const=False,
+         help="do not serve the browser playground page at / (standalone and router roles)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     flag("--log-format", choices=["text", "json"],
          help="text (default) or json: one JSON object per line, the access log with its request_id included")

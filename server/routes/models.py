@@ -15,6 +15,7 @@ def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
         id=info.id, created=created, family=info.family, variant=info.variant,
         sizes=SizeRange(info.sizes.min, info.sizes.max, info.sizes.step),
         default_size=f"{info.defaults.width}x{info.defaults.height}", default_steps=info.defaults.steps,
+        default_guidance_scale=info.defaults.guidance_scale, default_sampler=info.defaults.sampler,
         samplers=list(info.samplers), backends=backends,
     )
 
