@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from engines.info import ModelInfo
-from server import images
+from server import adapters, images
 from server.errors import ApiError
 from server.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest, RenderJob
 from server.settings import OPENAI_MODEL_NAMES, Settings
@@ -103,6 +103,7 @@ def resolve_prompt(prompt: str) -> str:
 def build(request: Request, info: ModelInfo, request_id: str, prompt: str, strength: float,
           image: bytes | None = None, mask: bytes | None = None) -> RenderJob:
     width, height = resolve_size(request.size, info)
+    prompt, lora = adapters.resolve(request.lora, prompt)
     return RenderJob(
         request_id=request_id,
         model=info.id,
@@ -120,6 +121,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         mask=mask,
         output_format=request.output_format or "png",
         output_compression=request.output_compression,
+        lora=lora,
     )
 
 

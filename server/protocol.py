@@ -40,6 +40,16 @@ Files = Annotated[Any, Meta(description="image files (the first is used)",
                             extra_json_schema={"extra": {"type": "array", "items": _BINARY}})]
 
 
+Scale = Annotated[float, Meta(ge=-4, le=4, description="adapter weight, as diffusers' set_adapters weights")]
+
+
+class LoraRef(msgspec.Struct, kw_only=True):
+    """One LoRA adapter a request applies (extension): a name from `GET /v1/models`, and its scale."""
+
+    name: str
+    scale: Scale = 1.0
+
+
 class RenderOptions(msgspec.Struct, kw_only=True):
     """The fields every image route takes: OpenAI's, then our extensions."""
 
@@ -56,6 +66,8 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     guidance_scale: Guidance | None = None
     sampler: Sampler | None = None
     strength: Strength | None = None
+    # LoRA adapters, at most 8 (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
+    lora: list[LoraRef] | str | None = None
 
 
 class ImageGenerationRequest(RenderOptions, kw_only=True):
@@ -109,6 +121,12 @@ class SizeRange(msgspec.Struct):
     step: int
 
 
+class AdapterCard(msgspec.Struct):
+    name: str
+    rank: int
+    parts: list[str]  # the components it changes: unet, text_encoder, text_encoder_2
+
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int
@@ -121,6 +139,8 @@ class ModelCard(msgspec.Struct):
     default_steps: int = 0
     samplers: list[str] = msgspec.field(default_factory=list)
     backends: list[str] = msgspec.field(default_factory=list)
+    lora_rank: int = 0  # largest total adapter rank per request; 0: no LoRA support
+    adapters: list[AdapterCard] = msgspec.field(default_factory=list)
 
 
 class ModelList(msgspec.Struct):
@@ -153,6 +173,7 @@ class RenderJob(msgspec.Struct, kw_only=True):
     mask: bytes | None = None  # PNG, 8-bit gray, white = repaint
     output_format: OutputFormat = "png"
     output_compression: int | None = None
+    lora: list[LoraRef] = msgspec.field(default_factory=list)
 
     @property
     def work(self) -> int:
