@@ -75,5 +75,12 @@ def unavailable(model: str, names: set[str], infos: list[ModelInfo]) -> ApiError
                     param="lora", code="lora_not_found")
 
 
+def merged(first: ModelInfo, other: ModelInfo) -> ModelInfo:
+    """A model as the fleet offers it: one node's card with the adapters of every node."""
+    known = {a.name for a in first.adapters}
+    extra = [a for a in other.adapters if a.name not in known]
+    return msgspec.structs.replace(first, adapters=[*first.adapters, *extra]) if extra else first
+
+
 def cards(info: ModelInfo) -> list[AdapterCard]:
     return [AdapterCard(name=a.name, rank=a.rank, parts=a.parts) for a in info.adapters]

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from engines.info import ModelInfo
-from server.adapters import offers
+from server.adapters import merged, offers
 from server.errors import ApiError
 from server.protocol import PROTOCOL_VERSION, ModelLoad, NodeReport, NodeView
 
@@ -122,7 +122,7 @@ class Registry:
         for record in self.nodes.values():
             if self.in_rotation(record):
                 for info in record.report.models:
-                    models.setdefault(info.id, info)
+                    models[info.id] = merged(models[info.id], info) if info.id in models else info
         return models
 
     def known_models(self) -> set[str]:
