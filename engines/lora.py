@@ -90,6 +90,9 @@ def fit(adapter: lora_file.Adapter, manifest: mf.Manifest, layers: dict[str, dic
         ranks[part], feeds[part] = rank, {}
         for key, layer in entries.items():
             target = names.get(key)
+            if target is None and re.search(r"attentions|transformer_blocks|encoder.layers", key):
+                raise lora_file.AdapterRefused(f"it changes {part} layer {key}, which this {manifest.family} model "
+                                               "does not have (an adapter for another family or model size)")
             if target is None:
                 raise lora_file.AdapterRefused(
                     f"it changes {part} layer {key}, outside the layers this engine adapts (attention and "

@@ -124,13 +124,13 @@ def test_refusals(pipelines: dict, lora_dirs: dict, tmp_path: Path, tiny_model: 
     folder.mkdir()
     adapters.locon(folder)
     (folder / "sdxl.safetensors").write_bytes((lora_dirs["tiny-sdxl"] / "full.safetensors").read_bytes())
-    (folder / "sd21.safetensors").write_bytes((lora_dirs["tiny-sd21"] / "kohya.safetensors").read_bytes())
+    (folder / "xlunet.safetensors").write_bytes((lora_dirs["tiny-sdxl"] / "unetk.safetensors").read_bytes())
     pipeline = pipelines["tiny-sd15"]
     pipeline.load_adapters(folder)
     try:
         assert "LoCon" in _refusal(pipeline, [("locon", 1.0)]).message
         assert "text_encoder_2" in _refusal(pipeline, [("sdxl", 1.0)]).message
-        wrong = _refusal(pipeline, [("sd21", 1.0)])
+        wrong = _refusal(pipeline, [("xlunet", 1.0)])
         assert "another family" in wrong.message and wrong.code == "lora_incompatible"
         assert _refusal(pipeline, [("nope", 1.0)]).code == "lora_not_found"
     finally:
