@@ -31,8 +31,13 @@ def _lora_layers(module: torch.nn.Module, targets: list[str], rank: int, alpha: 
     return get_peft_model_state_dict(module), metadata
 
 
+# kohya trains SDXL on the original (sgm) UNet: its block names for the tiny SDXL (one layer per block)
+SGM_TINY_SDXL = {"down_blocks_1_attentions_0": "input_blocks_3_1", "mid_block_attentions_0": "middle_block_1",
+                 "up_blocks_0_attentions_0": "output_blocks_0_1", "up_blocks_0_attentions_1": "output_blocks_1_1"}
+
+
 def make(folder: Path, name: str, preset: str, parts: tuple[str, ...], rank: int, alpha: float, seed: int,
-         kohya: bool = False) -> Path:
+         kohya: bool = False, sgm: bool = False) -> Path:
     """`folder/name.safetensors`: an adapter of `rank` on the given parts of `preset`'s tiny model."""
     pipe = tiny.build(presets.get(preset))
     layers, metadata = {}, {}
@@ -41,7 +46,7 @@ def make(folder: Path, name: str, preset: str, parts: tuple[str, ...], rank: int
         layers[part], metadata[part] = _lora_layers(getattr(pipe, part), targets, rank, alpha, seed + index)
     path = folder / f"{name}.safetensors"
     if kohya:
-        save_file(_kohya_keys(layers, alpha, sdxl=preset == "tiny-sdxl"), str(path))
+        save_file(_kohya_keys(layers, alpha, sdxl=preset == "tiny-sdxl", sgm=sgm), str(path))
         return path
     saver = StableDiffusionXLPipeline if preset == "tiny-sdxl" else StableDiffusionPipeline
     saver.save_lora_weights(folder, weight_name=path.name, **{f"{p}_lora_layers": layers[p] for p in parts},
@@ -49,7 +54,8 @@ def make(folder: Path, name: str, preset: str, parts: tuple[str, ...], rank: int
     return path
 
 
-def _kohya_keys(layers: dict[str, dict[str, torch.Tensor]], alpha: float, sdxl: bool) -> dict[str, np.ndarray]:
+def _kohya_keys(layers: dict[str, dict[str, torch.Tensor]], alpha: float, sdxl: bool,
+                sgm: bool = False) -> dict[str, np.ndarray]:
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
                 "text_encoder_2": "lora_te2_"}
     out = {}
@@ -59,6 +65,8 @@ def _kohya_keys(layers: dict[str, dict[str, torch.Tensor]], alpha: float, sdxl: 
             if part != "unet" and not module.startswith("text_model."):
                 module = "text_model." + module  # kohya names CLIP layers with transformers 4's prefix
             base = prefixes[part] + module.replace(".", "_")
+            for diffusers_name, sgm_name in SGM_TINY_SDXL.items() if sgm else ():
+                base = base.replace(diffusers_name, sgm_name)
             role = "lora_down" if kind.startswith("A") else "lora_up"
             out[f"{base}.{role}.weight"] = value.numpy()
             out[f"{base}.alpha"] = np.array(alpha, np.float32)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import engines
 from bench.reference import diffusers_scheduler
@@ -41,6 +42,8 @@ def lora_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         adapters.make(folder, "kohya", name, ("unet", *texts), rank=2, alpha=3, seed=10 * index + 3, kohya=True)
         adapters.make(folder, "text", name, texts, rank=3, alpha=3, seed=10 * index + 5)
         adapters.make(folder, "unetk", name, ("unet",), rank=4, alpha=1.5, seed=10 * index + 7, kohya=True)
+        if name == "tiny-sdxl":
+            adapters.make(folder, "sgm", name, ("unet", *texts), rank=2, alpha=1, seed=40, kohya=True, sgm=True)
         folders[name] = folder
     return folders
 
@@ -60,12 +63,21 @@ def _ours(pipeline: engines.Pipeline, choice: list[tuple[str, float]], name: str
     return pipeline.render(request, latents=_latents(name)).pixels
 
 
-def _reference(name: str, folder: Path, choice: list[tuple[str, float]]) -> np.ndarray:
-    pipe = tiny.build(presets.get(name))
-    pipe.scheduler = diffusers_scheduler("euler", dict(pipe.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    for adapter, _ in choice:
-        pipe.load_lora_weights(str(folder / f"{adapter}.safetensors"), adapter_name=adapter)
+@pytest.fixture(scope="module")
+def references(lora_dirs: dict[str, Path]) -> dict[str, object]:
+    """Per family the diffusers pipeline with every adapter of its folder loaded (set_adapters picks)."""
+    loaded = {}
+    for name in FAMILIES:
+        pipe = tiny.build(presets.get(name))
+        pipe.scheduler = diffusers_scheduler("euler", dict(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        for path in sorted(lora_dirs[name].glob("*.safetensors")):
+            pipe.load_lora_weights(str(path), adapter_name=path.stem)
+        loaded[name] = pipe
+    return loaded
+
+
+def _reference(pipe: object, name: str, choice: list[tuple[str, float]]) -> np.ndarray:
     pipe.set_adapters([a for a, _ in choice], adapter_weights=[s for _, s in choice])
     with torch.no_grad():
         return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, num_inference_steps=STEPS,
@@ -74,9 +86,9 @@ def _reference(name: str, folder: Path, choice: list[tuple[str, float]]) -> np.n
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_lora_equals_diffusers(pipelines: dict, lora_dirs: dict, name: str, case: str) -> None:
+def test_lora_equals_diffusers(pipelines: dict, references: dict, name: str, case: str) -> None:
     choice = CASES[case]
-    expected = _reference(name, lora_dirs[name], choice)
+    expected = _reference(references[name], name, choice)
     ours = _ours(pipelines[name], choice, name)
     plain = _ours(pipelines[name], [], name)
     assert np.abs(ours - plain).max() > 1e-2, "the adapters changed nothing: the comparison would prove nothing"
@@ -84,9 +96,19 @@ def test_lora_equals_diffusers(pipelines: dict, lora_dirs: dict, name: str, case
     assert difference <= TOLERANCE, f"{name} {case}: max pixel difference {difference:.2e}"
 
 
+def test_kohya_sdxl_with_sgm_block_names(pipelines: dict, references: dict, lora_dirs: dict) -> None:
+    """kohya's SDXL files name UNet blocks as the original UNet does (input_blocks_3_1_…)."""
+    choice = [("sgm", 1.2)]
+    with safe_open(str(lora_dirs["tiny-sdxl"] / "sgm.safetensors"), "numpy") as f:
+        assert any("input_blocks_3_1" in key for key in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    difference = np.abs(_ours(pipelines["tiny-sdxl"], choice, "tiny-sdxl") -
+                        _reference(references["tiny-sdxl"], "tiny-sdxl", choice)).max()
+    assert difference <= TOLERANCE
+
+
 def test_pipeline_lists_its_adapters(pipelines: dict) -> None:
     listed = {a.name: a for a in pipelines["tiny-sdxl"].adapters}
-    assert set(listed) == {"full", "kohya", "text", "unetk"}
+    assert set(listed) == {"full", "kohya", "text", "unetk", "sgm"}
     assert listed["full"].parts == ["unet", "text_encoder", "text_encoder_2"] and listed["full"].rank == 4
     assert listed["kohya"].format == "kohya" and listed["unetk"].parts == ["unet"]
     assert pipelines["tiny-sdxl"].info.adapters == pipelines["tiny-sdxl"].adapters
@@ -151,3 +173,23 @@ def test_rank_cap(lora_dirs: dict, lora_model: Callable[[str], Path]) -> None:
     with pytest.raises(engines.InvalidRequest, match="rank 10 in unet"):
         pipeline.lora.feeds([("full", 1.0), ("unetk", 1.0), ("kohya", 1.0)])
     assert lora.MAX_ADAPTERS == 8
+
+
+def test_tensorrt_profiles_carry_the_rank_axis(pipelines: dict) -> None:
+    """Plans built from LoRA-capable graphs take rank 1 (no adapter) up to the export's cap: the feeds of a
+    render without adapters and of one at the cap fit every LoRA input's range."""
+    from engines import plans
+
+    pipeline = pipelines["tiny-sdxl"]
+    manifest = pipeline.manifest
+    profiles = plans.make_profiles(manifest, sizes=[(64, 64)], batch=(1, 2))
+    at_cap = pipeline.lora.feeds([("full", 1.0), ("unetk", -1.0)])  # rank 4 + 4 in the UNet
+    assert next(iter(at_cap["unet"].values())).shape[1] == 8
+    for component in ("text_encoder", "text_encoder_2", "unet"):
+        (profile,) = plans.component_profiles(manifest, component, profiles)
+        ranges = {r.name: r for r in profile.inputs if r.name.endswith((lora.DOWN, lora.UP))}
+        assert len(ranges) == len(pipeline.lora.slots[component]) * 2
+        zeros = pipeline.sessions[component].zeros
+        for feeds in (zeros, at_cap.get(component, zeros)):
+            assert all(ranges[name].contains(value.shape) for name, value in feeds.items())
+        assert all(8 in r.max and 1 in r.opt for r in ranges.values())
