@@ -188,7 +188,7 @@ class Adapters:
                     raise lora_file.AdapterRefused(f"model '{self.model}' was exported without LoRA support "
                                                    "(export it with --lora-rank R)")
                 offered[path.stem] = fit(lora_file.read(path), self.manifest, self.slots)
-            except lora_file.AdapterRefused as exc:
+            except Exception as exc:  # a bad file costs its adapter, never the loading of the model
                 refused[path.stem] = f"adapter '{path.stem}' does not fit model '{self.model}': {exc}"
                 log.warning("%s", refused[path.stem])
         if folder and not Path(folder).is_dir():
