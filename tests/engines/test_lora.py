@@ -48,9 +48,21 @@ def lora_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return folders
 
 
+class _Lazy(dict):
+    """Built on first use per family, so that running one family's tests exports only that model."""
+
+    def __init__(self, make: Callable[[str], object]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name: str) -> object:
+        self[name] = self.make(name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def pipelines(lora_model: Callable[[str], Path], lora_dirs: dict[str, Path]) -> dict[str, engines.Pipeline]:
-    return {name: engines.load(lora_model(name), backend="cpu", lora_dir=lora_dirs[name]) for name in FAMILIES}
+    return _Lazy(lambda name: engines.load(lora_model(name), backend="cpu", lora_dir=lora_dirs[name]))
 
 
 def _latents(name: str) -> np.ndarray:
@@ -66,15 +78,15 @@ def _ours(pipeline: engines.Pipeline, choice: list[tuple[str, float]], name: str
 @pytest.fixture(scope="module")
 def references(lora_dirs: dict[str, Path]) -> dict[str, object]:
     """Per family the diffusers pipeline with every adapter of its folder loaded (set_adapters picks)."""
-    loaded = {}
-    for name in FAMILIES:
+    def make(name: str) -> object:
         pipe = tiny.build(presets.get(name))
         pipe.scheduler = diffusers_scheduler("euler", dict(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         for path in sorted(lora_dirs[name].glob("*.safetensors")):
             pipe.load_lora_weights(str(path), adapter_name=path.stem)
-        loaded[name] = pipe
-    return loaded
+        return pipe
+
+    return _Lazy(make)
 
 
 def _reference(pipe: object, name: str, choice: list[tuple[str, float]]) -> np.ndarray:
