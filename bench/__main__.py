@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--no-reference", action="store_true", help="time the engines alone (no torch needed)")
     pipe.add_argument("--prompt", help="the prompt to render")
     pipe.add_argument("--seed", type=int, default=0, help="seed of the shared starting latents (default 0)")
+    pipe.add_argument("--lora-dir", help="LoRA adapter folder for the engines (with --lora, --no-reference)")
+    pipe.add_argument("--lora", action="append", type=_adapter, default=[], metavar="NAME[:SCALE]",
+                      help="render with this adapter from --lora-dir (repeatable)")
     pipe.add_argument("--max-seconds", type=float,
                       help="exit 1 when the engines' end-to-end median exceeds this many seconds (a gate)")
     pipe.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
@@ -80,7 +83,16 @@ def pipeline_settings(args: argparse.Namespace) -> Any:
                             height=height, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                             batch=args.batch, repeat=args.repeat, warmup=args.warmup, reference=not args.no_reference,
                             reference_device=args.reference_device, precision=args.precision,
-                            checkpoint=args.checkpoint, seed=args.seed, **extra)
+                            checkpoint=args.checkpoint, seed=args.seed, lora_dir=args.lora_dir, lora=args.lora,
+                            **extra)
+
+
+def _adapter(text: str) -> tuple[str, float]:
+    name, _, scale = text.partition(":")
+    try:
+        return name, float(scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:SCALE, not {text!r}") from None
 
 
 def http_settings(args: argparse.Namespace) -> Any:

@@ -48,6 +48,8 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint: str | None = None  # rebuild the reference from this instead of the manifest's source
     prompt: str = "a photograph of an astronaut riding a horse on the moon, detailed, 35mm"
     seed: int = 0
+    lora_dir: str | None = None  # LoRA adapters for the engines' side
+    lora: list[tuple[str, float]] = []  # (name, scale) applied to every engines render
 
 
 class Side(msgspec.Struct, kw_only=True):
@@ -130,7 +132,7 @@ def run(settings: PipelineSettings, progress: Callable[[str], None] | None = Non
     manifest = mf.read(root)
     with memory.PeakMemory() as window:
         begun = time.perf_counter()
-        pipe = engines.load(root, backend=settings.backend, threads=settings.threads)
+        pipe = engines.load(root, backend=settings.backend, threads=settings.threads, lora_dir=settings.lora_dir)
         job = _job(settings, pipe.info, manifest)
         ours = Contender("engines", f"{pipe.info.backend} on {pipe.info.device}", _engines_render(pipe, job, settings),
                          load_seconds=time.perf_counter() - begun)
@@ -171,6 +173,8 @@ def check(settings: PipelineSettings) -> None:
         raise BenchError("--repeat and --batch must be at least 1, --warmup at least 0")
     if settings.threads is not None and settings.threads < 1:
         raise BenchError("--threads must be at least 1")
+    if settings.lora and settings.reference:
+        raise BenchError("--lora times the engines alone: add --no-reference")
 
 
 def total_runs(settings: PipelineSettings) -> int:
@@ -192,7 +196,7 @@ def _job(settings: PipelineSettings, info: engines.ModelInfo, manifest: mf.Manif
 def _engines_render(pipe: engines.Pipeline, job: Job, settings: PipelineSettings) -> Render:
     request = engines.RenderRequest(prompt=settings.prompt, width=job.width, height=job.height, steps=job.steps,
                                     guidance_scale=job.guidance_scale, sampler=job.sampler, seed=settings.seed,
-                                    n=settings.batch)
+                                    n=settings.batch, lora=list(settings.lora))
 
     def render() -> tuple[dict[str, float], list[float], np.ndarray]:
         result = pipe.render(request, latents=job.latents)

@@ -131,6 +131,13 @@ def _shape_profile(manifest: mf.Manifest, component: str, profile: mf.Profile) -
 
 
 def _axes(manifest: mf.Manifest, component: str, profile: mf.Profile) -> dict[str, Range]:
+    axes = _component_axes(manifest, component, profile)
+    if manifest.lora is not None:  # LoRA inputs: rank 1 (zeros) without adapters, up to the export's cap
+        axes["lora_rank"] = (1, 1, manifest.lora.rank)
+    return axes
+
+
+def _component_axes(manifest: mf.Manifest, component: str, profile: mf.Profile) -> dict[str, Range]:
     low, opt, high = profile.batch
     copies = 2 if manifest.defaults.guidance_scale > 1.0 else 1  # what the model's default render feeds
     scale = manifest.vae_scale_factor

@@ -28,7 +28,7 @@ from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
 from server.router.prober import Prober
 from server.router.registry import Registry
-from server.routes import files, fleet, health, images, models, node_api, playground
+from server.routes import adapters, files, fleet, health, images, models, node_api, playground
 from server.routes.guards import api_key
 from server.settings import Settings
 from server.state import AppState
@@ -103,6 +103,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
             handlers += playground.handlers()
     if state.agent is not None:
         handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.stream, node_api.status]))
+    if state.pool is not None:
+        handlers.append(Router("/v0", route_handlers=[adapters.reload]))
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: errors.handle},

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from engines.info import ModelInfo
-from server import images
+from server import adapters, images
 from server.errors import ApiError
 from server.protocol import (
     ImageEditJsonRequest,
@@ -136,6 +136,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     resolve_background(request)
     streamed = bool(getattr(request, "stream", None))
     events = "image_generation" if isinstance(request, ImageGenerationRequest) else "image_edit"
+    prompt, lora = adapters.resolve(request.lora, prompt)
     return RenderJob(
         request_id=request_id,
         model=info.id,
@@ -157,6 +158,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         quality=rendered_quality(getattr(request, "quality", None)),
         partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
         events=events if streamed else None,
+        lora=lora,
     )
 
 

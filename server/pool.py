@@ -149,6 +149,7 @@ class ModelQueue:
             prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
             steps=job.steps, guidance_scale=job.guidance_scale, sampler=job.sampler, seed=job.seed, n=job.n,
             image=_open(job.image), mask=_open(job.mask), strength=job.strength,
+            lora=[(ref.name, ref.scale) for ref in job.lora],
         )
 
         def on_step(done: int, total: int) -> None:
@@ -256,7 +257,8 @@ class EnginePool:
 
     def _load(self, path: Path) -> ModelQueue:
         s = self.settings
-        pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models)
+        pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
+                                lora_dir=s.lora_dir)
         return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview)
 
     def failed(self) -> dict[str, str]:
@@ -269,6 +271,11 @@ class EnginePool:
 
     def known_models(self) -> set[str]:
         return set(self.states)
+
+    def reload_adapters(self) -> None:
+        """Read the LoRA directory again for every loaded model (renders in flight keep their adapters)."""
+        for queue in self.queues.values():
+            queue.pipeline.load_adapters(self.settings.lora_dir)
 
     def ready(self) -> bool:
         return bool(self.queues) and not self.draining
