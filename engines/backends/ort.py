@@ -59,11 +59,10 @@ class OrtBackend(Backend):
         self.device = f"CPU ({threads or os.cpu_count()} threads)" if name == "cpu" else f"CUDA device {device_id}"
 
     def providers(self, key: str, component: mf.Component) -> list[str | tuple[str, dict[str, object]]]:
-        options: dict[str, dict[str, object]] = {
-            "cuda": {"device_id": self.device_id},
-            "tensorrt-ep": self.tensorrt_options(key, component),
-        }
         chain = [self.name, *FALLBACK[self.name]]
+        options: dict[str, dict[str, object]] = {"cuda": {"device_id": self.device_id}}
+        if "tensorrt-ep" in chain:  # its shape profiles only where it is asked for (CPU takes any graph)
+            options["tensorrt-ep"] = self.tensorrt_options(key, component)
         return [(PROVIDER[n], options[n]) if n in options else PROVIDER[n] for n in chain]
 
     def tensorrt_options(self, key: str, component: mf.Component) -> dict[str, object]:
