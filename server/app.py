@@ -25,7 +25,7 @@ from server.pool import EnginePool
 from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
 from server.router.registry import Registry
-from server.routes import files, fleet, health, images, models, node_api
+from server.routes import files, fleet, health, images, models, node_api, sdapi
 from server.routes.guards import api_key
 from server.settings import Settings
 from server.state import AppState
@@ -92,6 +92,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                                           models.retrieve_model], guards=[api_key]),
             Router("/v1", route_handlers=[files.image_file]),
             Router("/v0", route_handlers=[fleet.register, fleet.heartbeat, fleet.deregister, fleet.list_nodes]),
+            sdapi.router(),  # AUTOMATIC1111's API
         ]
     if state.agent is not None:
         handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.stream, node_api.status]))
