@@ -21,10 +21,11 @@ class EngineError(Exception):
 class InvalidRequest(EngineError):
     """The request names a value this model cannot render; `param` is the request field at fault."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
         self.message = message
+        self.code = code  # the API error code when `invalid_<param>` says too little (lora_not_found)
 
     def __str__(self) -> str:
         return f"{self.param}: {self.message}"

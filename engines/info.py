@@ -7,6 +7,15 @@ import msgspec
 from engines import manifest as mf
 
 
+class AdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A LoRA adapter a model offers: requests name it; `parts` are the components it changes."""
+
+    name: str
+    rank: int
+    parts: list[str]
+    format: str  # "diffusers" or "kohya"
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     id: str  # the model directory's name: the `model` field of API requests
     name: str  # the preset it was exported as
@@ -20,3 +29,6 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     samplers: tuple[str, ...]
     backend: str  # the backend actually in use
     device: str
+    lora_rank: int = 0  # largest total adapter rank per request; 0: exported without LoRA support
+    adapters: list[AdapterInfo] = []
+    refused_adapters: dict[str, str] = {}  # adapter name → why this model cannot take it

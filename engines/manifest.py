@@ -136,6 +136,14 @@ class PlanSet(msgspec.Struct, frozen=True, kw_only=True):
     plans: dict[str, FileRef]  # component → plan file
 
 
+class LoraSupport(msgspec.Struct, frozen=True):
+    """The text encoders and UNet were exported with LoRA branches (`export --lora-rank`): `rank` is the
+    largest total rank a render may feed; `layers_per_block` maps kohya's SDXL (sgm) block numbers."""
+
+    rank: int
+    layers_per_block: int
+
+
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     format_version: int = FORMAT_VERSION
     name: str
@@ -159,6 +167,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     exporter: dict[str, str]  # library versions and opset that produced the graphs
     # Added after format 1 shipped: the default keeps older model.json files readable (no format bump).
     tensorrt: list[PlanSet] = []
+    lora: LoraSupport | None = None
 
     def files(self) -> list[FileRef]:
         refs = [self.scheduler, *(t.file for t in self.tokenizers.values())]

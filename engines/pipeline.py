@@ -30,7 +30,8 @@ from engines import images, schedulers
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound
-from engines.info import ModelInfo
+from engines.info import AdapterInfo, ModelInfo
+from engines.lora import Adapters
 from engines.noise import Noise, SeededNoise
 from engines.preview import Previewer, PreviewMode
 from engines.progress import PartialCallback, StepCallback, StepHook
@@ -82,17 +83,35 @@ class Pipeline:
         self.tokenizers = {key: PromptTokenizer(spec, root) for key, spec in manifest.tokenizers.items()}
         self.scheduler_config = msgspec.json.decode((root / manifest.scheduler.path).read_bytes())
         self.max_batch = max_batch or manifest.max_batch
+        self.lora = Adapters(root.name, manifest)
+        self.sessions = self.lora.wrap(sessions)
         self.info = ModelInfo(
             id=root.name, name=manifest.name, family=manifest.family, variant=manifest.variant,
             prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
             max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
-            samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device,
+            samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device, lora_rank=self.lora.rank,
         )
         self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor)
 
     def render(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
                on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
                partial_images: int = 0, preview: PreviewMode = "full") -> RenderResult:
+        with self.lora.applied(request.lora):  # this render's LoRA adapters, seen by this thread only
+            return self._render(request, latents, noise, on_step, on_partial, partial_images, preview)
+
+    @property
+    def adapters(self) -> list[AdapterInfo]:
+        """The LoRA adapters this model offers (`load(…, lora_dir=…)`)."""
+        return self.lora.infos()
+
+    def load_adapters(self, folder: str | Path | None) -> None:
+        """(Re)read the LoRA adapter directory: every `.safetensors` file that fits this model is offered."""
+        self.lora.load(folder)
+        self.info = msgspec.structs.replace(self.info, adapters=self.lora.infos(), refused_adapters=self.lora.refused)
+
+    def _render(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
+                on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
+                partial_images: int = 0, preview: PreviewMode = "full") -> RenderResult:
         """Render `request.n` images. `latents` is the starting noise ε (n, 4, h, w), as diffusers'
         `latents` argument (for image inputs: the noise mixed into the encoded image); `noise` holds
         the other draws. Both default to draws from the seeds. `on_step(done, total)` follows each
@@ -358,7 +377,7 @@ def _decoded(param: str, convert: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 def load(model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-         max_batch: int | None = None) -> Pipeline:
+         max_batch: int | None = None, lora_dir: str | Path | None = None) -> Pipeline:
     """Open a model directory: read and check its manifest, then create every component's session once."""
     root = Path(model_dir)
     if not root.is_dir():
@@ -366,4 +385,7 @@ def load(model_dir: str | Path, backend: str = "auto", threads: int | None = Non
     manifest = mf.read(root, verify=verify)
     chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
-    return Pipeline(root, manifest, chosen, sessions, max_batch)
+    pipeline = Pipeline(root, manifest, chosen, sessions, max_batch)
+    if lora_dir is not None:
+        pipeline.load_adapters(lora_dir)
+    return pipeline

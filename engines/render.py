@@ -14,7 +14,8 @@ import numpy as np
 class RenderRequest(msgspec.Struct, kw_only=True):
     """One call into a pipeline. `image` (PIL) turns it into image to image; `image` + `mask` (PIL,
     white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i. Size,
-    steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`)."""
+    steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`). `lora`
+    applies adapters as diffusers' `set_adapters(names, scales)` does."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -28,6 +29,7 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     image: Any = None
     mask: Any = None
     strength: float = 0.75
+    lora: list[tuple[str, float]] = []  # LoRA adapters (name, scale) from the pipeline's `adapters`
 
 
 class Timings(msgspec.Struct):

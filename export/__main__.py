@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--tolerance", type=float,
                      help="max |onnx - torch| relative to the output scale (default 1e-3 fp32, 5e-2 fp16)")
     cli.add_argument("--force", action="store_true", help="replace an existing model directory")
+    cli.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                     help="LoRA support: the text encoders and UNet take adapters per request, up to a total "
+                     "rank R (sum of the ranks of a request's adapters; default 0: no LoRA support)")
     trt = cli.add_argument_group(
         "TensorRT plans (need an NVIDIA GPU, TensorRT and cuda-python: pip install .[tensorrt])",
         "With --tensorrt, an --output that already holds a model of this preset is not exported again\n"
@@ -83,6 +86,7 @@ def settings_from(args: argparse.Namespace) -> ExportSettings:
         opset=args.opset,
         force=args.force,
         tolerance=args.tolerance,
+        lora_rank=args.lora_rank,
     )
 
 

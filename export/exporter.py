@@ -17,7 +17,7 @@ import onnx
 from diffusers import DiffusionPipeline
 
 from engines import manifest as mf
-from export import graphs, model_dir, presets, source, verify
+from export import graphs, lora, model_dir, presets, source, verify
 from export.errors import ExportError
 from export.presets import Preset
 
@@ -37,6 +37,7 @@ class ExportSettings(msgspec.Struct, frozen=True, kw_only=True):
     opset: int = 17
     force: bool = False
     tolerance: float | None = None  # default by precision (TOLERANCE)
+    lora_rank: int = 0  # > 0: LoRA-capable text encoders and UNet, up to this total rank per request
 
 
 class ComponentReport(msgspec.Struct, frozen=True):
@@ -65,7 +66,9 @@ def export_model(settings: ExportSettings) -> ExportReport:
         raise ExportError(f"{target} already exists; pass --force to replace it")
     log.info("loading %s", settings.model or preset.hub_id or f"{preset.name} (random weights)")
     pipe, origin = source.load(preset, settings.model, settings.revision, settings.config)
-    parts = component_graphs(pipe)
+    if settings.lora_rank < 0:
+        raise ExportError("--lora-rank must be 0 (no LoRA support) or more")
+    parts = component_graphs(pipe, settings.lora_rank)
     reports = []
     with model_dir.staging(target, settings.force) as stage:
         for index, graph in enumerate(parts, 1):
@@ -83,13 +86,15 @@ def output_dir(settings: ExportSettings) -> Path:
     return Path(settings.output or f"models/{settings.preset}")
 
 
-def component_graphs(pipe: DiffusionPipeline) -> list[graphs.Graph]:
+def component_graphs(pipe: DiffusionPipeline, lora_rank: int = 0) -> list[graphs.Graph]:
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     parts = [graphs.text_encoder("text_encoder", pipe.text_encoder)]
     if text_encoder_2 is not None:
         parts.append(graphs.text_encoder("text_encoder_2", text_encoder_2))
     pooled_dim = text_encoder_2.config.projection_dim if text_encoder_2 is not None else None
     parts.append(graphs.unet(pipe.unet, pooled_dim))
+    if lora_rank:
+        parts = [lora.with_lora(graph, getattr(pipe, graph.name)) for graph in parts]
     parts.append(graphs.vae_encoder(pipe.vae, _vae_scale(pipe)))
     parts.append(graphs.vae_decoder(pipe.vae))
     return parts
@@ -165,6 +170,8 @@ def _manifest(pipe: DiffusionPipeline, preset: Preset, origin: mf.Source, stage:
         scheduler=mf.file_ref(stage, "scheduler/scheduler_config.json"),
         source=origin,
         exporter=_versions(settings.opset),
+        lora=mf.LoraSupport(rank=settings.lora_rank, layers_per_block=pipe.unet.config.layers_per_block)
+        if settings.lora_rank else None,
     )
 
 

@@ -25,7 +25,7 @@ from server.pool import EnginePool
 from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
 from server.router.registry import Registry
-from server.routes import files, fleet, health, images, models, node_api, sdapi
+from server.routes import adapters, files, fleet, health, images, models, node_api, sdapi
 from server.routes.guards import api_key
 from server.settings import Settings
 from server.state import AppState
@@ -96,6 +96,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         ]
     if state.agent is not None:
         handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.stream, node_api.status]))
+    if state.pool is not None:
+        handlers.append(Router("/v0", route_handlers=[adapters.reload]))
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: errors.handle},

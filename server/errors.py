@@ -74,7 +74,7 @@ def to_response(exc: Exception, request_id: str | None = None) -> Response[Error
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
     if isinstance(exc, InvalidRequest):
-        return error_response(400, exc.message, exc.param, f"invalid_{exc.param}")
+        return error_response(400, exc.message, exc.param, exc.code or f"invalid_{exc.param}")
     if isinstance(exc, ModelNotFound):
         return error_response(404, str(exc), "model", "model_not_found")
     if isinstance(exc, RenderCancelled):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from engines.info import ModelInfo
-from server import images
+from server import adapters, images
 from server.errors import ApiError
 from server.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest, RenderJob
 from server.settings import OPENAI_MODEL_NAMES, Settings
@@ -111,6 +111,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     width, height = resolve_size(request.size, info)
     resolve_background(request)
     streamed = bool(getattr(request, "stream", None))
+    prompt, lora = adapters.resolve(request.lora, prompt)
     return RenderJob(
         request_id=request_id,
         model=info.id,
@@ -131,6 +132,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         quality=getattr(request, "quality", None) or "auto",
         partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
         events=("image_edit" if isinstance(request, ImageEditRequest) else "image_generation") if streamed else None,
+        lora=lora,
     )
 
 

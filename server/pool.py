@@ -146,6 +146,7 @@ class ModelQueue:
             prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
             steps=job.steps, guidance_scale=job.guidance_scale, sampler=job.sampler, seed=job.seed, n=job.n,
             image=_open(job.image), mask=_open(job.mask), strength=job.strength,
+            lora=[(ref.name, ref.scale) for ref in job.lora],
         )
 
         def on_step(done: int, total: int) -> None:
@@ -224,7 +225,8 @@ class EnginePool:
         for path in discover(s.models_dir, s.models):
             started = time.perf_counter()
             try:
-                pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models)
+                pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
+                                        lora_dir=s.lora_dir)
             except engines.EngineError as exc:
                 self.states[path.name] = f"failed: {exc}"
                 log.error("model %s failed to load: %s", path.name, exc)
@@ -238,6 +240,11 @@ class EnginePool:
 
     def known_models(self) -> set[str]:
         return set(self.states)
+
+    def reload_adapters(self) -> None:
+        """Read the LoRA directory again for every loaded model (renders in flight keep their adapters)."""
+        for queue in self.queues.values():
+            queue.pipeline.load_adapters(self.settings.lora_dir)
 
     def ready(self) -> bool:
         return bool(self.queues) and not self.draining

@@ -41,6 +41,16 @@ Files = Annotated[Any, Meta(description="image files (the first is used)",
                             extra_json_schema={"extra": {"type": "array", "items": _BINARY}})]
 
 
+Scale = Annotated[float, Meta(ge=-4, le=4, description="adapter weight, as diffusers' set_adapters weights")]
+
+
+class LoraRef(msgspec.Struct, kw_only=True):
+    """One LoRA adapter a request applies (extension): a name from `GET /v1/models`, and its scale."""
+
+    name: str
+    scale: Scale = 1.0
+
+
 class RenderOptions(msgspec.Struct, kw_only=True):
     """The fields every image route takes: OpenAI's, then our extensions."""
 
@@ -57,6 +67,8 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     guidance_scale: Guidance | None = None
     sampler: Sampler | None = None
     strength: Strength | None = None
+    # LoRA adapters, at most 8 (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
+    lora: list[LoraRef] | str | None = None
 
 
 PartialImages = Annotated[int, Meta(ge=0, le=3, description="partial images per image while streaming, 0-3",
@@ -175,6 +187,12 @@ class SizeRange(msgspec.Struct):
     step: int
 
 
+class AdapterCard(msgspec.Struct):
+    name: str
+    rank: int
+    parts: list[str]  # the components it changes: unet, text_encoder, text_encoder_2
+
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int
@@ -187,6 +205,8 @@ class ModelCard(msgspec.Struct):
     default_steps: int = 0
     samplers: list[str] = msgspec.field(default_factory=list)
     backends: list[str] = msgspec.field(default_factory=list)
+    lora_rank: int = 0  # largest total adapter rank per request; 0: no LoRA support
+    adapters: list[AdapterCard] = msgspec.field(default_factory=list)
 
 
 class ModelList(msgspec.Struct):
@@ -222,6 +242,7 @@ class RenderJob(msgspec.Struct, kw_only=True):
     quality: str = "auto"  # echoed in responses and events
     partial_images: int = 0  # streaming: previews per image
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
+    lora: list[LoraRef] = msgspec.field(default_factory=list)
 
     @property
     def work(self) -> int:

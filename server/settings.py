@@ -26,6 +26,7 @@ class Settings(msgspec.Struct, kw_only=True):
     default_model: str | None = None  # default: the first model, by name
     model_aliases: dict[str, str] = msgspec.field(default_factory=dict)  # extra names → model ids
     backend: str = "auto"
+    lora_dir: str | None = None  # LoRA adapters (.safetensors) offered to every model they fit
     threads: int | None = None
     verify_models: bool = True  # check every file's sha256 at load
     render_slots: int = 1  # concurrent renders per model
@@ -98,6 +99,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          help="extra model name mapped to a model id (repeatable)")
     flag("--backend", choices=["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"],
          help="engine backend (default auto: TensorRT plans built for this GPU, else the best ONNX Runtime provider)")
+    flag("--lora-dir", help="folder of LoRA adapters (.safetensors, diffusers or kohya keys): each file is an "
+         "adapter named by its stem, offered to every model it fits (or SDSERVE_LORA_DIR)")
     flag("--threads", type=int, help="ONNX Runtime threads per render (default: all cores)")
     flag("--no-verify-models", dest="verify_models", action="store_const", const=False,
          help="skip the sha256 check of model files at load")

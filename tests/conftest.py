@@ -38,3 +38,21 @@ def models_dir(tiny_model: Callable[[str], Path], models_root: Path) -> Path:
     for name in TINY:
         tiny_model(name)
     return models_root
+
+
+LORA_RANK = 8  # tests' LoRA-capable exports take up to this total adapter rank
+
+
+@pytest.fixture(scope="session")
+def lora_model(models_root: Path) -> Callable[[str], Path]:
+    """`lora_model("tiny-sdxl")` → the model exported with `--lora-rank 8`, built on first use (kept out of
+    `models_dir`, so that servers started on it see only the plain exports)."""
+    from export import ExportSettings, export_model
+
+    def get(name: str) -> Path:
+        target = models_root.parent / "lora-models" / name
+        if not (target / "model.json").is_file():
+            export_model(ExportSettings(preset=name, output=str(target), lora_rank=LORA_RANK))
+        return target
+
+    return get

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from engines.info import ModelInfo
+from server import adapters
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.protocol import RenderedImages, RenderJob
@@ -64,11 +65,13 @@ class Dispatcher:
                         failures: set[str]) -> T:
         full: set[str] = set()
         waiting = False
+        wanted = frozenset(ref.name for ref in job.lora)  # only nodes offering every named adapter
+        self._check_adapters(job.model, wanted)
         try:
             while True:
-                node = self._choose(job.model, exclude=failures | full)
+                node = self._choose(job.model, exclude=failures | full, wanted=wanted)
                 if node is None:
-                    if not self._hosting(job.model, exclude=failures):
+                    if not self._hosting(job.model, exclude=failures, wanted=wanted):
                         raise ApiError(503, f"no healthy node can render model '{job.model}' right now",
                                        code="no_node_available", headers={"Retry-After": "5"})
                     if not waiting:
@@ -154,16 +157,24 @@ class Dispatcher:
         self.metrics.node_failures.labels(node.id).inc()
         self._count_healthy()
 
-    def _choose(self, model: str, exclude: set[str]) -> NodeRecord | None:
+    def _check_adapters(self, model: str, wanted: frozenset[str]) -> None:
+        """400 when the nodes serving `model` hold its adapters nowhere together (none hosting it: 503 below)."""
         self._refresh_local()
-        nodes = [n for n in self.registry.candidates(model) if n.id not in exclude and n.has_room(model)]
+        hosting = self.registry.candidates(model)
+        if wanted and hosting and not self.registry.candidates(model, wanted):
+            infos = [m for node in hosting for m in node.report.models if m.id == model]
+            raise adapters.unavailable(model, set(wanted), infos)
+
+    def _choose(self, model: str, exclude: set[str], wanted: frozenset[str] = frozenset()) -> NodeRecord | None:
+        self._refresh_local()
+        nodes = [n for n in self.registry.candidates(model, wanted) if n.id not in exclude and n.has_room(model)]
         if not nodes:
             return None
         best = min(node.score() for node in nodes)
         return random.choice([node for node in nodes if node.score() == best])
 
-    def _hosting(self, model: str, exclude: set[str]) -> bool:
-        return any(n.id not in exclude for n in self.registry.candidates(model))
+    def _hosting(self, model: str, exclude: set[str], wanted: frozenset[str] = frozenset()) -> bool:
+        return any(n.id not in exclude for n in self.registry.candidates(model, wanted))
 
     def _full_error(self, model: str) -> ApiError:
         queued = f" and {self.wait_limit} requests are waiting" if self.wait_limit else ""

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from engines.info import ModelInfo
+from server.adapters import offers
 from server.errors import ApiError
 from server.protocol import PROTOCOL_VERSION, ModelLoad, NodeReport, NodeView
 
@@ -38,8 +39,9 @@ class NodeRecord:
     def draining(self) -> bool:
         return self.report.draining
 
-    def hosts(self, model: str) -> bool:
-        return any(m.id == model for m in self.report.models)
+    def hosts(self, model: str, adapters: frozenset[str] = frozenset()) -> bool:
+        """Whether this node renders `model`, offering every named LoRA adapter for it."""
+        return any(m.id == model and offers(m, adapters) for m in self.report.models)
 
     def has_room(self, model: str) -> bool:
         load = self.report.load.get(model, ModelLoad())
@@ -112,8 +114,8 @@ class Registry:
     def in_rotation(self, record: NodeRecord) -> bool:
         return record.healthy and not record.draining and self.alive(record)
 
-    def candidates(self, model: str) -> list[NodeRecord]:
-        return [r for r in self.nodes.values() if r.hosts(model) and self.in_rotation(r)]
+    def candidates(self, model: str, adapters: frozenset[str] = frozenset()) -> list[NodeRecord]:
+        return [r for r in self.nodes.values() if r.hosts(model, adapters) and self.in_rotation(r)]
 
     def ready_models(self) -> dict[str, ModelInfo]:
         models: dict[str, ModelInfo] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar import Request, get
 
 from engines.info import ModelInfo
+from server import adapters
 from server.errors import documented
 from server.protocol import ModelCard, ModelList, SizeRange
 from server.state import AppState
@@ -15,7 +16,7 @@ def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
         id=info.id, created=created, family=info.family, variant=info.variant,
         sizes=SizeRange(info.sizes.min, info.sizes.max, info.sizes.step),
         default_size=f"{info.defaults.width}x{info.defaults.height}", default_steps=info.defaults.steps,
-        samplers=list(info.samplers), backends=backends,
+        samplers=list(info.samplers), backends=backends, lora_rank=info.lora_rank, adapters=adapters.cards(info),
     )
 
 

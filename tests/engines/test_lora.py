@@ -1,0 +1,153 @@
+"""LoRA per render: equal to diffusers' load_lora_weights + set_adapters from the same latents, for SD 1.x,
+2.x and SDXL, adapters in the diffusers and kohya formats; refusals name what is wrong."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engines
+from bench.reference import diffusers_scheduler
+from engines import lora
+from export import presets, tiny
+from tests import adapters
+
+FAMILIES = ("tiny-sd15", "tiny-sd21", "tiny-sdxl")
+WIDTH, HEIGHT, STEPS, GUIDANCE = 64, 64, 3, 6.0
+PROMPT, NEGATIVE = "a photo of a red cat", "blurry"
+TOLERANCE = 1e-4
+CASES = {  # what a request asks for → the adapters diffusers loads with the same weights
+    "one": [("full", 0.8)],
+    "two, kohya, negative": [("full", 0.7), ("kohya", -1.3)],
+    "text encoders only": [("text", 1.5)],
+    "unet only, kohya": [("unetk", 2.0)],
+}
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per family: a folder with a diffusers adapter on every part (alpha from its metadata), a kohya one
+    (alpha ≠ rank), a text-encoder-only and a kohya UNet-only one."""
+    folders = {}
+    for index, name in enumerate(FAMILIES):
+        folder = tmp_path_factory.mktemp(f"lora-{name}")
+        texts = ("text_encoder", "text_encoder_2") if name == "tiny-sdxl" else ("text_encoder",)
+        adapters.make(folder, "full", name, ("unet", *texts), rank=4, alpha=8, seed=10 * index)
+        adapters.make(folder, "kohya", name, ("unet", *texts), rank=2, alpha=3, seed=10 * index + 3, kohya=True)
+        adapters.make(folder, "text", name, texts, rank=3, alpha=3, seed=10 * index + 5)
+        adapters.make(folder, "unetk", name, ("unet",), rank=4, alpha=1.5, seed=10 * index + 7, kohya=True)
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def pipelines(lora_model: Callable[[str], Path], lora_dirs: dict[str, Path]) -> dict[str, engines.Pipeline]:
+    return {name: engines.load(lora_model(name), backend="cpu", lora_dir=lora_dirs[name]) for name in FAMILIES}
+
+
+def _latents(name: str) -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+
+
+def _ours(pipeline: engines.Pipeline, choice: list[tuple[str, float]], name: str) -> np.ndarray:
+    request = engines.RenderRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT,
+                                    steps=STEPS, guidance_scale=GUIDANCE, sampler="euler", seed=0, lora=choice)
+    return pipeline.render(request, latents=_latents(name)).pixels
+
+
+def _reference(name: str, folder: Path, choice: list[tuple[str, float]]) -> np.ndarray:
+    pipe = tiny.build(presets.get(name))
+    pipe.scheduler = diffusers_scheduler("euler", dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    for adapter, _ in choice:
+        pipe.load_lora_weights(str(folder / f"{adapter}.safetensors"), adapter_name=adapter)
+    pipe.set_adapters([a for a, _ in choice], adapter_weights=[s for _, s in choice])
+    with torch.no_grad():
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, num_inference_steps=STEPS,
+                    guidance_scale=GUIDANCE, latents=torch.from_numpy(_latents(name)), output_type="np").images
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_equals_diffusers(pipelines: dict, lora_dirs: dict, name: str, case: str) -> None:
+    choice = CASES[case]
+    expected = _reference(name, lora_dirs[name], choice)
+    ours = _ours(pipelines[name], choice, name)
+    plain = _ours(pipelines[name], [], name)
+    assert np.abs(ours - plain).max() > 1e-2, "the adapters changed nothing: the comparison would prove nothing"
+    difference = float(np.abs(ours - expected).max())
+    assert difference <= TOLERANCE, f"{name} {case}: max pixel difference {difference:.2e}"
+
+
+def test_pipeline_lists_its_adapters(pipelines: dict) -> None:
+    listed = {a.name: a for a in pipelines["tiny-sdxl"].adapters}
+    assert set(listed) == {"full", "kohya", "text", "unetk"}
+    assert listed["full"].parts == ["unet", "text_encoder", "text_encoder_2"] and listed["full"].rank == 4
+    assert listed["kohya"].format == "kohya" and listed["unetk"].parts == ["unet"]
+    assert pipelines["tiny-sdxl"].info.adapters == pipelines["tiny-sdxl"].adapters
+
+
+def test_concurrent_renders_keep_their_own_adapters(pipelines: dict) -> None:
+    pipeline = pipelines["tiny-sd15"]
+    choices = [[("full", 1.0)], [("unetk", -2.0)]]
+    alone = [_ours(pipeline, c, "tiny-sd15") for c in choices]
+    together: list[np.ndarray | None] = [None, None]
+
+    def render(i: int) -> None:
+        for _ in range(3):
+            together[i] = _ours(pipeline, choices[i], "tiny-sd15")
+
+    threads = [threading.Thread(target=render, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert np.abs(alone[0] - alone[1]).max() > 1e-2
+    for i in range(2):
+        assert np.array_equal(together[i], alone[i])
+
+
+def _refusal(pipeline: engines.Pipeline, choice: list[tuple[str, float]]) -> engines.InvalidRequest:
+    with pytest.raises(engines.InvalidRequest) as caught:
+        _ours(pipeline, choice, "tiny-sd15")
+    assert caught.value.param == "lora"
+    return caught.value
+
+
+def test_refusals(pipelines: dict, lora_dirs: dict, tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    adapters.locon(folder)
+    (folder / "sdxl.safetensors").write_bytes((lora_dirs["tiny-sdxl"] / "full.safetensors").read_bytes())
+    (folder / "sd21.safetensors").write_bytes((lora_dirs["tiny-sd21"] / "kohya.safetensors").read_bytes())
+    pipeline = pipelines["tiny-sd15"]
+    pipeline.load_adapters(folder)
+    try:
+        assert "LoCon" in _refusal(pipeline, [("locon", 1.0)]).message
+        assert "text_encoder_2" in _refusal(pipeline, [("sdxl", 1.0)]).message
+        wrong = _refusal(pipeline, [("sd21", 1.0)])
+        assert "another family" in wrong.message and wrong.code == "lora_incompatible"
+        assert _refusal(pipeline, [("nope", 1.0)]).code == "lora_not_found"
+    finally:
+        pipeline.load_adapters(lora_dirs["tiny-sd15"])
+    assert "at most 8" in _refusal(pipeline, [("full", 0.1)] * 9).message
+    assert "[-4, 4]" in _refusal(pipeline, [("full", 4.5)]).message
+    plain = engines.load(tiny_model("tiny-sd15"), backend="cpu", lora_dir=lora_dirs["tiny-sd15"])
+    assert plain.adapters == [] and plain.info.lora_rank == 0
+    assert "--lora-rank" in _refusal(plain, [("full", 1.0)]).message
+    assert plain.render(engines.RenderRequest(prompt="x", width=64, height=64, steps=1, seed=0)).pixels.shape
+
+
+def test_rank_cap(lora_dirs: dict, lora_model: Callable[[str], Path]) -> None:
+    pipeline = engines.load(lora_model("tiny-sd15"), backend="cpu", lora_dir=lora_dirs["tiny-sd15"])
+    cap = pipeline.info.lora_rank
+    assert cap == 8
+    pipeline.lora.feeds([("full", 1.0), ("unetk", 1.0)])  # 4 + 4 in the UNet: at the cap
+    with pytest.raises(engines.InvalidRequest, match="rank 10 in unet"):
+        pipeline.lora.feeds([("full", 1.0), ("unetk", 1.0), ("kohya", 1.0)])
+    assert lora.MAX_ADAPTERS == 8
