@@ -30,7 +30,7 @@ import msgspec
 from PIL import Image, ImageOps
 
 from engines.info import ModelInfo
-from server import a1111, images, jobs
+from server import a1111, adapters, images, jobs
 from server.a1111 import GenerationRequest, Img2ImgRequest, Info, Kind, Txt2ImgRequest
 from server.errors import ApiError
 from server.protocol import OutputFormat, RenderJob
@@ -132,6 +132,10 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
     prompt = request.prompt.strip()
     if len(prompt) > jobs.MAX_PROMPT:
         raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is {jobs.MAX_PROMPT}")
+    try:  # <lora:name:weight> tags, as on the OpenAI routes
+        prompt, lora = adapters.resolve(None, prompt)
+    except ApiError as exc:
+        raise invalid("prompt", exc.message) from None
     width, height = resolve_size(request, info)
     steps = info.defaults.steps if request.steps is None else request.steps
     if not 1 <= steps <= 150:
@@ -155,7 +159,7 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
         sampler=resolve_sampler(request, info),
         seed=secrets.randbelow(2**31) if request.seed == -1 else request.seed,
         n=request.batch_size * request.n_iter, strength=strength, image=image, mask=mask,
-        output_format=output_format,
+        output_format=output_format, lora=lora,
         output_compression=quality if output_format != "png" and isinstance(quality, int) and 0 <= quality <= 100
         else None,
     )

@@ -143,9 +143,11 @@ async def schedulers() -> list[SchedulerItem]:
             for name, label in a1111.SCHEDULERS.items()]
 
 
-@get("/loras", summary="LoRA adapters (none yet: per-request adapters are not wired to this API)")
-async def loras() -> list[LoraItem]:
-    return []
+@get("/loras", summary="LoRA adapters of the models that can render now, for `<lora:name:weight>` prompt tags")
+async def loras(request: Request) -> list[LoraItem]:
+    ready = AppState.of(request).renderer.ready_models().values()
+    names = sorted({adapter.name for info in ready for adapter in info.adapters})
+    return [LoraItem(name=name, alias=name, path=f"{name}.safetensors") for name in names]
 
 
 @get(["/upscalers", "/sd-vae", "/latent-upscale-modes", "/prompt-styles", "/hypernetworks", "/face-restorers"],
@@ -165,7 +167,8 @@ def handle(request: Request, exc: Exception) -> Response[Any]:
     mapped = errors.to_response(exc, request.scope.get("state", {}).get("request_id"))
     detail = mapped.content.error
     if mapped.status_code == 400:
-        loc = ["body", *detail.param.split(".")] if detail.param not in (None, "body") else ["body"]
+        param = "prompt" if detail.param == "lora" else detail.param  # adapters come from prompt tags here
+        loc = ["body", *param.split(".")] if param not in (None, "body") else ["body"]
         return Response(ValidationErrorBody([ValidationProblem(loc=loc, msg=detail.message)]), status_code=422)
     body = HTTPErrorBody(error="HTTPException", detail=detail.message, body="", errors=detail.message)
     return Response(body, status_code=mapped.status_code, headers=dict(mapped.headers))

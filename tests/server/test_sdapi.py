@@ -26,12 +26,18 @@ BEARER = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def standalone(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+def standalone(lora_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[ServerProcess]:
-    models = tiny_model(MODEL).parent
+    """Over the LoRA-capable export, with one adapter, "style", for prompt tags."""
+    from tests import adapters
+
+    models = lora_model(MODEL).parent
     work = tmp_path_factory.mktemp("sdapi")
+    (work / "lora").mkdir()
+    adapters.make(work / "lora", "style", MODEL, ("unet", "text_encoder"), rank=4, alpha=4.0, seed=7)
     process = ServerProcess("standalone", ["--models-dir", str(models), "--model", MODEL, "--images-dir",
-                                           str(work / "images")], work, env={"SDSERVE_API_KEYS": KEY}).start()
+                                           str(work / "images"), "--lora-dir", str(work / "lora")], work,
+                            env={"SDSERVE_API_KEYS": KEY}).start()
     yield process
     process.stop()
 
@@ -103,6 +109,21 @@ def test_sampler_names_map_onto_ours(standalone: ServerProcess, sampler: str, sc
     expected = _openai(standalone.url, "generations", prompt="a red boat", size="64x64", steps=3, seed=41,
                        guidance_scale=4.5, sampler=ours)
     assert [base64.b64decode(image) for image in reply["images"]] == expected
+
+
+def test_lora_prompt_tags_render_as_the_openai_lora_field(standalone: ServerProcess) -> None:
+    url = f"{standalone.url}/sdapi/v1"
+    assert [item["name"] for item in httpx.get(f"{url}/loras", auth=BASIC).json()] == ["style"]
+    body = {"prompt": "a red boat <lora:style:0.8>", "width": 64, "height": 64, "steps": 3, "seed": 12}
+    reply = httpx.post(f"{url}/txt2img", json=body, auth=BASIC, timeout=60).json()
+    common = {"size": "64x64", "steps": 3, "seed": 12, "sampler": "euler", "guidance_scale": reply["parameters"]
+              ["cfg_scale"]}
+    with_lora = _openai(standalone.url, "generations", prompt="a red boat", lora=[{"name": "style", "scale": 0.8}],
+                        **common)
+    assert [base64.b64decode(image) for image in reply["images"]] == with_lora
+    assert with_lora != _openai(standalone.url, "generations", prompt="a red boat", **common)  # the tag did something
+    unknown = httpx.post(f"{url}/txt2img", json={**body, "prompt": "a boat <lora:nope:1>"}, auth=BASIC, timeout=60)
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "prompt"]
 
 
 def _png(image: Image.Image) -> bytes:
