@@ -28,7 +28,7 @@ from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
 from server.router.prober import Prober
 from server.router.registry import Registry
-from server.routes import adapters, files, fleet, health, images, models, node_api, playground
+from server.routes import adapters, files, fleet, health, images, models, node_api, playground, sdapi
 from server.routes.guards import api_key
 from server.settings import Settings
 from server.state import AppState
@@ -98,6 +98,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                                           models.retrieve_model], guards=[api_key]),
             Router("/v1", route_handlers=[files.image_file]),
             Router("/v0", route_handlers=[fleet.register, fleet.heartbeat, fleet.deregister, fleet.list_nodes]),
+            sdapi.router(),  # AUTOMATIC1111's API
         ]
         if settings.playground:
             handlers += playground.handlers()

@@ -135,7 +135,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     width, height = resolve_size(request.size, info)
     resolve_background(request)
     streamed = bool(getattr(request, "stream", None))
-    events = "image_generation" if isinstance(request, ImageGenerationRequest) else "image_edit"
+    events = "image_edit" if isinstance(request, ImageEditRequest | ImageEditJsonRequest) else "image_generation"
     prompt, lora = adapters.resolve(request.lora, prompt)
     return RenderJob(
         request_id=request_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 
 from litestar.connection import ASGIConnection
@@ -40,11 +42,45 @@ def api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     given = _bearer(connection)
     if not given:
         raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    if not _matches(given, keys):
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+def sdapi_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """/sdapi takes the same keys as Bearer, or as HTTP Basic (the key as the password, any user name; or
+    as the user name with no password), which AUTOMATIC1111 clients send."""
+    keys = AppState.of(connection).api_keys
+    if not keys:
+        return
+    challenge = {"WWW-Authenticate": "Basic"}
+    given = credential(connection)
+    if not given:
+        raise ApiError(401, "missing API key: send HTTP Basic auth with the key as the password, or "
+                       "'Authorization: Bearer <key>'", code="missing_api_key", headers=challenge)
+    if not _matches(given, keys):
+        raise ApiError(401, "Incorrect username or password", code="invalid_api_key", headers=challenge)
+
+
+def credential(connection: ASGIConnection) -> str:
+    """The key a request presents as Bearer or HTTP Basic ("" when none)."""
+    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return password or user
+
+
+def _matches(given: str, keys: tuple[str, ...]) -> bool:
+    """Compared against every key, so timing tells nothing about which or how much matched."""
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given.encode(), key.encode())
-    if not matched:
-        raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+    return matched
 
 
 def _bearer(connection: ASGIConnection) -> str:

@@ -1,0 +1,173 @@
+"""A1111 renders in progress, per client: what `/sdapi/v1/progress` reports and `/interrupt` stops.
+
+A render runs as a stream (the OpenAI streaming machinery, through the router as well), so the front
+door sees its partial images as they come: each is the denoiser's estimate of the final image (x0) at an
+evenly spaced step, and the latest one is `current_image`. How many there are follows A1111's options:
+`live_previews_enable`, and `show_progress_every_n_steps` (N: about one every N steps; 0: every step;
+-1: none while rendering). Progress moves with them: with previews off it jumps from 0 to 1.
+
+A client is the API key it authenticates with (Bearer or Basic), or its address on an open server.
+Interrupting closes the stream, which stops the render at its next step (or takes it off the queue);
+the request then answers with the latest estimate of each image that has one, as A1111 returns the
+current latents decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from server.a1111 import ProgressResponse, ProgressState
+from server.errors import ApiError
+from server.protocol import CompletedImageEvent, ErrorEvent, PartialImageEvent, RenderJob
+from server.state import Renderer
+
+
+def preview_count(options: dict[str, Any], steps: int, strength: float) -> int:
+    """Partial images per image for A1111's live-preview options."""
+    every = options.get("show_progress_every_n_steps", 10)
+    if not options.get("live_previews_enable", True) or not isinstance(every, int) or every < 0:
+        return 0
+    total = max(1, int(steps * strength))
+    return total if every == 0 else max(0, math.ceil(total / every) - 1)
+
+
+@dataclass
+class Task:
+    """One A1111 request's render, as its stream reports it."""
+
+    client: str
+    job: RenderJob
+    kind: str
+    previews: int  # partial images per image
+    started: float = field(default_factory=time.time)
+    done: dict[int, float] = field(default_factory=dict)  # image index → fraction of its steps done
+    latest: dict[int, bytes] = field(default_factory=dict)  # image index → its latest estimate (encoded)
+    current: bytes | None = None  # the latest estimate of any image
+    finished: list[bytes] | None = None
+    seeds: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    consumer: asyncio.Task[None] | None = None
+
+    def progress(self) -> float:
+        return sum(self.done.values()) / self.job.n
+
+    def on_partial(self, event: PartialImageEvent) -> None:
+        image = base64.b64decode(event.b64_json)
+        self.latest[event.index] = self.current = image
+        self.done[event.index] = (event.partial_image_index + 1) / (self.previews + 1)
+
+    def report(self, with_image: bool) -> ProgressResponse:
+        """A1111's progress: at least 0.01 once started, and its eta formula."""
+        fraction = min(1.0, 0.01 + self.progress())
+        elapsed = time.time() - self.started
+        steps = self.job.steps
+        image_no = min(self.job.n - 1, sum(1 for v in self.done.values() if v >= 1.0))
+        step = round(self.done.get(image_no, 0.0) * steps)
+        state = ProgressState(interrupted=self.interrupted, job=f"scripts_{self.kind}", job_count=self.job.n,
+                              job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(self.started)),
+                              job_no=image_no, sampling_step=step, sampling_steps=steps)
+        image = base64.b64encode(self.current).decode("ascii") if with_image and self.current else None
+        return ProgressResponse(progress=fraction, eta_relative=elapsed / fraction - elapsed, state=state,
+                                current_image=image)
+
+
+class Tasks:
+    """Every A1111 render in progress on this front door."""
+
+    def __init__(self) -> None:
+        self.running: list[Task] = []
+
+    async def run(self, renderer: Renderer, task: Task, gone: asyncio.Future[Any]) -> Task:
+        """Render `task.job` as a stream, recording its progress, until it completes, is interrupted, or the
+        client goes away (`gone`). Errors before or during the render raise, as the OpenAI routes'."""
+        chunks = await renderer.open_stream(task.job)  # refusals (429, 503…) raise here
+        task.consumer = asyncio.ensure_future(self._consume(task, chunks))
+        self.running.append(task)
+        try:
+            await asyncio.wait({task.consumer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.running.remove(task)
+            if not task.consumer.done():
+                task.consumer.cancel()
+                await asyncio.wait({task.consumer})
+        if gone.done() and not task.interrupted and task.finished is None:
+            raise ApiError(499, "the client closed the request", code="client_closed_request")
+        if not task.consumer.cancelled() and task.consumer.exception() is not None:
+            raise task.consumer.exception()  # type: ignore[misc]
+        return task
+
+    @staticmethod
+    async def _consume(task: Task, chunks: AsyncIterator[bytes]) -> None:
+        images: list[bytes] = []
+        try:
+            async for frame in chunks:
+                kind, data = _parse(frame)
+                if kind.endswith(".partial_image"):
+                    task.on_partial(msgspec.json.decode(data, type=PartialImageEvent))
+                elif kind.endswith(".completed"):
+                    event = msgspec.json.decode(data, type=CompletedImageEvent)
+                    images.append(base64.b64decode(event.b64_json))
+                    task.seeds.append(event.seed)
+                    task.done[event.index] = 1.0
+                elif kind == "error":
+                    raise _error(msgspec.json.decode(data, type=ErrorEvent))
+            task.finished = images
+        finally:
+            closing = getattr(chunks, "aclose", None)
+            if closing is not None:  # closing the stream stops the render (or takes it off the queue)
+                await closing()
+
+    def of(self, client: str) -> list[Task]:
+        return [task for task in self.running if task.client == client]
+
+    def interrupt(self, client: str) -> int:
+        tasks = self.of(client)
+        for task in tasks:
+            task.interrupted = True
+            if task.consumer is not None:
+                task.consumer.cancel()
+        return len(tasks)
+
+
+def idle() -> ProgressResponse:
+    return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState())
+
+
+def interrupted_images(task: Task) -> tuple[list[bytes], list[int]]:
+    """The latest estimate of each image that has one, in order, with its seed."""
+    indices = sorted(task.latest)
+    return [task.latest[i] for i in indices], [task.job.seed + i for i in indices]
+
+
+def _parse(frame: bytes) -> tuple[str, bytes]:
+    """An SSE frame → (event type, data); comments (keep-alives) have no type."""
+    kind, data = "", b""
+    for line in frame.split(b"\n"):
+        if line.startswith(b"event: "):
+            kind = line[7:].decode()
+        elif line.startswith(b"data: "):
+            data = line[6:]
+    return kind, data
+
+
+def _error(event: ErrorEvent) -> ApiError:
+    """An error event → the status the OpenAI routes would have answered."""
+    detail = event.error
+    if detail.type == "invalid_request_error":
+        status = 400
+    elif detail.code == "timeout":
+        status = 504
+    elif detail.type == "rate_limit_error":
+        status = 429
+    else:
+        status = 502 if detail.code in ("node_failed", "bad_gateway") else 500
+    return ApiError(status, detail.message, param=detail.param, code=detail.code)
+

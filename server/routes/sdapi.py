@@ -1,0 +1,217 @@
+"""AUTOMATIC1111's web API under /sdapi/v1, on the standalone server and the router.
+
+Handlers parse (`server.a1111_jobs`), render through the same dispatcher as the OpenAI routes (as a
+stream, so that /progress can follow it: `server.a1111_tasks`), and shape A1111's answers. Errors keep
+the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
+for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1).
+
+Options live in this front door's memory: `sd_model_checkpoint` picks the model of later requests that
+do not name one in `override_settings`, as A1111's does; other options are kept and echoed, and
+`samples_format`, `jpeg_quality`, `live_previews_enable` and `show_progress_every_n_steps` are honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+from litestar import Request, Response, Router, get, post
+
+from server import a1111, a1111_jobs, errors, jobs, node
+from server.a1111 import (
+    HTTPErrorBody,
+    ImagesResponse,
+    Kind,
+    LoraItem,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    SDModelItem,
+    ValidationErrorBody,
+    ValidationProblem,
+)
+from server.a1111_tasks import Task, Tasks, idle, interrupted_images, preview_count
+from server.errors import ApiError
+from server.routes.guards import credential, sdapi_key
+from server.state import AppState
+
+
+@dataclass
+class Front:
+    """This front door's A1111 state: the options set through POST /options and the renders running."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    tasks: Tasks = field(default_factory=Tasks)
+
+    @staticmethod
+    def of(request: Request) -> Front:
+        return request.app.state.setdefault("a1111", Front())
+
+
+@post("/txt2img", status_code=200, summary="Text to image (AUTOMATIC1111)")
+async def txt2img(request: Request) -> Response[ImagesResponse]:
+    return await _render(request, "txt2img")
+
+
+@post("/img2img", status_code=200, summary="Image to image and inpainting (AUTOMATIC1111; white mask = repaint)")
+async def img2img(request: Request) -> Response[ImagesResponse]:
+    return await _render(request, "img2img")
+
+
+async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
+    state, front = AppState.of(request), Front.of(request)
+    body = a1111_jobs.decode(await request.body(), kind)
+    renderer = state.renderer
+    info = a1111_jobs.resolve_model(body, front.options, renderer.ready_models(), renderer.known_models(),
+                                    state.settings)
+    request.state.model = info.id
+    strength, image, mask = 1.0, None, None
+    if isinstance(body, a1111.Img2ImgRequest):
+        size = a1111_jobs.resolve_size(body, info)
+        image, mask = await anyio.to_thread.run_sync(a1111_jobs.img2img_inputs, body, size, state.settings)
+        strength = body.denoising_strength
+    job = a1111_jobs.build(body, info, front.options, state.request_id(request), strength, image, mask)
+    previews = preview_count(front.options, job.steps, job.strength)
+    job = msgspec.structs.replace(job, partial_images=previews,
+                                  events="image_edit" if kind == "img2img" else "image_generation")
+    task = Task(client=_client(request), job=job, kind=kind, previews=previews)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await front.tasks.run(renderer, task, gone)
+    finally:
+        gone.cancel()
+    pictures, seeds = (task.finished, task.seeds) if task.finished is not None else interrupted_images(task)
+    encoded = [base64.b64encode(p).decode("ascii") for p in pictures] if body.send_images else []
+    answer = ImagesResponse(images=encoded, parameters=a1111_jobs.parameters(body, job),
+                            info=a1111_jobs.info(body, job, seeds, node.version(), task.finished is None))
+    return Response(answer)
+
+
+@get("/progress", summary="Progress of this client's current render, with the latest estimate of its image")
+async def progress(request: Request, skip_current_image: bool = False) -> ProgressResponse:
+    tasks = Front.of(request).tasks.of(_client(request))
+    return tasks[-1].report(not skip_current_image) if tasks else idle()
+
+
+@post("/interrupt", status_code=200, summary="Stop this client's renders; they answer with their latest estimates")
+async def interrupt(request: Request) -> dict[str, Any]:
+    Front.of(request).tasks.interrupt(_client(request))
+    return {}
+
+
+@get("/options", summary="Options; sd_model_checkpoint is the model later requests render on")
+async def get_options(request: Request) -> dict[str, Any]:
+    options = {**a1111.DEFAULT_OPTIONS, **Front.of(request).options}
+    if not options.get("sd_model_checkpoint"):
+        options["sd_model_checkpoint"] = _default_model(AppState.of(request))
+    return options
+
+
+@post("/options", status_code=200, summary="Set options (sd_model_checkpoint selects the model)")
+async def set_options(request: Request) -> Response[None]:
+    state = AppState.of(request)
+    try:
+        update = msgspec.json.decode(await request.body() or b"{}", type=dict[str, Any])
+    except msgspec.MsgspecError as exc:
+        raise a1111_jobs.invalid("body", f"options must be a JSON object: {exc}") from None
+    if "sd_model_checkpoint" in update:
+        update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
+    _check_options(update)
+    Front.of(request).options.update(update)
+    return Response(None, media_type="application/json")
+
+
+@get("/sd-models", summary="The models, as A1111 lists checkpoints")
+async def sd_models(request: Request) -> list[SDModelItem]:
+    ready = sorted(AppState.of(request).renderer.ready_models())
+    return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=name) for name in ready]
+
+
+@get("/samplers", summary="The samplers, by A1111's names")
+async def samplers() -> list[SamplerItem]:
+    return [SamplerItem(name=name, aliases=a1111.SAMPLER_ALIASES[name], options={}) for name in a1111.SAMPLERS]
+
+
+@get("/schedulers", summary="The schedules (Karras with DPM++ 2M only)")
+async def schedulers() -> list[SchedulerItem]:
+    return [SchedulerItem(name=name, label=label, default_rho=7.0 if name == "karras" else -1.0)
+            for name, label in a1111.SCHEDULERS.items()]
+
+
+@get("/loras", summary="LoRA adapters of the models that can render now, for `<lora:name:weight>` prompt tags")
+async def loras(request: Request) -> list[LoraItem]:
+    ready = AppState.of(request).renderer.ready_models().values()
+    names = sorted({adapter.name for info in ready for adapter in info.adapters})
+    return [LoraItem(name=name, alias=name, path=f"{name}.safetensors") for name in names]
+
+
+@get(["/upscalers", "/sd-vae", "/latent-upscale-modes", "/prompt-styles", "/hypernetworks", "/face-restorers"],
+     summary="Lists A1111 has and this server does not use: empty")
+async def empty_lists() -> list[Any]:
+    return []
+
+
+def router() -> Router:
+    return Router("/sdapi/v1", guards=[sdapi_key], exception_handlers={Exception: handle},
+                  route_handlers=[txt2img, img2img, progress, interrupt, get_options, set_options, sd_models,
+                                  samplers, schedulers, loras, empty_lists])
+
+
+def handle(request: Request, exc: Exception) -> Response[Any]:
+    """errors.to_response decides the status (the one mapping); here it takes A1111's body shapes."""
+    mapped = errors.to_response(exc, request.scope.get("state", {}).get("request_id"))
+    detail = mapped.content.error
+    if mapped.status_code == 400:
+        param = "prompt" if detail.param == "lora" else detail.param  # adapters come from prompt tags here
+        loc = ["body", *param.split(".")] if param not in (None, "body") else ["body"]
+        return Response(ValidationErrorBody([ValidationProblem(loc=loc, msg=detail.message)]), status_code=422)
+    body = HTTPErrorBody(error="HTTPException", detail=detail.message, body="", errors=detail.message)
+    return Response(body, status_code=mapped.status_code, headers=dict(mapped.headers))
+
+
+# -- internals -------------------------------------------------------------------------------------
+
+
+def _client(request: Request) -> str:
+    """Whose renders /progress and /interrupt see: the key presented, or the address on an open server."""
+    key = credential(request) if AppState.of(request).api_keys else ""
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "host:" + (request.client.host if request.client else "-")
+
+
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _default_model(state: AppState) -> str:
+    renderer = state.renderer
+    try:
+        return jobs.resolve_model(None, renderer.ready_models(), renderer.known_models(), state.settings).id
+    except ApiError:
+        return state.settings.default_model or ""
+
+
+def _known_model(state: AppState, name: object) -> str:
+    model = a1111_jobs.checkpoint_name(name) if isinstance(name, str) else None
+    known = state.renderer.known_models() | set(state.renderer.ready_models())
+    if model not in known:
+        raise a1111_jobs.invalid("sd_model_checkpoint", f"model {name!r} not found; available: "
+                                 f"{', '.join(sorted(known)) or 'none'}")
+    return model
+
+
+def _check_options(update: dict[str, Any]) -> None:
+    every = update.get("show_progress_every_n_steps", 10)
+    if not isinstance(every, int) or isinstance(every, bool) or every < -1:
+        raise a1111_jobs.invalid("show_progress_every_n_steps", "show_progress_every_n_steps must be an integer ≥ -1")
+    if not isinstance(update.get("live_previews_enable", True), bool):
+        raise a1111_jobs.invalid("live_previews_enable", "live_previews_enable must be true or false")
+    if str(update.get("samples_format", "png")).lower() not in a1111_jobs.FORMATS:
+        raise a1111_jobs.invalid("samples_format", "samples_format must be png, jpg, jpeg or webp")
