@@ -224,8 +224,11 @@ def test_secrets_probes_and_drain(rendered: dict[str, list[dict[str, Any]]]) -> 
     container = node["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    # The grace period covers preStop, then the drain, bounded by the request timeout, with room to spare.
-    assert node["terminationGracePeriodSeconds"] >= pre_stop + float(env["SDSERVE_REQUEST_TIMEOUT"]) + 10
+    # The grace period covers preStop, then the drain (--drain-timeout, which lets a request run its full
+    # request timeout), with room to spare.
+    drain = float(env["SDSERVE_DRAIN_TIMEOUT"])
+    assert drain >= float(env["SDSERVE_REQUEST_TIMEOUT"])
+    assert node["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
     # Every router replica is listed for registration (StatefulSet pod names through the headless Service).
     router = find(base, "StatefulSet", "sdserve-router")
     headless = router["spec"]["serviceName"]
