@@ -69,12 +69,12 @@ def checkpoint_name(name: str | None) -> str | None:
 
 
 def resolve_model(request: GenerationRequest, options: dict[str, Any], ready: dict[str, ModelInfo],
-                  known: set[str], settings: Settings) -> ModelInfo:
+                  known: set[str], settings: Settings, default: str | None) -> ModelInfo:
     override = request.override_settings.sd_model_checkpoint if request.override_settings else None
     param = "override_settings.sd_model_checkpoint" if override else "sd_model_checkpoint"
     name = checkpoint_name(override or options.get("sd_model_checkpoint"))
     try:
-        return jobs.resolve_model(name, ready, known, settings)
+        return jobs.resolve_model(name, ready, known, settings, default)
     except ApiError as exc:
         if exc.status == 404:
             raise invalid(param, exc.message) from None

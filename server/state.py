@@ -60,10 +60,14 @@ class AppState:
     def of(connection: ASGIConnection) -> AppState:
         return connection.app.state.sdserve
 
+    @property
+    def default_model(self) -> str | None:
+        """The model a request naming none gets (decided once at start-up; see server.app.default_model)."""
+        return self.dispatcher.default_model if self.dispatcher is not None else None
+
     def resolve_model(self, name: str | None, connection: ASGIConnection) -> ModelInfo:
-        default = self.dispatcher.default_model if self.dispatcher is not None else None
         info = jobs.resolve_model(name, self.renderer.ready_models(), self.renderer.known_models(), self.settings,
-                                  default)
+                                  self.default_model)
         connection.state.model = info.id
         return info
 

@@ -45,7 +45,11 @@ class ServerProcess:
         self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         log.close()
-        self.wait(ready=ready, timeout=timeout)
+        try:
+            self.wait(ready=ready, timeout=timeout)
+        except BaseException:  # a server that never came up must not outlive the test session
+            self.kill()
+            raise
         return self
 
     def wait(self, ready: bool = True, timeout: float = 90.0) -> None:

@@ -68,7 +68,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     body = a1111_jobs.decode(await request.body(), kind)
     renderer = state.renderer
     info = a1111_jobs.resolve_model(body, front.options, renderer.ready_models(), renderer.known_models(),
-                                    state.settings)
+                                    state.settings, state.default_model)
     request.state.model = info.id
     strength, image, mask = 1.0, None, None
     if isinstance(body, a1111.Img2ImgRequest):
@@ -193,7 +193,8 @@ async def _client_gone(request: Request) -> None:
 def _default_model(state: AppState) -> str:
     renderer = state.renderer
     try:
-        return jobs.resolve_model(None, renderer.ready_models(), renderer.known_models(), state.settings).id
+        return jobs.resolve_model(None, renderer.ready_models(), renderer.known_models(), state.settings,
+                                  state.default_model).id
     except ApiError:
         return state.settings.default_model or ""
 
