@@ -44,7 +44,9 @@ def standalone(lora_model: Callable[[str], Path], tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="module")
 def router(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    fleet = Fleet(tiny_model(MODEL).parent, tmp_path_factory.mktemp("sdapi-fleet"))
+    # A router renders requests that name no model only with --default-model (a standalone server defaults
+    # to its first model); A1111 clients name none until they POST /options.
+    fleet = Fleet(tiny_model(MODEL).parent, tmp_path_factory.mktemp("sdapi-fleet"), ["--default-model", MODEL])
     fleet.router.env["SDSERVE_API_KEYS"] = KEY
     for name in ("node-a", "node-b"):
         fleet.add_node(name, MODEL)
