@@ -146,8 +146,8 @@ class Usage(msgspec.Struct):
     total_tokens: int = 0
 
 
-class PartialImageEvent(msgspec.Struct, kw_only=True):
-    """`image_generation.partial_image` / `image_edit.partial_image`, plus our `index` and `seed`."""
+class ImageEvent(msgspec.Struct, kw_only=True):
+    """What OpenAI's image stream events share, plus our `index` (image i of `n`) and `seed`."""
 
     type: str
     b64_json: str
@@ -156,24 +156,20 @@ class PartialImageEvent(msgspec.Struct, kw_only=True):
     quality: str
     background: str
     output_format: OutputFormat
+    index: int
+    seed: int
+
+
+class PartialImageEvent(ImageEvent, kw_only=True):
+    """`image_generation.partial_image` / `image_edit.partial_image`."""
+
     partial_image_index: int
-    index: int
-    seed: int
 
 
-class CompletedImageEvent(msgspec.Struct, kw_only=True):
-    """`image_generation.completed` / `image_edit.completed`, plus our `index` and `seed`."""
+class CompletedImageEvent(ImageEvent, kw_only=True):
+    """`image_generation.completed` / `image_edit.completed`."""
 
-    type: str
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: str
-    output_format: OutputFormat
     usage: Usage
-    index: int
-    seed: int
 
 
 class ErrorEvent(msgspec.Struct):
