@@ -1,0 +1,78 @@
+"""ONNX Runtime's transformer optimizer on a traced graph (`export --optimize cpu|cuda`), before fp16.
+
+The optimizer's Python fusions turn the traced subgraphs into ONNX Runtime's contrib operators:
+MultiHeadAttention, LayerNormalization/SkipLayerNormalization and Gelu run on every provider (the `cpu`
+target), while GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd and packed QKV/KV attention
+have CUDA kernels only (the `cuda` target, as ONNX Runtime's own Stable Diffusion pipeline does). Fusions
+must run before the fp16 conversion: the converter's Casts break the patterns they match.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+log = logging.getLogger("sdserve.export")
+
+Target = Literal["none", "cpu", "cuda"]
+TARGETS: tuple[str, ...] = ("none", "cpu", "cuda")
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae",
+               "vae_decoder": "vae"}
+# Fusions whose operators have no CPU kernel in ONNX Runtime: on only for the cuda target.
+CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+                     "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
+# Their operators (packed attention is a MultiHeadAttention fed packed inputs: its CPU kernel refuses them).
+CUDA_ONLY_OPS = frozenset({"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"})
+
+
+def needs_cuda(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds an operator that only ONNX Runtime's CUDA provider runs."""
+    return any(n.domain == "com.microsoft" and n.op_type in CUDA_ONLY_OPS for n in model.graph.node)
+
+
+def optimize(path: Path, component: str, target: Target) -> onnx.ModelProto:
+    """The graph at `path` with the fusions for `target` applied (the file itself is left as it is)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = MODEL_TYPES[component]
+    options = FusionOptions(model_type)
+    for name in CUDA_ONLY_FUSIONS:
+        if hasattr(options, name):
+            setattr(options, name, target == "cuda")
+    try:
+        optimized = _run(optimize_model, path, model_type, options, target)
+    except TypeError as exc:
+        # onnxruntime 1.32's UNet attention fusion calls int() on a 1-element array, which numpy 2.4 refuses:
+        # keep the other fusions rather than fail the export.
+        log.warning("    %s: attention not fused (onnxruntime's fusion fails under numpy %s: %s)", component,
+                    np.__version__, exc)
+        options.enable_attention = False
+        optimized = _run(optimize_model, path, model_type, options, target)
+    model = optimized.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):  # the fused operators' domain
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    fused = Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft")
+    log.info("    %s optimized for %s: %s", component, target,
+             ", ".join(f"{count} {op}" for op, count in sorted(fused.items())) or "nothing fused")
+    return model
+
+
+def _run(optimize_model: Callable[..., Any], path: Path, model_type: str, options: object, target: Target) -> Any:
+    # opt_level 0: Python fusions only. ONNX Runtime's own graph optimizations are provider-specific and
+    # run at session creation anyway; baked in here they would tie a CPU graph to this machine's kernels.
+    logging.disable(logging.INFO)  # its modules log every fusion pass at INFO, under their bare names
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                                  optimization_options=options, use_gpu=target == "cuda")
+    finally:
+        logging.disable(logging.NOTSET)
