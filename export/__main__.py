@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fp16_vae and settings.precision != "fp16":
             raise ExportError("--fp16-vae needs --precision fp16")
+        if args.tensorrt and settings.optimize != "none":  # its parser knows no ONNX Runtime contrib operators
+            raise ExportError("--tensorrt builds plans from standard ONNX operators only: drop --optimize")
         # With --tensorrt, TensorRT is checked before any export work: without it nothing is written.
         if not args.tensorrt or tensorrt.needs_export(settings):
             lines.append(summary(export_model(settings)))

@@ -64,3 +64,11 @@ def test_a_manifest_from_before_the_field_still_reads(tiny_model: Model, tmp_pat
         del component["optimized_for"]
     manifest = msgspec.json.decode(json.dumps(raw), type=mf.Manifest)
     assert {c.optimized_for for c in manifest.components.values()} == {None}
+
+
+def test_tensorrt_plans_refuse_optimized_graphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.__main__ import main
+
+    assert main(["tiny-sd15", "--optimize", "cpu", "--tensorrt", "--output", str(tmp_path / "m")]) == 2
+    assert "drop --optimize" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
