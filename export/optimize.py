@@ -39,6 +39,7 @@ def needs_cuda(model: onnx.ModelProto) -> bool:
 
 def optimize(path: Path, component: str, target: Target) -> onnx.ModelProto:
     """The graph at `path` with the fusions for `target` applied (the file itself is left as it is)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -57,6 +58,10 @@ def optimize(path: Path, component: str, target: Target) -> onnx.ModelProto:
         options.enable_attention = False
         optimized = _run(optimize_model, path, model_type, options, target)
     model = optimized.model
+    # The fp16 converter places its Casts into the nodes kept fp32 (SD 2.x attention) by each tensor's
+    # value_info; ONNX's own inference stops at contrib operators, so infer types with ONNX Runtime's.
+    del model.graph.value_info[:]
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):  # the fused operators' domain
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     fused = Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft")
