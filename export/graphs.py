@@ -202,7 +202,9 @@ def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: in
             dynamo=False,
         )
     if optimize_for != "none":
-        _save(optimize.optimize(scratch / "model.onnx", graph.name, optimize_for), scratch / "model.onnx")
+        fused = optimize.optimize(scratch / "model.onnx", graph.name, optimize_for, fp16=precision == "fp16",
+                                  fp32_attention=graph.fp32_attention)
+        _save(fused, scratch / "model.onnx")
     if precision == "fp16":
         _convert_to_fp16(scratch / "model.onnx", list(graph.keep_fp32_inputs), graph.fp32_attention)
     _merge_external_data(scratch, folder)

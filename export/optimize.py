@@ -10,9 +10,11 @@ must run before the fp16 conversion: the converter's Casts break the patterns th
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +39,11 @@ def needs_cuda(model: onnx.ModelProto) -> bool:
     return any(n.domain == "com.microsoft" and n.op_type in CUDA_ONLY_OPS for n in model.graph.node)
 
 
-def optimize(path: Path, component: str, target: Target) -> onnx.ModelProto:
-    """The graph at `path` with the fusions for `target` applied (the file itself is left as it is)."""
+def optimize(path: Path, component: str, target: Target, fp16: bool = False,
+             fp32_attention: bool = False) -> onnx.ModelProto:
+    """The graph at `path` with the fusions for `target` applied (the file itself is left as it is), for a
+    graph converted to fp16 next if `fp16`. With `fp32_attention` (SD 2.x in fp16, see export.precision)
+    attention stays unfused, so that its scores and softmax can stay fp32."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -48,11 +53,13 @@ def optimize(path: Path, component: str, target: Target) -> onnx.ModelProto:
     for name in CUDA_ONLY_FUSIONS:
         if hasattr(options, name):
             setattr(options, name, target == "cuda")
+    # Packed Q/K/V inputs only for fp16, as ONNX Runtime's own Stable Diffusion pipeline does.
+    options.enable_packed_qkv = options.enable_packed_kv = target == "cuda" and fp16
+    options.enable_attention = not (fp16 and fp32_attention)
     try:
-        optimized = _run(optimize_model, path, model_type, options, target)
-    except TypeError as exc:
-        # onnxruntime 1.32's UNet attention fusion calls int() on a 1-element array, which numpy 2.4 refuses:
-        # keep the other fusions rather than fail the export.
+        with _one_element_head_counts():
+            optimized = _run(optimize_model, path, model_type, options, target)
+    except TypeError as exc:  # an attention fusion failing some other way: keep the other fusions
         log.warning("    %s: attention not fused (onnxruntime's fusion fails under numpy %s: %s)", component,
                     np.__version__, exc)
         options.enable_attention = False
@@ -68,6 +75,33 @@ def optimize(path: Path, component: str, target: Target) -> onnx.ModelProto:
     log.info("    %s optimized for %s: %s", component, target,
              ", ".join(f"{count} {op}" for op, count in sorted(fused.items())) or "nothing fused")
     return model
+
+
+@contextmanager
+def _one_element_head_counts() -> Iterator[None]:
+    """onnxruntime 1.32's UNet attention fusion reads the head count with int() on a one-element array,
+    which numpy 2.4 refuses (TypeError), so no attention would fuse: for this call only, read such an
+    array's one item instead. The optimizer imports its modules by bare name (its folder is on sys.path)."""
+    fusion = sys.modules.get("fusion_attention_unet")
+    cls = getattr(fusion, "FusionAttentionUnet", None)
+    if cls is None:
+        yield
+        return
+    original = cls.get_num_heads
+
+    def get_num_heads(self: Any, reshape_q: onnx.NodeProto, is_torch2: bool = False) -> int:
+        try:
+            return original(self, reshape_q, is_torch2)
+        except TypeError:
+            concat = self.model.get_parent(reshape_q, 1)  # the shape [0, 0, heads, head_size]
+            heads = self.model.get_constant_value(concat.input[2]) if concat is not None else None
+            return int(heads.item()) if isinstance(heads, np.ndarray) and heads.size == 1 else 0
+
+    cls.get_num_heads = get_num_heads
+    try:
+        yield
+    finally:
+        cls.get_num_heads = original
 
 
 def _run(optimize_model: Callable[..., Any], path: Path, model_type: str, options: object, target: Target) -> Any:

@@ -31,7 +31,8 @@ def test_cpu_optimized_model_renders_like_the_raw_one(name: str, tiny_model: Mod
     manifest = mf.read(optimized)
     assert {c.optimized_for for c in manifest.components.values()} == {"cpu"}
     assert {c.optimized_for for c in mf.read(raw).components.values()} == {None}
-    assert {"SkipLayerNormalization"} <= _fused(optimized, "unet")  # the optimizer really changed the graph
+    # the optimizer really changed the graph, attention included (onnxruntime 1.32 + numpy 2.4 need our workaround)
+    assert {"SkipLayerNormalization", "MultiHeadAttention"} <= _fused(optimized, "unet")
     request = engines.RenderRequest(prompt="a red bicycle", negative_prompt="blur", width=128, height=128,
                                     steps=3, guidance_scale=6.0, sampler="euler", seed=5)
     latents = np.random.default_rng(7).standard_normal((1, 4, 16, 16)).astype(np.float32)
