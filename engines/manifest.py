@@ -23,6 +23,7 @@ Family = Literal["sd1", "sd2", "sdxl"]
 Variant = Literal["base", "inpaint", "turbo"]
 PredictionType = Literal["epsilon", "v_prediction"]
 Precision = Literal["fp32", "fp16"]
+OptimizedFor = Literal["cpu", "cuda"]
 Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
 SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 
@@ -49,6 +50,9 @@ class Component(msgspec.Struct, frozen=True):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     external_data: FileRef | None = None
+    # Added after format 1 shipped (None: the raw traced graph). "cuda": fused operators with CUDA kernels
+    # only (export --optimize cuda), which the CPU provider cannot run; "cpu": fusions every provider runs.
+    optimized_for: OptimizedFor | None = None
 
     def files(self) -> list[FileRef]:
         return [self.graph] if self.external_data is None else [self.graph, self.external_data]

@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from export import precision
+from export import optimize, precision
 from export.errors import ExportError
 
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -177,12 +177,14 @@ def vae_decoder(vae: torch.nn.Module) -> Graph:
                  {"latent_sample": spatial, "sample": spatial}, make)
 
 
-def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: int, precision: str) -> None:
+def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: int, precision: str,
+          optimize_for: str = "none") -> None:
     """Write `folder/model.onnx` (plus `model.onnx_data` for graphs over 2 GB) and check it.
 
-    Always traced in fp32: PyTorch's CPU half kernels trace into graphs of mixed types. An fp16 graph is
-    converted afterwards by ONNX Runtime's float16 converter, keeping `keep_fp32_inputs` and the nodes of
-    `export.precision.fp32_nodes` in fp32.
+    Always traced in fp32: PyTorch's CPU half kernels trace into graphs of mixed types. With `optimize_for`
+    cpu or cuda, ONNX Runtime's transformer optimizer fuses the graph first (`export.optimize`). An fp16
+    graph is converted afterwards by ONNX Runtime's float16 converter, keeping `keep_fp32_inputs` and the
+    nodes of `export.precision.fp32_nodes` in fp32.
     """
     scratch = folder / "trace"
     scratch.mkdir(parents=True)
@@ -199,6 +201,10 @@ def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: in
             do_constant_folding=True,
             dynamo=False,
         )
+    if optimize_for != "none":
+        fused = optimize.optimize(scratch / "model.onnx", graph.name, optimize_for, fp16=precision == "fp16",
+                                  fp32_attention=graph.fp32_attention)
+        _save(fused, scratch / "model.onnx")
     if precision == "fp16":
         _convert_to_fp16(scratch / "model.onnx", list(graph.keep_fp32_inputs), graph.fp32_attention)
     _merge_external_data(scratch, folder)
@@ -216,6 +222,11 @@ def _convert_to_fp16(path: Path, keep_fp32: list[str], fp32_attention: bool) -> 
     model = convert_float_to_float16(str(path), keep_io_types=keep_fp32 or False, node_block_list=blocked)
     precision.drop_round_trips(model.graph)
     _sort_nodes(model.graph)
+    _save(model, path)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Replace the scratch folder's graph (and its per-tensor weight files) with `model`."""
     for stale in path.parent.iterdir():
         stale.unlink()
     weights = sum(len(t.raw_data) for t in _initializers(model))

@@ -95,6 +95,10 @@ def build_plans(settings: PlanSettings) -> PlanSetReport:
     if manifest.components["unet"].precision != "fp16":
         raise ExportError(f"{root}: TensorRT plans are built from an fp16 export and this UNet is fp32; export "
                           f"again with: python -m export {manifest.name} --precision fp16 --force --output {root}")
+    fused = [name for name, c in manifest.components.items() if c.optimized_for is not None]
+    if fused:  # TensorRT's ONNX parser knows no ONNX Runtime contrib operators
+        raise ExportError(f"{root}: {', '.join(fused)} exported with --optimize; TensorRT plans need the raw graphs: "
+                          f"python -m export {manifest.name} --precision fp16 --force --output {root}")
     try:
         profiles = plans.make_profiles(manifest, settings.sizes, settings.batch, settings.dynamic)
     except ValueError as exc:

@@ -101,6 +101,9 @@ class OrtBackend(Backend):
             libraries.prepare(self.name)
         if self.name == "tensorrt-ep":
             _check_tensorrt_ep(name, component)
+        if self.name == "cpu" and component.optimized_for == "cuda":
+            raise EngineFailure(f"{name}: exported with --optimize cuda (fused operators that only CUDA runs); the cpu "
+                                "backend cannot run it: use a CUDA backend, or re-export with --optimize cpu or none")
         try:
             session = ort.InferenceSession(str(path), self.session_options(), providers=self.providers(name, component))
         except Exception as exc:

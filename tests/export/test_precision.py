@@ -10,10 +10,11 @@ import pytest
 from export import ExportSettings, export_model
 
 
-@pytest.fixture(scope="module")
-def sd21_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["none", "cpu"])
+def sd21_fp16(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The raw graph, and the one fused by `--optimize cpu` before its fp16 conversion."""
     target = tmp_path_factory.mktemp("fp16") / "tiny-sd21"
-    export_model(ExportSettings(preset="tiny-sd21", precision="fp16", output=str(target)))
+    export_model(ExportSettings(preset="tiny-sd21", precision="fp16", output=str(target), optimize=request.param))
     return target
 
 

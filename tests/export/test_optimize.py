@@ -1,0 +1,75 @@
+"""`export --optimize`: ONNX Runtime's transformer fusions on the tiny models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import onnx
+import pytest
+
+import engines
+from engines import manifest as mf
+from export import ExportSettings, export_model
+
+Model = Callable[[str], Path]
+
+
+def _fused(root: Path, component: str) -> set[str]:
+    graph = onnx.load(str(root / component / "model.onnx"), load_external_data=False).graph
+    return {n.op_type for n in graph.node if n.domain == "com.microsoft"}
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_cpu_optimized_model_renders_like_the_raw_one(name: str, tiny_model: Model, tmp_path: Path) -> None:
+    raw = tiny_model(name)
+    optimized = tmp_path / name
+    export_model(ExportSettings(preset=name, output=str(optimized), optimize="cpu"))
+    manifest = mf.read(optimized)
+    assert {c.optimized_for for c in manifest.components.values()} == {"cpu"}
+    assert {c.optimized_for for c in mf.read(raw).components.values()} == {None}
+    # the optimizer really changed the graph, attention included (onnxruntime 1.32 + numpy 2.4 need our workaround)
+    assert {"SkipLayerNormalization", "MultiHeadAttention"} <= _fused(optimized, "unet")
+    request = engines.RenderRequest(prompt="a red bicycle", negative_prompt="blur", width=128, height=128,
+                                    steps=3, guidance_scale=6.0, sampler="euler", seed=5)
+    latents = np.random.default_rng(7).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    before = engines.load(raw, backend="cpu").render(request, latents=latents).pixels
+    after = engines.load(optimized, backend="cpu").render(request, latents=latents).pixels
+    assert float(np.abs(after - before).max()) < 1e-4
+
+
+def test_cuda_optimized_model_is_refused_on_the_cpu_backend_in_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "tiny-sd15-cuda"
+    report = export_model(ExportSettings(preset="tiny-sd15", output=str(target), optimize="cuda"))
+    manifest = mf.read(target)
+    assert manifest.components["unet"].optimized_for == "cuda"
+    assert "GroupNorm" in _fused(target, "unet")
+    # the text encoder gains no CUDA-only operator: it stays checked against PyTorch
+    assert manifest.components["text_encoder"].optimized_for == "cpu"
+    checked = {c.name: not np.isnan(c.max_diff) for c in report.components}
+    assert checked == {"text_encoder": True, "unet": False, "vae_encoder": False, "vae_decoder": False}
+    with pytest.raises(engines.EngineFailure) as refused:
+        engines.load(target, backend="cpu")
+    assert "--optimize cuda" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(engines.EngineFailure) as auto:  # here auto has only the CPU to try
+        engines.load(target, backend="auto")
+    assert "--optimize cuda" in str(auto.value)
+
+
+def test_a_manifest_from_before_the_field_still_reads(tiny_model: Model, tmp_path: Path) -> None:
+    raw = json.loads((tiny_model("tiny-sd15") / mf.MANIFEST_FILE).read_bytes())
+    for component in raw["components"].values():
+        del component["optimized_for"]
+    manifest = msgspec.json.decode(json.dumps(raw), type=mf.Manifest)
+    assert {c.optimized_for for c in manifest.components.values()} == {None}
+
+
+def test_tensorrt_plans_refuse_optimized_graphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.__main__ import main
+
+    assert main(["tiny-sd15", "--optimize", "cpu", "--tensorrt", "--output", str(tmp_path / "m")]) == 2
+    assert "drop --optimize" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
