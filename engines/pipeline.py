@@ -365,11 +365,14 @@ class Pipeline:
     # -- 6 ------------------------------------------------------------------------------------------
 
     def decode_latents(self, x: np.ndarray) -> np.ndarray:
-        """The VAE decoder; above a size threshold in overlapping tiles (`vae_tiling`), capping its memory."""
+        """The VAE decoder; above the model's native size and the tiling threshold in overlapping tiles
+        (`vae_tiling`), capping its memory. Native sizes decode whole: exact, and on the plans' own profile."""
         latents = x / self.manifest.vae_scaling_factor
         session = self.sessions["vae_decoder"]
+        scale, defaults = self.manifest.vae_scale_factor, self.manifest.defaults
+        native = (defaults.width // scale) * (defaults.height // scale)
         decoded = vae_tiling.decode(lambda z: session.run({"latent_sample": z}, ["sample"])["sample"], latents,
-                                    self.manifest.vae_scale_factor)
+                                    scale, threshold=max(vae_tiling.THRESHOLD, native))
         return images.to_pixels(decoded)
 
     def close(self) -> None:

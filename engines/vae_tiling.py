@@ -5,7 +5,8 @@ is 512 MiB in fp32, and several are alive at once): above `THRESHOLD` the latent
 of `TILE` latent cells that overlap by `OVERLAP`, and each output pixel is the weighted mean of the
 tiles covering it, the weights ramping linearly across the overlap so no edge shows. The tiles are not
 exact (the decoder's GroupNorm sees a tile's statistics, not the image's), which is why sizes up to the
-threshold, the models' native ones included, are decoded whole and match diffusers' untiled decode.
+threshold and up to the model's native size (SDXL's 1024² is above the threshold) are decoded whole and
+match diffusers' untiled decode; the pipeline passes the larger of the two.
 """
 
 from __future__ import annotations

@@ -64,3 +64,21 @@ def test_tiled_decode_shows_no_seams(tiny_model: Model) -> None:
     ratio = steps_tiled / steps_whole
     overlaps = [c for start in vae_tiling.starts(48, 32, 8)[1:] for c in range(start * 8, (start + 8) * 8)]
     assert ratio[overlaps].mean() < 1.1 and ratio.max() < 1.5
+
+
+def test_a_models_native_size_is_decoded_whole(tiny_model: Model) -> None:
+    """SDXL's native 1024² (128² latent cells) is above the tiling threshold: the pipeline still decodes its
+    native size whole, so it equals diffusers' untiled decode (and fits TensorRT plans' native profile).
+    The tiny SDXL model is given SDXL's real native size for this."""
+    import msgspec
+
+    import engines
+
+    pipe = engines.load(tiny_model("tiny-sdxl"), backend="cpu")
+    pipe.manifest = msgspec.structs.replace(
+        pipe.manifest, defaults=msgspec.structs.replace(pipe.manifest.defaults, width=1024, height=1024))
+    assert 128 * 128 > vae_tiling.THRESHOLD
+    latents = np.random.default_rng(1).standard_normal((1, 4, 128, 128)).astype(np.float32)
+    session = pipe.sessions["vae_decoder"]
+    whole = session.run({"latent_sample": latents / pipe.manifest.vae_scaling_factor}, ["sample"])["sample"]
+    assert np.array_equal(pipe.decode_latents(latents), images.to_pixels(whole))
