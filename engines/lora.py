@@ -210,8 +210,9 @@ class Adapters:
             _ACTIVE.reset(token)
 
     def feeds(self, choice: Sequence[tuple[str, float]]) -> Feeds:
-        scales = self._check(choice)
-        chosen = [(self.offered[name], scale) for name, scale in scales.items()]
+        offered = self.offered  # one snapshot: a reload (`load`) may replace the dict meanwhile
+        scales = self._check(choice, offered)
+        chosen = [(offered[name], scale) for name, scale in scales.items()]
         feeds: Feeds = {}
         for part, layers in self.slots.items():
             using = [(f, s) for f, s in chosen if part in f.ranks]
@@ -223,7 +224,7 @@ class Adapters:
                 feeds[part] = _concatenated(part, layers, using)
         return feeds
 
-    def _check(self, choice: Sequence[tuple[str, float]]) -> dict[str, float]:
+    def _check(self, choice: Sequence[tuple[str, float]], offered: dict[str, Fitted]) -> dict[str, float]:
         """Validated choice, repeated names summed (the same adapter twice is one at the summed scale)."""
         if not self.rank:
             raise InvalidRequest("lora", f"model '{self.model}' was exported without LoRA support; export it "
@@ -236,8 +237,8 @@ class Adapters:
                 raise InvalidRequest("lora", f"adapter '{name}': scale {scale!r} is outside [-4, 4]")
             if name in self.refused:
                 raise InvalidRequest("lora", self.refused[name], code="lora_incompatible")
-            if name not in self.offered:
-                known = ", ".join(self.offered) or "none"
+            if name not in offered:
+                known = ", ".join(offered) or "none"
                 raise InvalidRequest("lora", f"no LoRA adapter '{name}' for model '{self.model}'; available: "
                                      f"{known}", code="lora_not_found")
             scales[name] = scales.get(name, 0.0) + float(scale)

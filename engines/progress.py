@@ -5,6 +5,7 @@ partial images: `on_partial(Partial)` with a preview of the denoiser's estimate 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class StepHook:
 
     def __call__(self, done: int, total: int, first_image: int, denoised: np.ndarray) -> None:
         if self.on_step is not None:
-            _report(self.on_step, done, total)
+            _report(functools.partial(self.on_step, done, total))
         if self.on_partial is None or not self.count:
             return
         steps = partial_steps(total, self.count)
@@ -55,12 +56,14 @@ class StepHook:
             return
         pictures = images.to_pil(self.previewer.pixels(denoised, self.mode))
         for offset, picture in enumerate(pictures):
-            self.on_partial(Partial(first_image + offset, steps.index(done), done, total, picture))
+            partial = Partial(first_image + offset, steps.index(done), done, total, picture)
+            _report(functools.partial(self.on_partial, partial))
 
 
-def _report(on_step: StepCallback, done: int, total: int) -> None:
+def _report(call: Callable[[], None]) -> None:
+    """A progress callback; one that raises asks the render to stop (a client gone, a closed loop)."""
     try:
-        on_step(done, total)
+        call()
     except EngineError:
         raise
     except Exception as exc:  # the caller asked to stop: its own reason rides along as the cause

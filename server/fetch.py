@@ -29,7 +29,7 @@ log = logging.getLogger("sdserve.server")
 MAX_REDIRECTS = 3
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_BLOCKED = ("loopback", "link_local", "private", "multicast", "unspecified", "reserved")
+_BLOCKED = ("loopback", "link_local", "site_local", "private", "multicast", "unspecified", "reserved")
 
 
 async def fetch(url: str, param: str, settings: Settings) -> bytes:
@@ -42,6 +42,9 @@ async def fetch(url: str, param: str, settings: Settings) -> bytes:
                        code=f"invalid_{param}") from exc
     if not parsed.raw_host:
         raise ApiError(400, f"'{param}': image_url has no host", param=param, code=f"invalid_{param}")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ApiError(400, f"'{param}': image_url has port {parsed.port}, outside 1-65535", param=param,
+                       code=f"invalid_{param}")
     timeout = settings.fetch_timeout
     try:
         with anyio.fail_after(timeout):
@@ -112,7 +115,7 @@ def _blocked(address: Address, allowed: list[Network]) -> str | None:
     if any(address in network for network in allowed):
         return None
     for kind in _BLOCKED:
-        if getattr(address, f"is_{kind}"):
+        if getattr(address, f"is_{kind}", False):  # is_site_local: IPv6 only
             return kind.replace("_", "-")
     return None if address.is_global else "non-global"
 

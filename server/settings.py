@@ -17,6 +17,7 @@ SECRETS = ("api_keys", "node_token", "admin_key")
 # Loopback and the private ranges (RFC 1918, IPv6 ULA): where nodes live. Not link-local (169.254/16 holds
 # cloud metadata services) nor public addresses, so a token holder cannot make the router probe them.
 PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 Positive = Annotated[int, Meta(ge=1)]
 Count = Annotated[int, Meta(ge=0)]
@@ -128,7 +129,11 @@ def _parse_env(field: str, raw: str, kind: object) -> object:
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
     if field in ("verify_models", "fetch_image_urls", "playground"):
-        return raw.strip().lower() not in ("0", "false", "no", "off")
+        word = raw.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:  # a typo must not switch on, say, fetching URLs
+            raise InvalidSettings(f"invalid setting: {_env_name(field)}={raw!r} is not one of "
+                                  f"{', '.join(TRUE_WORDS + FALSE_WORDS)}")
+        return word in TRUE_WORDS
     return raw  # converted (and range-checked, naming the field) with the rest in from_sources
 
 
@@ -212,7 +217,7 @@ def from_sources(role: Role, args: argparse.Namespace | None = None,
         given = getattr(args, field.name, None) if args is not None else None
         if given is not None:
             values[field.name] = given
-        elif _env_name(field.name) in environ:
+        elif environ.get(_env_name(field.name), "").strip():  # empty (a compose ${VAR} unset): not given
             values[field.name] = _parse_env(field.name, environ[_env_name(field.name)], field.type)
     if isinstance(values.get("model_aliases"), list):
         values["model_aliases"] = dict(item.split("=", 1) for item in values["model_aliases"] if "=" in item)

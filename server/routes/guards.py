@@ -100,13 +100,14 @@ def node_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 def admin_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Admin routes need the admin key when one is configured. Without one they are open only on an open
-    server (no API keys either): an API key is not an admin key."""
+    server (no API keys and no node token either: a node's port is reachable by whoever can reach its
+    render route): an API key or the node token is not an admin key."""
     state = AppState.of(connection)
     key = state.settings.admin_key
     if not key:
-        if state.api_keys:
-            raise ApiError(401, "API keys are configured but no admin key: set SDSERVE_ADMIN_KEY to use the admin "
-                           "routes", code="admin_key_not_configured")
+        if state.api_keys or state.settings.node_token:
+            raise ApiError(401, "API keys or a node token are configured but no admin key: set SDSERVE_ADMIN_KEY "
+                           "to use the admin routes", code="admin_key_not_configured")
         return
     if not hmac.compare_digest(_bearer(connection).encode(), key.encode()):
         raise ApiError(401, "wrong or missing admin key", code="invalid_admin_key")

@@ -155,8 +155,10 @@ def test_addresses_not_allowed_are_refused_before_connecting(fetching: ServerPro
     for url in (f"http://127.0.0.1:{port}/in.png", f"http://localhost:{port}/in.png", "http://10.0.0.1/a.png",
                 "http://192.168.1.1/a.png", "http://169.254.169.254/latest/meta-data", "https://[fe80::1]/a.png",
                 "http://[::ffff:10.1.2.3]/a.png", "http://0.0.0.0/a.png", "http://224.0.0.1/a.png",
-                "http://240.0.0.1/a.png", "http://[::1]/a.png", "http://100.64.0.1/a.png"):
+                "http://240.0.0.1/a.png", "http://[::1]/a.png", "http://100.64.0.1/a.png",
+                "http://[fec0::1]/a.png"):
         refused(edit(fetching, url), 400, "images", "image_url_address_not_allowed")
+    refused(edit(fetching, "http://127.0.0.1:99999/a.png"), 400, "images", "invalid_images")  # was a 500
     refused(edit(fetching, data_url(IMAGE), "http://10.9.8.7/m.png"), 400, "mask", "image_url_address_not_allowed")
 
 

@@ -23,6 +23,7 @@ from server.__main__ import main
     (["--fetch-allow-networks", "127.0.0.0/8,not-a-network"], {}, "fetch_allow_networks"),
     ([], {"SDSERVE_FETCH_ALLOW_NETWORKS": "10.0.0.0/33"}, "fetch_allow_networks"),
     (["--fetch-timeout", "0"], {}, "fetch_timeout"),
+    ([], {"SDSERVE_FETCH_IMAGE_URLS": "disabled"}, "SDSERVE_FETCH_IMAGE_URLS"),  # was read as on
 ])
 def test_bad_settings_are_one_line_and_exit_2(args: list[str], env: dict[str, str], named: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str],
@@ -36,3 +37,14 @@ def test_bad_settings_are_one_line_and_exit_2(args: list[str], env: dict[str, st
     assert status == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("server: error: ") and named in lines[0], err
+
+
+def test_boolean_variables_take_only_yes_or_no_words_and_empty_is_unset() -> None:
+    from server.settings import from_sources
+
+    assert from_sources("standalone", None, {"SDSERVE_FETCH_IMAGE_URLS": "", "SDSERVE_IMAGES_DIR": "/tmp"}
+                        ).fetch_image_urls is False  # a compose ${VAR} that expands to nothing
+    assert from_sources("standalone", None, {"SDSERVE_FETCH_IMAGE_URLS": "on", "SDSERVE_IMAGES_DIR": "/tmp"}
+                        ).fetch_image_urls is True
+    assert from_sources("standalone", None, {"SDSERVE_PLAYGROUND": "no", "SDSERVE_IMAGES_DIR": "/tmp"}
+                        ).playground is False
