@@ -26,7 +26,7 @@ from server import adapters
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.protocol import ModelLoad, RenderedImages, RenderJob
-from server.router.node_client import NodeFull, NodeUnavailable
+from server.router.node_client import NodeFull, NodeRefused, NodeUnavailable
 from server.router.registry import NodeRecord, Registry
 from server.streaming import NodeGone, NodeStream, relay
 
@@ -128,7 +128,7 @@ class Dispatcher:
             self.metrics.node_latency.labels(node.id).observe(time.perf_counter() - started)
             return result
         except NodeUnavailable as exc:
-            self._node_failed(node, str(exc))
+            self._node_failed(node, exc)
             raise
         finally:
             await self._end(node, job)
@@ -140,7 +140,7 @@ class Dispatcher:
         try:
             chunks = await _unless_lost(node, node.client.open_stream(job))
         except NodeUnavailable as exc:
-            self._node_failed(node, str(exc))
+            self._node_failed(node, exc)
             await self._end(node, job)
             raise
         except BaseException:
@@ -158,7 +158,7 @@ class Dispatcher:
                         raise NodeGone(str(exc)) from exc
                     yield chunk
             except NodeGone as exc:
-                self._node_failed(node, str(exc))
+                self._node_failed(node, exc)
                 raise
             finally:
                 await chunks.aclose()
@@ -181,9 +181,11 @@ class Dispatcher:
         async with self._room:
             self._room.notify_all()
 
-    def _node_failed(self, node: NodeRecord, reason: str) -> None:
+    def _node_failed(self, node: NodeRecord, exc: Exception) -> None:
+        """Out of rotation; its other requests are re-dispatched too unless it refused (`NodeRefused`: it
+        answered 503 or refused the connection), since then it finishes what it has."""
         if node.healthy:
-            self.registry.mark_failed(node, reason)
+            self.registry.mark_failed(node, str(exc), abandon=not isinstance(exc, NodeRefused))
         self.metrics.node_failures.labels(node.id).inc()
         self.count_healthy()
 

@@ -31,6 +31,12 @@ class NodeUnavailable(Exception):
     pass
 
 
+class NodeRefused(NodeUnavailable):
+    """The node will not take this job: it answered 503 (draining, its model unavailable) or refused the
+    connection (its listener is closed: shutting down). The job goes elsewhere; what the node already has
+    is left to finish there."""
+
+
 class NodeClient:
     def __init__(self, url: str, token: str | None, connect_timeout: float, render_timeout: float) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -47,7 +53,9 @@ class NodeClient:
             if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
                 raise NodeUnavailable(f"connect timeout: {exc}") from exc
             raise ApiError(504, "the node did not answer within the request timeout", code="timeout") from exc
-        except httpx.TransportError as exc:  # refused, reset, closed mid-answer
+        except httpx.ConnectError as exc:  # refused (or unresolvable): nothing was sent
+            raise NodeRefused(f"{type(exc).__name__}: {exc}") from exc
+        except httpx.TransportError as exc:  # reset, closed mid-answer
             raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except RuntimeError as exc:
             if not self.http.is_closed:
@@ -68,6 +76,8 @@ class NodeClient:
             response = await self.http.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise NodeUnavailable(f"timeout: {exc}") from exc
+        except httpx.ConnectError as exc:
+            raise NodeRefused(f"{type(exc).__name__}: {exc}") from exc
         except httpx.TransportError as exc:
             raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
         except RuntimeError as exc:
@@ -108,8 +118,10 @@ def _refusal(response: httpx.Response) -> Exception:
     if response.status_code == 429:
         error.headers["Retry-After"] = response.headers.get("retry-after", "1")
         return NodeFull(error)
-    if response.status_code in (502, 503):
-        return NodeUnavailable(f"{response.status_code}: {error.message}")
+    if response.status_code == 503:
+        return NodeRefused(f"503: {error.message}")
+    if response.status_code == 502:
+        return NodeUnavailable(f"502: {error.message}")
     return error
 
 

@@ -157,11 +157,15 @@ class Registry:
             known.update(record.report.loading)
         return known
 
-    def mark_failed(self, record: NodeRecord, reason: str) -> None:
+    def mark_failed(self, record: NodeRecord, reason: str, abandon: bool = True) -> None:
+        """Out of rotation until the prober reaches it again. `abandon`: its requests in flight go elsewhere
+        too (it may hang); not when it answered, or refused the connection (a node shutting down finishes
+        what it has, and a dead one breaks those connections itself)."""
         record.healthy = False
         record.failures += 1
         record.last_error = reason
-        record.lost.set()
+        if abandon:
+            record.lost.set()
 
     def expire_leases(self) -> list[NodeRecord]:
         """Nodes whose lease ran out since the last look: out of rotation, their requests re-dispatched."""
