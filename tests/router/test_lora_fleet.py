@@ -18,6 +18,7 @@ from PIL import Image
 
 from tests import adapters
 from tests.router.test_fleet import ADMIN_HEADERS, GEN, Fleet
+from tests.server.conftest import wait_for_models
 
 BODY = {"model": "lora-sd15", "prompt": "a red cat", "size": "64x64", "steps": 2, "response_format": "b64_json",
         "seed": 5}
@@ -46,7 +47,9 @@ def lora_fleet(lora_model: Callable[[str], Path], tiny_model: Callable[[str], Pa
     fleet.add_node("node-b", "lora-sd15", extra=["--lora-dir", str(dirs["b"])])
     fleet.dirs = dirs
     try:
-        yield fleet.start()
+        fleet.start()
+        wait_for_models(fleet.router, {"lora-sd15", "plain-sd15"})  # a node registers with its first model
+        yield fleet
     finally:
         fleet.stop()
 
