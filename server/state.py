@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from litestar import Request
 from litestar.connection import ASGIConnection
@@ -21,6 +21,8 @@ from server.metrics import Metrics
 from server.protocol import RenderedImages, RenderJob
 from server.settings import Settings
 from server.store import ImageStore
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from server.node import NodeAgent
@@ -104,7 +106,12 @@ class AppState:
     async def render_while_connected(self, request: Request, job: RenderJob) -> RenderedImages:
         """Render within the request timeout; a client that disconnects cancels its render (which stops at
         its next step, or leaves the queue)."""
-        render = asyncio.ensure_future(asyncio.wait_for(self.renderer.render(job), self.settings.request_timeout))
+        return await self.while_connected(request, job, self.renderer.render(job))
+
+    async def while_connected(self, request: Request, job: RenderJob, work: Awaitable[T]) -> T:
+        """`work` for `job` within the request timeout (504), cancelled when the client disconnects: a render,
+        or a stream's wait for a node to accept it."""
+        render = asyncio.ensure_future(asyncio.wait_for(work, self.settings.request_timeout))
         gone = asyncio.ensure_future(_disconnect(request))
         try:
             done, _ = await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -65,7 +65,7 @@ def error_frame(exc: Exception, request_id: str | None = None) -> bytes:
 async def respond(state: AppState, request: Request, job: RenderJob) -> Stream:
     """The public answer to `stream: true`: errors before a node accepted the job are ordinary HTTP errors."""
     request.state.model = job.model
-    chunks = await state.renderer.open_stream(job)
+    chunks = await state.while_connected(request, job, state.renderer.open_stream(job))
     return Stream(chunks, media_type=MEDIA_TYPE, headers=HEADERS)
 
 
