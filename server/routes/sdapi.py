@@ -40,6 +40,9 @@ from server.errors import ApiError
 from server.routes.guards import credential, sdapi_key
 from server.state import AppState
 
+MAX_OPTIONS = 1024  # A1111 has about 600
+MAX_OPTION_BYTES = 64 * 1024
+
 
 @dataclass
 class Front:
@@ -122,7 +125,13 @@ async def set_options(request: Request) -> Response[None]:
     if "sd_model_checkpoint" in update:
         update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
     _check_options(update)
-    Front.of(request).options.update(update)
+    options = Front.of(request).options
+    for name, value in update.items():  # options live in memory: bounded, as A1111's own set is
+        if len(msgspec.json.encode(value)) > MAX_OPTION_BYTES:
+            raise a1111_jobs.invalid(name, f"option values are at most {MAX_OPTION_BYTES} bytes of JSON")
+    if len(options.keys() | update.keys()) > MAX_OPTIONS:
+        raise a1111_jobs.invalid("body", f"at most {MAX_OPTIONS} options are kept")
+    options.update(update)
     return Response(None, media_type="application/json")
 
 

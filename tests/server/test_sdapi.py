@@ -202,6 +202,8 @@ def test_progress_shows_the_estimate_and_interrupt_ends_the_render(front: Server
     ("img2img", {"prompt": "x", "init_images": ["x"], "denoising_strength": 0}, ["body", "denoising_strength"]),
     ("options", {"sd_model_checkpoint": "nope"}, ["body", "sd_model_checkpoint"]),
     ("options", {"show_progress_every_n_steps": "often"}, ["body", "show_progress_every_n_steps"]),
+    ("options", {"notes": "x" * 70_000}, ["body", "notes"]),  # options live in memory: bounded
+    ("options", {f"option_{i}": i for i in range(1100)}, ["body"]),
 ])
 def test_bad_fields_are_422_naming_them(standalone: ServerProcess, path: str, body: dict, loc: list[str]) -> None:
     answer = httpx.post(f"{standalone.url}/sdapi/v1/{path}", json=body, auth=BASIC, timeout=30)
