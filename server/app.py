@@ -110,7 +110,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         route_handlers=handlers,
         exception_handlers={Exception: errors.handle},
         lifespan=[lifespan],
-        request_max_body_size=2 * settings.max_upload_bytes + 1024 * 1024,
+        # two files at the upload limit (image and mask), as base64 data URLs in a JSON edit a third larger
+        request_max_body_size=2 * (settings.max_upload_bytes * 4 // 3 + 4) + 1024 * 1024,
         openapi_config=OpenAPIConfig(title="sdserve", version=node.version(),
                                      description="OpenAI-compatible image generation: Stable Diffusion on ONNX "
                                      "Runtime and TensorRT"),

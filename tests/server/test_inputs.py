@@ -4,10 +4,12 @@ sent as plain fields, paths that forge log lines, a full queue before any decodi
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import socket
 import time
 import tracemalloc
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -192,3 +194,25 @@ def test_a_full_queue_is_429_before_any_upload_is_decoded(server: ServerProcess)
                        files={"image": ("a.png", b"not an image at all", "image/png")})
     assert again.status_code == 400 and again.json()["error"]["code"] == "invalid_image_format"
 
+
+
+def test_json_edits_take_an_image_and_a_mask_at_the_upload_limit(models_dir: Path, tmp_path: Path) -> None:
+    """Data URLs carry the upload limit per file (api.md), so a JSON edit holds two files of up to
+    `--max-upload-bytes` each, base64 making each a third larger: the body limit must allow that."""
+    limit = 2_000_000
+    process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", "tiny-sd15", "--images-dir",
+                                           str(tmp_path / "images"), "--max-upload-bytes", str(limit)],
+                            tmp_path).start()
+    try:
+        rng = np.random.default_rng(0)
+        files = []
+        for _ in range(2):  # random RGBA does not compress: ~1.96 MB of PNG each
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (700, 700, 4), dtype=np.uint8), "RGBA").save(buffer, "PNG")
+            files.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+            assert limit * 0.95 < buffer.tell() <= limit
+        body = {"prompt": "p", "images": [{"image_url": files[0]}], "mask": {"image_url": files[1]}, **SMALL}
+        answer = httpx.post(process.url + EDIT, json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+    finally:
+        process.stop()
