@@ -84,7 +84,8 @@ class ModelQueue:
             if self._closed:
                 raise ApiError(503, f"model {self.id} is shutting down", code="draining",
                                headers={"Retry-After": "5"})
-            if len(self._waiting) >= self.depth and self._running + len(self._waiting) >= len(self._threads):
+            # full at slots + depth jobs, counting one a free slot has not picked up yet as that slot's
+            if self._running + len(self._waiting) >= len(self._threads) + self.depth:
                 raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
                                code="queue_full", headers={"Retry-After": str(self.retry_after())})
             self._waiting.append(work)
