@@ -112,7 +112,7 @@ class AppState:
         """`work` for `job` within the request timeout (504), cancelled when the client disconnects: a render,
         or a stream's wait for a node to accept it."""
         render = asyncio.ensure_future(asyncio.wait_for(work, self.settings.request_timeout))
-        gone = asyncio.ensure_future(_disconnect(request))
+        gone = asyncio.ensure_future(client_gone(request))
         try:
             done, _ = await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -127,6 +127,7 @@ class AppState:
                            "timeout", code="timeout") from None
 
 
-async def _disconnect(request: Request) -> None:
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

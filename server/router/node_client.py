@@ -46,21 +46,7 @@ class NodeClient:
                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     async def render(self, job: RenderJob) -> RenderedImages:
-        try:
-            response = await self.http.post("/v0/render", content=msgspec.msgpack.encode(job),
-                                             headers={"content-type": MSGPACK, "x-request-id": job.request_id})
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                raise NodeUnavailable(f"connect timeout: {exc}") from exc
-            raise ApiError(504, "the node did not answer within the request timeout", code="timeout") from exc
-        except httpx.ConnectError as exc:  # refused (or unresolvable): nothing was sent
-            raise NodeRefused(f"{type(exc).__name__}: {exc}") from exc
-        except httpx.TransportError as exc:  # reset, closed mid-answer
-            raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:
-            if not self.http.is_closed:
-                raise
-            raise NodeUnavailable("this node's registration was replaced") from exc
+        response = await self._post("/v0/render", job, stream=False)
         if response.status_code == 200:
             try:
                 return msgspec.msgpack.decode(response.content, type=RenderedImages)
@@ -70,20 +56,7 @@ class NodeClient:
 
     async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
         """POST /v0/stream; returns the event stream once the node answered 200 (its refusals raise here)."""
-        request = self.http.build_request("POST", "/v0/stream", content=msgspec.msgpack.encode(job),
-                                          headers={"content-type": MSGPACK, "x-request-id": job.request_id})
-        try:
-            response = await self.http.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise NodeUnavailable(f"timeout: {exc}") from exc
-        except httpx.ConnectError as exc:
-            raise NodeRefused(f"{type(exc).__name__}: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except RuntimeError as exc:
-            if not self.http.is_closed:
-                raise
-            raise NodeUnavailable("this node's registration was replaced") from exc
+        response = await self._post("/v0/stream", job, stream=True)
         if response.status_code != 200:
             try:
                 await response.aread()
@@ -93,6 +66,26 @@ class NodeClient:
                 await response.aclose()
             raise _refusal(response)
         return _chunks(response)
+
+    async def _post(self, path: str, job: RenderJob, stream: bool) -> httpx.Response:
+        """The node's answer to `job`; a node that cannot take it raises NodeRefused / NodeUnavailable. A render
+        that outlives the request timeout is a 504 (a stream's answer is only its start: a timeout is the node's)."""
+        request = self.http.build_request("POST", path, content=msgspec.msgpack.encode(job),
+                                          headers={"content-type": MSGPACK, "x-request-id": job.request_id})
+        try:
+            return await self.http.send(request, stream=stream)
+        except httpx.TimeoutException as exc:
+            if stream or isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                raise NodeUnavailable(f"timeout: {exc}") from exc
+            raise ApiError(504, "the node did not answer within the request timeout", code="timeout") from exc
+        except httpx.ConnectError as exc:  # refused (or unresolvable): nothing was sent
+            raise NodeRefused(f"{type(exc).__name__}: {exc}") from exc
+        except httpx.TransportError as exc:  # reset, closed mid-answer
+            raise NodeUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            if not self.http.is_closed:
+                raise
+            raise NodeUnavailable("this node's registration was replaced") from exc
 
     async def status(self, timeout: float) -> NodeReport:
         """The node's report, within `timeout` seconds in all (a probe: short, unlike a render)."""

@@ -38,7 +38,7 @@ from server.a1111 import (
 from server.a1111_tasks import Task, Tasks, idle, interrupted_images, preview_count
 from server.errors import ApiError
 from server.routes.guards import credential, sdapi_key
-from server.state import AppState
+from server.state import AppState, client_gone
 
 MAX_OPTIONS = 1024  # A1111 has about 600
 MAX_OPTION_BYTES = 64 * 1024
@@ -83,7 +83,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     job = msgspec.structs.replace(job, partial_images=previews,
                                   events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), job=job, kind=kind, previews=previews)
-    gone = asyncio.ensure_future(_client_gone(request))
+    gone = asyncio.ensure_future(client_gone(request))
     try:
         await front.tasks.run(renderer, task, gone)
     finally:
@@ -192,11 +192,6 @@ def _client(request: Request) -> str:
     if key:
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
     return "host:" + (request.client.host if request.client else "-")
-
-
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _default_model(state: AppState) -> str:

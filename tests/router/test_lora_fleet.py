@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests import adapters
-from tests.router.test_fleet import ADMIN_HEADERS, GEN, Fleet
+from tests.router.fleet import ADMIN_HEADERS, GEN, Fleet
 from tests.server.conftest import wait_for_models
 
 BODY = {"model": "lora-sd15", "prompt": "a red cat", "size": "64x64", "steps": 2, "response_format": "b64_json",

@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.router.test_fleet import Fleet
+from tests.router.fleet import Fleet
 
 BASE = {"model": "tiny-sd15", "size": "64x64"}
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.processes import ServerProcess
-from tests.router.test_fleet import Fleet
+from tests.router.fleet import Fleet
 
 KEY = "a1111-key"
 MODEL = "tiny-sd15"
