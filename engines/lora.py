@@ -145,12 +145,21 @@ def _feed(layer: lora_file.Layer, slot: Slot, rank: int, where: str,
     return np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """One render's adapters: `key` is equal for renders whose feeds are equal (they may share a UNet
+    call), `feeds` None without adapters."""
+
+    key: tuple[tuple[str, int, float], ...]
+    feeds: Feeds | None
+
+
 class LoraSession(Session):
     """A LoRA-capable component: adds the current render's adapter feeds (or zeros) to every run."""
 
     def __init__(self, inner: Session, zeros: dict[str, np.ndarray]) -> None:
         super().__init__(inner.name, inner.component)
-        self.inner, self.zeros = inner, zeros
+        self.inner, self.zeros, self.max_rows = inner, zeros, inner.max_rows
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         active = _ACTIVE.get()
@@ -200,19 +209,25 @@ class Adapters:
     def infos(self) -> list[AdapterInfo]:
         return [fitted.info for fitted in self.offered.values()]
 
+    def choose(self, choice: Sequence[tuple[str, float]]) -> Chosen:
+        """A render's adapters ([(name, scale), …]) checked, with the feeds its LoRA sessions take."""
+        if not choice:
+            return Chosen((), None)
+        offered = self.offered  # one snapshot: a reload (`load`) may replace the dict meanwhile
+        scales = self._check(choice, offered)
+        key = tuple(sorted((name, id(offered[name]), scale) for name, scale in scales.items()))
+        return Chosen(key, self._feeds([(offered[name], scale) for name, scale in scales.items()]))
+
     @contextmanager
-    def applied(self, choice: Sequence[tuple[str, float]]) -> Iterator[None]:
-        """Within this block, LoRA sessions on this thread run with `choice` ([(name, scale), …])."""
-        token = _ACTIVE.set(self.feeds(choice) if choice else None)
+    def applied(self, chosen: Chosen) -> Iterator[None]:
+        """Within this block, LoRA sessions on this thread run with `chosen`'s feeds."""
+        token = _ACTIVE.set(chosen.feeds)
         try:
             yield
         finally:
             _ACTIVE.reset(token)
 
-    def feeds(self, choice: Sequence[tuple[str, float]]) -> Feeds:
-        offered = self.offered  # one snapshot: a reload (`load`) may replace the dict meanwhile
-        scales = self._check(choice, offered)
-        chosen = [(offered[name], scale) for name, scale in scales.items()]
+    def _feeds(self, chosen: list[tuple[Fitted, float]]) -> Feeds:
         feeds: Feeds = {}
         for part, layers in self.slots.items():
             using = [(f, s) for f, s in chosen if part in f.ranks]

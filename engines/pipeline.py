@@ -11,6 +11,11 @@
 
 Steps 4–6 run per chunk of at most `max_batch` images. Every random draw comes from the image's own
 seed (`noise.SeededNoise`), so image i of seed s is image 0 of seed s + i.
+
+`render` runs one request alone. The same stages also run request by request for a batcher: `begin`
+(1–4), then `step` over several renders at once (5: one UNet call for all their rows, each with its own
+timestep, then each one's own guidance and sampler step; 6 and the next chunk's 4 where a chunk ends),
+until each is `finished`; a render's state between steps is an `engines.rendering.Rendering`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -29,51 +33,20 @@ import numpy as np
 from engines import images, optimum_folder, schedulers, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
-from engines.errors import EngineError, EngineFailure, InvalidRequest, ModelNotFound
+from engines.errors import InvalidRequest, ModelNotFound
 from engines.info import AdapterInfo, ModelInfo
 from engines.lora import Adapters
 from engines.noise import Noise, SeededNoise
 from engines.preview import Previewer, PreviewMode
 from engines.progress import PartialCallback, StepCallback, StepHook
 from engines.render import RenderRequest, RenderResult, Timings
+from engines.rendering import Chunk, Inpainting, Job, Prompt, Rendering, as_engine_error
 from engines.tokenizer import MAX_WINDOWS, PromptTokenizer
 
 log = logging.getLogger("sdserve.engines")
 
 MAX_STEPS = 150
 MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class Job:
-    """A request with every value resolved against the model: what the stages below consume."""
-
-    request: RenderRequest
-    width: int
-    height: int
-    steps: int  # schedule length (raised so that at least one step runs at low strength)
-    guided: bool  # classifier-free guidance: the UNet also sees the negative prompt
-    scheduler: schedulers.Scheduler
-    seeds: list[int]
-    strength: float  # 1.0 unless an image is given
-    image: np.ndarray | None  # (1, 3, H, W) in [-1, 1]
-    mask: np.ndarray | None  # (1, 1, H, W), 1 = repaint
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Conditioning for the UNet, negative first when guided (the order of the doubled batch)."""
-
-    embeds: np.ndarray  # (1 or 2, tokens, width)
-    pooled: np.ndarray | None  # SDXL: (1 or 2, projection)
-
-
-@dataclass(frozen=True)
-class Inpainting:
-    mask: np.ndarray  # (1, 1, h, w) at latent size
-    masked_image_latents: np.ndarray | None  # 9-channel UNets: (images, 4, h, w)
-    image_latents: np.ndarray | None  # 4-channel UNets blend these back outside the mask every step
-    noise: np.ndarray  # the starting noise, reused to noise image_latents to each step's level
 
 
 class Pipeline:
@@ -91,18 +64,30 @@ class Pipeline:
             max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
             samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device, lora_rank=self.lora.rank,
         )
+        timestep = next(i for i in manifest.components["unet"].inputs if i.name == "timestep")
+        self._scalar_timestep = not timestep.shape
         self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor)
 
+    @property
+    def unet_rows(self) -> int | None:
+        """The most UNet rows one call runs at its best on this backend (None: no limit); `step` splits above."""
+        return self.sessions["unet"].max_rows
+
     def _timestep(self, t: float, batch: int) -> np.ndarray:
-        """One timestep per image, or a scalar for graphs that take one (optimum's UNet export)."""
-        spec = next(i for i in self.manifest.components["unet"].inputs if i.name == "timestep")
-        return np.float32(t) if not spec.shape else np.full(batch, t, np.float32)
+        """One timestep per UNet row, or a scalar for graphs that take one (optimum's UNet export)."""
+        return np.float32(t) if self._scalar_timestep else np.full(batch, t, np.float32)
 
     def render(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
                on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
                partial_images: int = 0, preview: PreviewMode = "full") -> RenderResult:
-        with self.lora.applied(request.lora):  # this render's LoRA adapters, seen by this thread only
-            return self._render(request, latents, noise, on_step, on_partial, partial_images, preview)
+        """Render `request.n` images. `latents` is the starting noise ε (n, 4, h, w), as diffusers'
+        `latents` argument (for image inputs: the noise mixed into the encoded image); `noise` holds
+        the other draws. Both default to draws from the seeds. `on_step(done, total)` follows each
+        chunk's steps; `on_partial` gets `partial_images` previews per image (`engines.progress`)."""
+        rendering = self.begin(request, latents, noise, on_step, on_partial, partial_images, preview)
+        while not rendering.finished:
+            self.step([rendering])
+        return rendering.result()
 
     @property
     def adapters(self) -> list[AdapterInfo]:
@@ -114,51 +99,50 @@ class Pipeline:
         self.lora.load(folder)
         self.info = msgspec.structs.replace(self.info, adapters=self.lora.infos(), refused_adapters=self.lora.refused)
 
-    def _render(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
-                on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
-                partial_images: int = 0, preview: PreviewMode = "full") -> RenderResult:
-        """Render `request.n` images. `latents` is the starting noise ε (n, 4, h, w), as diffusers'
-        `latents` argument (for image inputs: the noise mixed into the encoded image); `noise` holds
-        the other draws. Both default to draws from the seeds. `on_step(done, total)` follows each
-        chunk's steps; `on_partial` gets `partial_images` previews per image (`engines.progress`)."""
+    def begin(self, request: RenderRequest, latents: np.ndarray | None = None, noise: Noise | None = None,
+              on_step: StepCallback | None = None, on_partial: PartialCallback | None = None,
+              partial_images: int = 0, preview: PreviewMode = "full") -> Rendering:
+        """Steps 1–3, and 4 for the first chunk: a render ready for its first `step` (arguments as `render`).
+        Raises `InvalidRequest` for bad input, `EngineFailure` when the model fails."""
         started = time.perf_counter()
         timings = Timings()
+        lora = self.lora.choose(request.lora)  # this render's LoRA adapters, fed to its own calls only
         # 1. Check inputs
         job = self.check_inputs(request)
         hook = StepHook(on_step, on_partial, partial_images, self.previewer, preview)
         try:
             # 2. Encode the prompt
-            with timings.stage("text_encoder"):
+            with timings.stage("text_encoder"), self.lora.applied(lora):
                 prompt = self.encode_prompt(request.prompt, request.negative_prompt, job.guided)
             # 3. Timesteps
             schedule = job.scheduler.schedule(job.steps, job.strength)
-            # 4.–6. Latents, denoising and decoding, one chunk of images at a time
-            pixels = []
-            for first in range(0, request.n, self.max_batch):
-                chunk = slice(first, min(request.n, first + self.max_batch))
-                pixels.append(self._render_chunk(job, prompt, schedule, chunk, latents, noise, hook, timings))
-        except EngineError:
-            raise
-        except Exception as exc:  # a numpy or backend error is our fault, never the caller's
-            log.exception("render failed")
-            raise EngineFailure(f"render failed: {type(exc).__name__}: {exc}") from exc
-        timings.stages["total"] = time.perf_counter() - started
-        result = np.concatenate(pixels)
-        return RenderResult(images=images.to_pil(result), seeds=job.seeds, timings=timings, pixels=result,
-                            steps_run=len(schedule.timesteps))
+            rendering = Rendering(job, prompt, schedule, lora, hook, timings, latents, noise, started)
+            # 4. Prepare latents (of the first chunk of images)
+            rendering.chunk = self.start_chunk(rendering, 0)
+        except Exception as exc:
+            raise as_engine_error(exc) from exc
+        return rendering
 
-    def _render_chunk(self, job: Job, prompt: Prompt, schedule: schedulers.Schedule, chunk: slice,
-                      latents: np.ndarray | None, noise: Noise | None, hook: StepHook,
-                      timings: Timings) -> np.ndarray:
-        draws = SeededNoise(job.seeds[chunk], self._latent_shape(job))
-        # 4. Prepare latents
-        x, inpainting = self.prepare_latents(job, schedule, draws, chunk, latents, noise, timings)
-        # 5. Denoise
-        with timings.stage("unet"):
-            x = self.denoise(job, prompt, schedule, x, inpainting, draws, chunk, noise, hook, timings)
-        # 6. Decode
-        with timings.stage("vae_decoder"):
-            return self.decode_latents(x)
+    def step(self, renderings: Sequence[Rendering]) -> None:
+        """5. One denoising step of each rendering's current chunk: one UNet call over all their rows (they
+        must share a `batch_key`), then each one's guidance and sampler step; where a chunk ends, 6 and the
+        next chunk's 4. A rendering that fails keeps its error (its `result` raises it); the others go on."""
+        started = time.perf_counter()
+        try:
+            predictions = self.predict_noise(renderings)
+        except Exception as exc:
+            if len(renderings) == 1:
+                renderings[0].fail(exc)
+                return
+            for rendering in renderings:  # a shared call failed: alone, only the one at fault fails
+                self.step([rendering])
+            return
+        called = time.perf_counter() - started
+        for rendering, predicted in zip(renderings, predictions, strict=True):
+            try:
+                self.advance(rendering, predicted, called)
+            except Exception as exc:  # its callback asked to stop, its explicit noise was wrong, …
+                rendering.fail(exc)
 
     # -- 1 ------------------------------------------------------------------------------------------
 
@@ -304,41 +288,96 @@ class Pipeline:
 
     # -- 5 ------------------------------------------------------------------------------------------
 
-    def denoise(self, job: Job, prompt: Prompt, schedule: schedulers.Schedule, x: np.ndarray,
-                inpainting: Inpainting | None, draws: SeededNoise, chunk: slice, noise: Noise | None,
-                hook: StepHook | None, timings: Timings) -> np.ndarray:
-        scheduler, images_in_chunk = job.scheduler, x.shape[0]
-        copies = 2 if job.guided else 1
-        conditioning = self._unet_conditioning(job, prompt, images_in_chunk)
+    def start_chunk(self, rendering: Rendering, first: int) -> Chunk | None:
+        """The chunk of images from `first` (None past the last), its latents prepared."""
+        job, n = rendering.job, rendering.job.request.n
+        if first >= n:
+            return None
+        images_in_chunk = slice(first, min(n, first + self.max_batch))
+        draws = SeededNoise(job.seeds[images_in_chunk], self._latent_shape(job))
+        x, inpainting = self.prepare_latents(job, rendering.schedule, draws, images_in_chunk, rendering.latents,
+                                             rendering.noise, rendering.timings)
+        count = x.shape[0]
+        conditioning = self._unet_conditioning(job, rendering.prompt, count)
         mask_input = None
         if inpainting is not None and inpainting.masked_image_latents is not None:
-            mask = np.repeat(inpainting.mask, images_in_chunk * copies, axis=0)
-            mask_input = np.concatenate([mask, np.tile(inpainting.masked_image_latents, (copies, 1, 1, 1))], axis=1)
-        previous, drawn = None, 0
-        total = len(schedule.timesteps)
-        for i, t in enumerate(schedule.timesteps):
-            step_started = time.perf_counter()
-            model_input = scheduler.scale_model_input(schedule, i, np.concatenate([x] * copies))
-            if mask_input is not None:
-                model_input = np.concatenate([model_input, mask_input], axis=1)
-            feeds = {"sample": model_input, "timestep": self._timestep(t, model_input.shape[0]), **conditioning}
-            predicted = self.sessions["unet"].run(feeds, ["out_sample"])["out_sample"]
-            if job.guided:
-                uncond, cond = np.split(predicted, 2)
-                predicted = uncond + job.request.guidance_scale * (cond - uncond)
-            step_noise = None
-            if scheduler.draws_noise(schedule, i):  # the k-th drawing step takes the k-th explicit array
-                explicit = noise.steps[drawn] if noise and noise.steps and drawn < len(noise.steps) else None
-                step_noise = _given(explicit, chunk, draws.draw())
-                drawn += 1
-            previous = scheduler.step(schedule, i, predicted, x, previous=previous, noise=step_noise)
-            x = previous.prev_sample
-            if inpainting is not None and inpainting.image_latents is not None:
-                x = self._blend_outside_mask(job, schedule, i, x, inpainting)
-            timings.steps.append(time.perf_counter() - step_started)
-            if hook is not None:  # progress, cancellation and partial images, from this step's x0 estimate
-                hook(i + 1, total, chunk.start, previous.denoised)
-        return x
+            mask = np.repeat(inpainting.mask, count * job.copies, axis=0)
+            mask_input = np.concatenate([mask, np.tile(inpainting.masked_image_latents, (job.copies, 1, 1, 1))],
+                                        axis=1)
+        return Chunk(images_in_chunk, draws, x, inpainting, conditioning, mask_input)
+
+    # -- 5 ------------------------------------------------------------------------------------------
+
+    def batch_key(self, rendering: Rendering) -> tuple:
+        """Renderings with equal keys may share a UNet call: same latent size, prompt length and LoRA feeds
+        (and timestep, for graphs that take one timestep for the whole batch)."""
+        chunk = rendering.chunk
+        if chunk is None:
+            return ()
+        scalar_t = rendering.schedule.timesteps[chunk.step] if self._scalar_timestep else None
+        return (chunk.x.shape[1:], rendering.prompt.embeds.shape[1:], rendering.lora.key, scalar_t)
+
+    def unet_inputs(self, rendering: Rendering) -> dict[str, np.ndarray]:
+        """The UNet's inputs for the current step of a rendering's chunk: the latents once per guidance copy
+        (negative half first), scaled for the sampler, with this step's timestep on every row."""
+        job, chunk, schedule = rendering.job, rendering.chunk, rendering.schedule
+        assert chunk is not None
+        model_input = job.scheduler.scale_model_input(schedule, chunk.step, np.concatenate([chunk.x] * job.copies))
+        if chunk.mask_input is not None:
+            model_input = np.concatenate([model_input, chunk.mask_input], axis=1)
+        t = schedule.timesteps[chunk.step]
+        return {"sample": model_input, "timestep": self._timestep(t, model_input.shape[0]), **chunk.conditioning}
+
+    def predict_noise(self, renderings: Sequence[Rendering]) -> list[np.ndarray]:
+        """The UNet over every rendering's rows at once, split back per rendering. Calls beyond the
+        backend's rows per call (`unet_rows`: TensorRT's largest batch profile) are split, never refused."""
+        if len({self.batch_key(r) for r in renderings}) != 1:
+            raise ValueError("these renders cannot share a UNet call (different batch keys)")
+        inputs = [self.unet_inputs(r) for r in renderings]
+        feeds = {name: np.concatenate([i[name] for i in inputs]) if np.ndim(value) else value
+                 for name, value in inputs[0].items()}
+        rows = feeds["sample"].shape[0]
+        limit = self.unet_rows or rows
+        unet = self.sessions["unet"]
+        with self.lora.applied(renderings[0].lora):
+            predicted = np.concatenate([
+                unet.run({name: value[first:first + limit] if np.ndim(value) else value
+                          for name, value in feeds.items()}, ["out_sample"])["out_sample"]
+                for first in range(0, rows, limit)])
+        return np.split(predicted, np.cumsum([i["sample"].shape[0] for i in inputs])[:-1])
+
+    def advance(self, rendering: Rendering, predicted: np.ndarray, called: float) -> None:
+        """After the UNet call (`called` seconds): guidance, the sampler step and the progress hook; past the
+        chunk's last step, 6. decode it and 4. prepare the next chunk."""
+        started = time.perf_counter()
+        job, schedule, chunk, noise = rendering.job, rendering.schedule, rendering.chunk, rendering.noise
+        assert chunk is not None
+        i, total = chunk.step, len(schedule.timesteps)
+        if job.guided:
+            uncond, cond = np.split(predicted, 2)
+            predicted = uncond + job.request.guidance_scale * (cond - uncond)
+        step_noise = None
+        if job.scheduler.draws_noise(schedule, i):  # the k-th drawing step takes the k-th explicit array
+            explicit = noise.steps[chunk.drawn] if noise and noise.steps and chunk.drawn < len(noise.steps) else None
+            step_noise = _given(explicit, chunk.images, chunk.draws.draw())
+            chunk.drawn += 1
+        chunk.previous = job.scheduler.step(schedule, i, predicted, chunk.x, previous=chunk.previous, noise=step_noise)
+        chunk.x = chunk.previous.prev_sample
+        if chunk.inpainting is not None and chunk.inpainting.image_latents is not None:
+            chunk.x = self._blend_outside_mask(job, schedule, i, chunk.x, chunk.inpainting)
+        chunk.step += 1
+        # progress, cancellation and partial images, from this step's x0 estimate
+        rendering.hook(chunk.step, total, chunk.images.start, chunk.previous.denoised)
+        elapsed = called + time.perf_counter() - started
+        rendering.timings.steps.append(elapsed)
+        rendering.timings.stages["unet"] = rendering.timings.stages.get("unet", 0.0) + elapsed
+        if chunk.step == total:
+            # 6. Decode
+            with rendering.timings.stage("vae_decoder"):
+                rendering.pixels.append(self.decode_latents(chunk.x))
+            rendering.chunk = self.start_chunk(rendering, chunk.images.stop)
+            if rendering.chunk is None:
+                rendering.timings.stages["total"] = time.perf_counter() - rendering.started
 
     def _unet_conditioning(self, job: Job, prompt: Prompt, count: int) -> dict[str, np.ndarray]:
         """The UNet's text inputs for `count` images, negative half first when guided."""

@@ -23,6 +23,7 @@ from PIL import Image
 
 import engines
 from server import images
+from server.batcher import Batcher, Batching
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.protocol import RenderedImages, RenderJob
@@ -37,6 +38,7 @@ class Work:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[RenderedImages]
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when a render slot took it
     cancel: threading.Event = field(default_factory=threading.Event)
     on_partial: Callable[[engines.Partial], None] | None = None  # streaming: called on the render thread
 
@@ -45,8 +47,11 @@ class ModelQueue:
     """One model: its pipeline, its waiting requests and its render threads."""
 
     def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics,
-                 preview: str = "full") -> None:
+                 preview: str = "full", batching: Batching | None = None) -> None:
         self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
+        self.batching = batching
+        # renders at once: one per slot, or as many as a batching slot interleaves
+        self.capacity = slots * (batching.max_rows if batching else 1)
         self.id = pipeline.info.id
         self._waiting: deque[Work] = deque()
         self._ready = threading.Condition()
@@ -68,6 +73,10 @@ class ModelQueue:
     def running(self) -> int:
         return self._running
 
+    def rows(self, job: RenderJob) -> int:
+        """UNet rows a job's calls take: its images (up to a chunk), twice when guided."""
+        return min(job.n, self.pipeline.max_batch) * (2 if job.guidance_scale > 1.0 else 1)
+
     def outstanding_work(self) -> int:
         with self._ready:
             return sum(w.job.work for w in self._waiting) + self._running_work
@@ -84,8 +93,8 @@ class ModelQueue:
             if self._closed:
                 raise ApiError(503, f"model {self.id} is shutting down", code="draining",
                                headers={"Retry-After": "5"})
-            # full at slots + depth jobs, counting one a free slot has not picked up yet as that slot's
-            if self._running + len(self._waiting) >= len(self._threads) + self.depth:
+            # full at capacity + depth jobs, counting one a free slot has not picked up yet as that slot's
+            if self._running + len(self._waiting) >= self.capacity + self.depth:
                 raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
                                code="queue_full", headers={"Retry-After": str(self.retry_after())})
             self._waiting.append(work)
@@ -113,54 +122,80 @@ class ModelQueue:
         return max(1, int(self._last_seconds * (len(self._waiting) + 1) / len(self._threads)))
 
     def _serve(self) -> None:
-        while True:
-            with self._ready:
-                while not self._waiting and not self._closed:
-                    self._ready.wait()
-                if not self._waiting:
-                    return
-                work = self._waiting.popleft()
-                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
-                if work.cancel.is_set():
-                    continue
-                self._running += 1
-                self._current.add(work)
-                self._running_work += work.job.work
-            self.metrics.in_flight.labels(self.id).inc()
+        if self.batching is not None:
+            Batcher(self, self.batching).run()
+            return
+        while (work := self.take()) is not None:
             try:
                 outcome: RenderedImages | BaseException = self._render(work)
-            except engines.RenderCancelled as exc:
-                log.info("%s", exc)
-                outcome = exc
             except BaseException as exc:  # delivered to the waiting request, never lost
                 outcome = exc
-            finally:
-                self.metrics.in_flight.labels(self.id).dec()
-                with self._ready:
-                    self._running -= 1
-                    self._current.discard(work)
-                    self._running_work -= work.job.work
-                    self._ready.notify_all()
-            work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
+            self.finish(work, outcome)
 
-    def _render(self, work: Work) -> RenderedImages:
-        job = work.job
-        queued = time.perf_counter() - work.enqueued
-        request = engines.RenderRequest(
+    def take(self, wait: bool = True) -> Work | None:
+        """The next waiting work, now counted as running; None when closed (or, not `wait`ing, when none waits)."""
+        with self._ready:
+            while True:
+                while wait and not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:
+                    return None
+                work = self._waiting.popleft()
+                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+                if not work.cancel.is_set():
+                    break
+            self._running += 1
+            self._current.add(work)
+            self._running_work += work.job.work
+        self.metrics.in_flight.labels(self.id).inc()
+        work.started = time.perf_counter()
+        return work
+
+    def wait_for_more(self, count: int, deadline: float) -> None:
+        """Until `count` works wait (or the queue closes), at most until `deadline` (time.monotonic)."""
+        with self._ready:
+            while len(self._waiting) < count and not self._closed and (left := deadline - time.monotonic()) > 0:
+                self._ready.wait(left)
+
+    def finish(self, work: Work, outcome: RenderedImages | BaseException) -> None:
+        """A taken work's outcome, delivered to its request."""
+        if isinstance(outcome, engines.RenderCancelled):
+            log.info("%s", outcome)
+        self.metrics.in_flight.labels(self.id).dec()
+        with self._ready:
+            self._running -= 1
+            self._current.discard(work)
+            self._running_work -= work.job.work
+            self._ready.notify_all()
+        work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
+
+    def render_request(self, job: RenderJob) -> engines.RenderRequest:
+        return engines.RenderRequest(
             prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
             steps=job.steps, guidance_scale=job.guidance_scale, sampler=job.sampler, seed=job.seed, n=job.n,
             image=_open(job.image), mask=_open(job.mask), strength=job.strength,
             lora=[(ref.name, ref.scale) for ref in job.lora],
         )
 
+    @staticmethod
+    def on_step(work: Work) -> Callable[[int, int], None]:
+        """The render's progress callback: stops it at its next step once nobody waits for it."""
         def on_step(done: int, total: int) -> None:
             if work.cancel.is_set():
-                raise engines.RenderCancelled(f"request {job.request_id} cancelled at step {done}/{total}")
+                raise engines.RenderCancelled(f"request {work.job.request_id} cancelled at step {done}/{total}")
+        return on_step
 
-        result = self.pipeline.render(request, on_step=on_step, on_partial=work.on_partial,
-                                      partial_images=job.partial_images, preview=self.preview)
-        started = time.perf_counter()
+    def _render(self, work: Work) -> RenderedImages:
+        result = self.pipeline.render(self.render_request(work.job), on_step=self.on_step(work),
+                                      on_partial=work.on_partial, partial_images=work.job.partial_images,
+                                      preview=self.preview)
+        return self.rendered(work, result)
+
+    def rendered(self, work: Work, result: engines.RenderResult) -> RenderedImages:
+        """A finished render, encoded as its request asked, counted in the metrics."""
+        job, started = work.job, time.perf_counter()
         encoded = [images.encode(image, job.output_format, job.output_compression) for image in result.images]
+        queued = work.started - work.enqueued
         timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
         self._last_seconds = timings.get("total", 0.0)
         self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
@@ -260,7 +295,11 @@ class EnginePool:
         s = self.settings
         pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
                                 lora_dir=s.lora_dir)
-        return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview)
+        batching = None
+        if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
+            rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch
+            batching = Batching(max_rows=rows, window=s.batch_window / 1000)
+        return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview, batching)
 
     def failed(self) -> dict[str, str]:
         """Models that failed to load, with why."""

@@ -44,6 +44,8 @@ class Settings(msgspec.Struct, kw_only=True):
     verify_models: bool = True  # check every file's sha256 at load
     render_slots: Positive = 1  # concurrent renders per model
     queue_depth: Count = 8  # requests waiting per model beyond the slots; more → 429
+    batch_window: Annotated[float, Meta(ge=0, le=10_000)] = 0.0  # ms a slot waits to fill a batch; 0 = no batching
+    max_batch: Positive | None = None  # batching: UNet rows per call (default: the backend's best, else a chunk)
     request_timeout: Seconds = 600.0  # seconds from acceptance to answer → 504
     preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
@@ -161,6 +163,12 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          help="skip the sha256 check of model files at load")
     flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
     flag("--queue-depth", type=int, help="waiting requests per model before 429 (default 8)")
+    flag("--batch-window", type=float, metavar="MS",
+         help="step-level batching: milliseconds an idle render slot waits for more requests to share its UNet "
+         "calls (default 0: no batching, each render alone)")
+    flag("--max-batch", type=int, metavar="ROWS",
+         help="step-level batching: UNet rows per call, and requests one slot interleaves (default: the largest "
+         "batch of the TensorRT profiles, else the model's max batch × 2 for guidance)")
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
     flag("--preview", choices=["full", "linear"],
          help="streaming: partial images by the full VAE decode (default) or a cheap linear latent-to-RGB map")

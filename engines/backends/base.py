@@ -12,7 +12,10 @@ from engines import manifest as mf
 
 class Session(ABC):
     """One loaded component graph. `run` takes and returns named arrays; it casts the feeds to the
-    graph's declared dtypes and returns float outputs as float32."""
+    graph's declared dtypes and returns float outputs as float32. `max_rows`: the most batch rows one call
+    runs at its best (TensorRT: its largest profile); None for no limit."""
+
+    max_rows: int | None = None
 
     def __init__(self, name: str, component: mf.Component) -> None:
         self.name = name

@@ -111,7 +111,11 @@ class OrtBackend(Backend):
         actual = session.get_providers()[0]
         if actual != PROVIDER[self.name]:
             raise EngineFailure(f"{name}: asked ONNX Runtime for {PROVIDER[self.name]}, it runs on {actual}")
-        return OrtSession(name, component, session)
+        opened = OrtSession(name, component, session)
+        if self.name == "tensorrt-ep":  # beyond its profiles' batch the EP builds another engine, for minutes
+            shaped = plans.component_profiles(self.manifest, name, self.profiles)
+            opened.max_rows = max((p.batch[2] for p in shaped), default=None)
+        return opened
 
 
 _arena_lock = threading.Lock()

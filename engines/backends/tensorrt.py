@@ -43,6 +43,7 @@ class TensorRtSession(Session):
         super().__init__(name, component)
         self._cuda, self._engine, self._profiles, self._make_fallback = gpu.cudart(), engine, profiles, fallback
         self._fallback: Session | None = None
+        self.max_rows = max((p.batch[2] for p in profiles), default=None)  # beyond: ONNX Runtime, slower
         self._memory = memory
         self._lock = memory.lock  # the contexts of one model share their activation memory: one call at a time
         self._buffers: dict[str, int] = {}

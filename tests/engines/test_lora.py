@@ -181,9 +181,9 @@ def test_rank_cap(lora_dirs: dict, lora_model: Callable[[str], Path]) -> None:
     pipeline = engines.load(lora_model("tiny-sd15"), backend="cpu", lora_dir=lora_dirs["tiny-sd15"])
     cap = pipeline.info.lora_rank
     assert cap == 8
-    pipeline.lora.feeds([("full", 1.0), ("unetk", 1.0)])  # 4 + 4 in the UNet: at the cap
+    assert pipeline.lora.choose([("full", 1.0), ("unetk", 1.0)]).feeds  # 4 + 4 in the UNet: at the cap
     with pytest.raises(engines.InvalidRequest, match="rank 10 in unet"):
-        pipeline.lora.feeds([("full", 1.0), ("unetk", 1.0), ("kohya", 1.0)])
+        pipeline.lora.choose([("full", 1.0), ("unetk", 1.0), ("kohya", 1.0)])
     assert lora.MAX_ADAPTERS == 8
 
 
@@ -195,7 +195,7 @@ def test_tensorrt_profiles_carry_the_rank_axis(pipelines: dict) -> None:
     pipeline = pipelines["tiny-sdxl"]
     manifest = pipeline.manifest
     profiles = plans.make_profiles(manifest, sizes=[(64, 64)], batch=(1, 2))
-    at_cap = pipeline.lora.feeds([("full", 1.0), ("unetk", -1.0)])  # rank 4 + 4 in the UNet
+    at_cap = pipeline.lora.choose([("full", 1.0), ("unetk", -1.0)]).feeds  # rank 4 + 4 in the UNet
     assert next(iter(at_cap["unet"].values())).shape[1] == 8
     for component in ("text_encoder", "text_encoder_2", "unet"):
         (profile,) = plans.component_profiles(manifest, component, profiles)
