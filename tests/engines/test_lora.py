@@ -17,6 +17,7 @@ from bench.reference import diffusers_scheduler
 from engines import lora
 from export import presets, tiny
 from tests import adapters
+from tests.engines import batches
 
 FAMILIES = ("tiny-sd15", "tiny-sd21", "tiny-sdxl")
 WIDTH, HEIGHT, STEPS, GUIDANCE = 64, 64, 3, 6.0
@@ -144,6 +145,20 @@ def test_concurrent_renders_keep_their_own_adapters(pipelines: dict) -> None:
     assert np.abs(alone[0] - alone[1]).max() > 1e-2
     for i in range(2):
         assert np.array_equal(together[i], alone[i])
+
+
+def test_batched_renders_keep_their_own_adapters(pipelines: dict) -> None:
+    """Renders with the same adapters share UNet calls; other adapters (or none) take calls of their own
+    (the adapters are fed per call, not per row), interleaved step by step. Each image equals its render alone."""
+    pipeline = pipelines["tiny-sd15"]
+    mix = [([("full", 0.8)], 1), ([("full", 0.8)], 2), ([], 3), ([("full", 0.7), ("kohya", -1.3)], 4), ([], 5)]
+    requests = [engines.RenderRequest(prompt=PROMPT, width=WIDTH, height=HEIGHT, steps=STEPS, guidance_scale=GUIDANCE,
+                                      seed=seed, lora=choice) for choice, seed in mix]
+    renderings, calls = batches.run(pipeline, [(i, lambda r=r: pipeline.begin(r)) for i, r in enumerate(requests)])
+    assert {frozenset(call) for call in calls} >= {frozenset({0, 1}), frozenset({2, 4})}
+    assert all(not {0, 2} <= set(call) and not {0, 3} <= set(call) for call in calls)
+    for rendering, request in zip(renderings, requests, strict=True):
+        np.testing.assert_allclose(rendering.result().pixels, pipeline.render(request).pixels, atol=1e-5)
 
 
 def _refusal(pipeline: engines.Pipeline, choice: list[tuple[str, float]]) -> engines.InvalidRequest:
