@@ -14,6 +14,8 @@ from server.__main__ import main
     (["--queue-depth", "-1"], {}, "queue_depth"),
     ([], {"SDSERVE_QUEUE_DEPTH": "-3"}, "queue_depth"),
     (["--request-timeout", "0"], {}, "request_timeout"),
+    (["--batch-window", "-5"], {}, "batch_window"),
+    ([], {"SDSERVE_MAX_BATCH": "0"}, "max_batch"),
     (["--heartbeat-interval", "15", "--heartbeat-timeout", "15"], {}, "heartbeat_interval"),
     ([], {"SDSERVE_HEARTBEAT_INTERVAL": "30"}, "heartbeat_interval"),
     (["--api-keys-file", "{tmp}/no-such-keys.txt"], {}, "api_keys_file"),
