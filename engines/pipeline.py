@@ -123,19 +123,20 @@ class Pipeline:
             raise as_engine_error(exc) from exc
         return rendering
 
-    def step(self, renderings: Sequence[Rendering]) -> None:
+    def step(self, renderings: Sequence[Rendering], max_rows: int | None = None) -> None:
         """5. One denoising step of each rendering's current chunk: one UNet call over all their rows (they
-        must share a `batch_key`), then each one's guidance and sampler step; where a chunk ends, 6 and the
-        next chunk's 4. A rendering that fails keeps its error (its `result` raises it); the others go on."""
+        must share a `batch_key`; split into calls of `max_rows` at most), then each one's guidance and
+        sampler step; where a chunk ends, 6 and the next chunk's 4. A rendering that fails keeps its error
+        (its `result` raises it); the others go on."""
         started = time.perf_counter()
         try:
-            predictions = self.predict_noise(renderings)
+            predictions = self.predict_noise(renderings, max_rows)
         except Exception as exc:
             if len(renderings) == 1:
                 renderings[0].fail(exc)
                 return
             for rendering in renderings:  # a shared call failed: alone, only the one at fault fails
-                self.step([rendering])
+                self.step([rendering], max_rows)
             return
         called = time.perf_counter() - started
         for rendering, predicted in zip(renderings, predictions, strict=True):
@@ -328,16 +329,16 @@ class Pipeline:
         t = schedule.timesteps[chunk.step]
         return {"sample": model_input, "timestep": self._timestep(t, model_input.shape[0]), **chunk.conditioning}
 
-    def predict_noise(self, renderings: Sequence[Rendering]) -> list[np.ndarray]:
-        """The UNet over every rendering's rows at once, split back per rendering. Calls beyond the
-        backend's rows per call (`unet_rows`: TensorRT's largest batch profile) are split, never refused."""
+    def predict_noise(self, renderings: Sequence[Rendering], max_rows: int | None = None) -> list[np.ndarray]:
+        """The UNet over every rendering's rows at once, split back per rendering. Calls beyond `max_rows` or
+        the backend's rows per call (`unet_rows`: TensorRT's largest batch profile) are split, never refused."""
         if len({self.batch_key(r) for r in renderings}) != 1:
             raise ValueError("these renders cannot share a UNet call (different batch keys)")
         inputs = [self.unet_inputs(r) for r in renderings]
         feeds = {name: np.concatenate([i[name] for i in inputs]) if np.ndim(value) else value
                  for name, value in inputs[0].items()}
         rows = feeds["sample"].shape[0]
-        limit = self.unet_rows or rows
+        limit = min(limit for limit in (max_rows, self.unet_rows, rows) if limit)
         unet = self.sessions["unet"]
         with self.lora.applied(renderings[0].lora):
             predicted = np.concatenate([

@@ -104,14 +104,6 @@ class Rendering:
         """UNet rows of the current chunk's next call."""
         return 0 if self.chunk is None else self.chunk.x.shape[0] * self.job.copies
 
-    @property
-    def steps_left(self) -> int:
-        """UNet steps to go, this chunk and the chunks after it."""
-        if self.chunk is None:
-            return 0
-        total, done = len(self.schedule.timesteps), self.chunk.step
-        return total - done + total * _chunks_after(self.job.request.n, self.chunk.images)
-
     def fail(self, exc: Exception) -> None:
         """Keep `exc` as this render's outcome (call it inside the `except` block: it logs our own faults)."""
         self.error = as_engine_error(exc)
@@ -135,7 +127,3 @@ def as_engine_error(exc: Exception) -> EngineError:
     failure.__cause__ = exc
     return failure
 
-
-def _chunks_after(n: int, current: slice) -> int:
-    size = current.stop - current.start
-    return max(0, -(-(n - current.stop) // size))

@@ -58,8 +58,15 @@ class Batcher:
 
     def run(self) -> None:
         while self.join():
-            if self.active:
+            if not self.active:
+                continue
+            try:
                 self.step(self.next_call())
+            except Exception as exc:  # a fault of the batcher's own must not strand this slot's requests
+                log.exception("batcher of %s failed; its requests get the error", self.model)
+                for a in self.active:
+                    self.queue.finish(a.work, exc)
+                self.active.clear()
 
     def join(self) -> bool:
         """Start what waits, as room allows; an idle slot blocks for work, then waits up to the window.
@@ -112,7 +119,7 @@ class Batcher:
                 a.stepped = True
                 self.metrics.batch_wait.labels(self.model).observe(now - a.work.started)
         try:
-            self.pipeline.step([a.rendering for a in call])
+            self.pipeline.step([a.rendering for a in call], self.batching.max_rows)
         except Exception as exc:  # never expected (step keeps each render's own error), never a lost request
             for a in call:
                 a.rendering.fail(exc)

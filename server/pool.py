@@ -4,7 +4,8 @@ Renders run on threads (ONNX Runtime releases the GIL), so the event loop keeps 
 metrics and other requests while they run. Each model takes `render_slots` renders at once and keeps at
 most `queue_depth` more waiting; beyond that a request is refused at once (429), before any work. A
 request whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already
-running, stopped at its next step.
+running, stopped at its next step. With `--batch-window` above 0 each render slot is a step-level batcher
+(`server.batcher`) that interleaves up to `--max-batch` requests and shares UNet calls among them.
 """
 
 from __future__ import annotations
@@ -167,7 +168,10 @@ class ModelQueue:
             self._current.discard(work)
             self._running_work -= work.job.work
             self._ready.notify_all()
-        work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
+        try:
+            work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
+        except RuntimeError:  # its event loop is closed: nobody is left to answer
+            log.info("request %s: its event loop closed before its outcome", work.job.request_id)
 
     def render_request(self, job: RenderJob) -> engines.RenderRequest:
         return engines.RenderRequest(
