@@ -277,3 +277,25 @@ def test_a_padded_batch_matches_onnx_runtime(model: Path) -> None:
     expected = OrtBackend(model, "cpu", manifest).open("unet", unet).run(feeds, ["out_sample"])["out_sample"]
     assert got.shape == expected.shape == (7, 4, 8, 8) and got.dtype == np.float32
     assert np.abs(got - expected).max() < 0.05
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_tensorrt
+def test_batched_renders_on_plans_split_at_the_profiles_rows(model: Path) -> None:
+    """Step-level batching on TensorRT: calls above the plans' largest batch (2 images, 4 rows) are split
+    and stay on the plans; each image is the image rendered alone, within fp16 noise."""
+    from tests.engines import batches
+
+    trt_export.build_plans(trt_export.PlanSettings(model_dir=str(model), sizes=[(64, 64)], batch=(1, 2),
+                                                   optimization_level=0))
+    pipeline = engines.load(model, backend="tensorrt")
+    assert pipeline.unet_rows == 4
+    rows: list[int] = []
+    unet, run = pipeline.sessions["unet"], pipeline.sessions["unet"].run
+    unet.run = lambda feeds, outputs: rows.append(feeds["sample"].shape[0]) or run(feeds, outputs)
+    mix = [_request(64, 64, n=1, seed=s, sampler=sampler) for s, sampler in ((1, "euler"), (2, "euler_a"), (3, "ddim"))]
+    renderings, _ = batches.run(pipeline, [(0, lambda r=r: pipeline.begin(r)) for r in mix])
+    assert rows and max(rows) <= 4 and sum(rows[:2]) == 6  # 6 rows per step: 4 + 2
+    for rendering, alone in zip(renderings, mix, strict=True):
+        assert np.abs(rendering.result().pixels - pipeline.render(alone).pixels).max() < 0.02

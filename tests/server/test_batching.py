@@ -51,10 +51,11 @@ def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda b: httpx.post(f"{url}/v1/images/generations", json=b, timeout=120), bodies))
 
 
-def rows_histogram(url: str) -> tuple[float, float]:
-    """(calls of at most 6 rows, all calls) of the batcher so far."""
+def rows_histogram(url: str) -> tuple[float, float, float]:
+    """(calls of at most 6 rows, all calls, requests that had their first step) of the batcher so far."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return _bucket(text, "6.0"), _bucket(text, "+Inf")
+    waits = re.search(rf'^sdserve_batch_wait_seconds_count{{model="{MODEL}"}} (\S+)$', text, re.M)
+    return _bucket(text, "6.0"), _bucket(text, "+Inf"), float(waits.group(1)) if waits else 0.0
 
 
 def _bucket(text: str, le: str) -> float:
@@ -64,11 +65,12 @@ def _bucket(text: str, le: str) -> float:
 
 def test_concurrent_requests_share_calls_and_match_an_unbatched_server(batch_server: ServerProcess,
                                                                       server: ServerProcess) -> None:
-    small_before, calls_before = rows_histogram(batch_server.url)
+    small_before, calls_before, started_before = rows_histogram(batch_server.url)
     batched = post_all(batch_server.url, BODIES)
-    small_after, calls_after = rows_histogram(batch_server.url)
+    small_after, calls_after, started_after = rows_histogram(batch_server.url)
     assert [r.status_code for r in batched] == [200] * len(BODIES), [r.text for r in batched]
     assert calls_after - calls_before > small_after - small_before  # some call took more than 6 rows
+    assert started_after - started_before == len(BODIES)  # each one's wait for its first step, observed
     for request, response in zip(BODIES, batched, strict=True):
         alone = httpx.post(f"{server.url}/v1/images/generations", json=request, timeout=120)
         assert alone.status_code == 200
