@@ -152,6 +152,7 @@ class Chosen:
 
     key: tuple[tuple[str, int, float], ...]
     feeds: Feeds | None
+    adapters: tuple[Fitted, ...]  # held, so that no reloaded adapter can take an id in `key` while it lives
 
 
 class LoraSession(Session):
@@ -212,11 +213,12 @@ class Adapters:
     def choose(self, choice: Sequence[tuple[str, float]]) -> Chosen:
         """A render's adapters ([(name, scale), …]) checked, with the feeds its LoRA sessions take."""
         if not choice:
-            return Chosen((), None)
+            return Chosen((), None, ())
         offered = self.offered  # one snapshot: a reload (`load`) may replace the dict meanwhile
         scales = self._check(choice, offered)
+        fitted = tuple(offered[name] for name in scales)
         key = tuple(sorted((name, id(offered[name]), scale) for name, scale in scales.items()))
-        return Chosen(key, self._feeds([(offered[name], scale) for name, scale in scales.items()]))
+        return Chosen(key, self._feeds([(offered[name], scale) for name, scale in scales.items()]), fitted)
 
     @contextmanager
     def applied(self, chosen: Chosen) -> Iterator[None]:

@@ -33,7 +33,7 @@ import numpy as np
 from engines import images, optimum_folder, schedulers, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
-from engines.errors import InvalidRequest, ModelNotFound
+from engines.errors import EngineError, InvalidRequest, ModelNotFound
 from engines.info import AdapterInfo, ModelInfo
 from engines.lora import Adapters
 from engines.noise import Noise, SeededNoise
@@ -119,6 +119,8 @@ class Pipeline:
             rendering = Rendering(job, prompt, schedule, lora, hook, timings, latents, noise, started)
             # 4. Prepare latents (of the first chunk of images)
             rendering.chunk = self.start_chunk(rendering, 0)
+        except EngineError:
+            raise
         except Exception as exc:
             raise as_engine_error(exc) from exc
         return rendering

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import engines
 from engines.rendering import Rendering
 
 if TYPE_CHECKING:
@@ -57,11 +58,13 @@ class Batcher:
         self.calls = 0
 
     def run(self) -> None:
-        while self.join():
-            if not self.active:
-                continue
+        while True:
             try:
-                self.step(self.next_call())
+                if not self.join():
+                    return
+                self.leave_cancelled()
+                if self.active:
+                    self.step(self.next_call())
             except Exception as exc:  # a fault of the batcher's own must not strand this slot's requests
                 log.exception("batcher of %s failed; its requests get the error", self.model)
                 for a in self.active:
@@ -72,6 +75,8 @@ class Batcher:
         """Start what waits, as room allows; an idle slot blocks for work, then waits up to the window.
         False once the queue is closed and nothing is left here."""
         idle = not self.active
+        if len(self.active) >= self.batching.max_rows:  # full: what waits stays in the queue (and counts there)
+            return True
         first = self.queue.take(wait=idle)
         if first is None:
             return not idle
@@ -87,6 +92,9 @@ class Batcher:
 
     def start(self, work: Work) -> None:
         q = self.queue
+        if work.cancel.is_set():  # its client left during the window: no work for a request nobody waits for
+            q.finish(work, engines.RenderCancelled(f"request {work.job.request_id} cancelled before it began"))
+            return
         try:
             rendering = self.pipeline.begin(q.render_request(work.job), on_step=q.on_step(work),
                                             on_partial=work.on_partial, partial_images=work.job.partial_images,
@@ -95,6 +103,14 @@ class Batcher:
             q.finish(work, exc)
             return
         self.active.append(Active(work, rendering, turn=self.calls))
+
+    def leave_cancelled(self) -> None:
+        """Requests whose client left go now, without another step (they may wait several turns for one)."""
+        for a in [a for a in self.active if a.work.cancel.is_set()]:
+            self.active.remove(a)
+            step = a.rendering.chunk.step if a.rendering.chunk else 0
+            self.queue.finish(a.work, engines.RenderCancelled(
+                f"request {a.work.job.request_id} cancelled at step {step}/{len(a.rendering.schedule.timesteps)}"))
 
     def next_call(self) -> list[Active]:
         """The request that waited longest for a step, and those that can share its call, while rows fit."""

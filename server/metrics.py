@@ -22,8 +22,9 @@ class Metrics:
         self.in_flight = Gauge("sdserve_renders_in_flight", "renders running now", ["model"], registry=r)
         self.model_load_failures = Counter("sdserve_model_load_failures", "models that failed to load", ["model"],
                                            registry=r)
-        self.unet_batch_rows = Histogram("sdserve_unet_batch_rows", "UNet rows per call of the step-level batcher",
-                                         ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.unet_batch_rows = Histogram("sdserve_unet_batch_rows", "UNet rows per step of the step-level "
+                                         "batcher (calls of at most --max-batch rows)", ["model"],
+                                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
         self.batch_wait = Histogram("sdserve_batch_wait_seconds", "seconds from a batching render slot taking a "
                                     "request to its first UNet step (window and turns)", ["model"],
                                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)

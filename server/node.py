@@ -41,8 +41,7 @@ def node_id(settings: Settings) -> str:
 
 def report(pool: EnginePool, settings: Settings, identity: str, url: str) -> NodeReport:
     ready = pool.ready_models()
-    capacity = settings.render_slots + settings.queue_depth
-    load = {name: ModelLoad(capacity=capacity, **numbers) for name, numbers in pool.load().items()}
+    load = {name: ModelLoad(**numbers) for name, numbers in pool.load().items()}
     first = next(iter(ready.values()), None)
     return NodeReport(
         node_id=identity, url=url, version=version(), models=list(ready.values()),

@@ -343,9 +343,11 @@ class EnginePool:
         return queue
 
     def load(self) -> dict[str, dict[str, int]]:
-        """Per model: renders running, waiting, their work units (for balancing) and the wait estimate."""
+        """Per model: renders running, waiting, their work units (for balancing), the wait estimate and how many
+        requests it takes before refusing (429)."""
         return {name: {"running": q.running, "waiting": q.waiting, "work": q.outstanding_work(),
-                       "retry_after": q.retry_after()} for name, q in self.queues.items()}
+                       "retry_after": q.retry_after(), "capacity": q.capacity + q.depth}
+                for name, q in self.queues.items()}
 
     def idle(self) -> bool:
         return all(q.idle() for q in self.queues.values())

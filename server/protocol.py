@@ -276,7 +276,7 @@ class ModelLoad(msgspec.Struct):
     running: int = 0
     waiting: int = 0
     work: int = 0  # outstanding steps × pixels × images
-    capacity: int = 1  # render slots + queue depth: more than this in flight is refused (429)
+    capacity: int = 1  # renders at once (slots, × --max-batch when batching) + queue depth: beyond → 429
     retry_after: int = 1  # seconds the node estimates until it has room again (its 429's Retry-After)
 
 

@@ -145,11 +145,3 @@ def test_calls_above_the_backends_rows_are_split(tiny_model: Model, pipelines: d
         expected = pipelines["tiny-sd15"].render(alone).pixels
         np.testing.assert_allclose(rendering.result().pixels, expected, atol=TOLERANCE)
 
-
-def test_render_is_one_rendering_stepped_alone(pipelines: dict[str, engines.Pipeline]) -> None:
-    """`render` (batching off) and `begin` + `step` alone are the same path: the same bytes."""
-    pipeline = pipelines["tiny-sd15"]
-    rendering = pipeline.begin(request(sampler="euler_a", n=2))
-    while not rendering.finished:
-        pipeline.step([rendering])
-    assert np.array_equal(rendering.result().pixels, pipeline.render(request(sampler="euler_a", n=2)).pixels)

@@ -1,5 +1,6 @@
 """The step-level batcher of one model's queue (`server.batcher`), on a real pipeline and real render threads:
-turns are fair, a cancelled request leaves the others' images alone, capacity counts interleaved requests."""
+turns are fair, a cancelled request leaves the others' images alone, a slot interleaves at most --max-batch
+requests and capacity counts them."""
 
 from __future__ import annotations
 
@@ -74,15 +75,22 @@ async def _submit(queue: ModelQueue, render: RenderJob) -> object:
     return await queue.submit(render)
 
 
-def test_capacity_is_interleaved_requests_plus_depth(queue: ModelQueue) -> None:
-    """Two interleaved (--max-batch 2) and two waiting (depth 2): the fifth is refused with 429."""
-    async def main() -> int:
+def test_a_slot_interleaves_at_most_max_batch_requests(queue: ModelQueue) -> None:
+    """Two interleaved (--max-batch 2) and two waiting in the queue (depth 2): the fifth is refused with 429,
+    and the waiting ones stay in the queue (counted there) while the slot steps the first two."""
+    async def main() -> tuple[int, list[tuple[int, int]]]:
         works = [queue.enqueue(job(10 + i, 150)) for i in range(4)]
         with pytest.raises(ApiError) as refused:
             queue.enqueue(job(20, 2))
+        seen = []
+        for _ in range(40):  # while the first two render their 150 steps
+            await asyncio.sleep(0.005)
+            seen.append((queue.running, queue.waiting))
         for work in works:
             queue.abandon(work)
-        return refused.value.status
+        return refused.value.status, seen
 
     assert queue.capacity == 2
-    assert asyncio.run(main()) == 429
+    status, seen = asyncio.run(main())
+    assert status == 429
+    assert all(running <= 2 for running, _ in seen) and sum(seen[0]) == 4, seen

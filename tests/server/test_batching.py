@@ -51,11 +51,17 @@ def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda b: httpx.post(f"{url}/v1/images/generations", json=b, timeout=120), bodies))
 
 
-def rows_histogram(url: str) -> tuple[float, float, float]:
-    """(calls of at most 6 rows, all calls, requests that had their first step) of the batcher so far."""
+def rows_histogram(url: str, small: str = "6.0") -> tuple[float, float, float]:
+    """(steps of at most `small` rows, all steps, requests that had their first step) of the batcher so far."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     waits = re.search(rf'^sdserve_batch_wait_seconds_count{{model="{MODEL}"}} (\S+)$', text, re.M)
-    return _bucket(text, "6.0"), _bucket(text, "+Inf"), float(waits.group(1)) if waits else 0.0
+    return _bucket(text, small), _bucket(text, "+Inf"), float(waits.group(1)) if waits else 0.0
+
+
+def shared_steps(url: str, before: tuple[float, float, float]) -> float:
+    """Steps of more than one request's rows (2 rows each) since `before` (a `rows_histogram(url, "2.0")`)."""
+    small, steps, _ = rows_histogram(url, "2.0")
+    return (steps - before[1]) - (small - before[0])
 
 
 def _bucket(text: str, le: str) -> float:
@@ -81,8 +87,10 @@ def test_concurrent_requests_share_calls_and_match_an_unbatched_server(batch_ser
 def test_a_bad_request_in_a_batch_fails_alone(batch_server: ServerProcess) -> None:
     """LCM refuses more steps than its original schedule: found when the render begins, inside the batcher."""
     bad = body(9, steps=80, sampler="lcm", guidance_scale=1.0)
+    before = rows_histogram(batch_server.url, "2.0")
     responses = post_all(batch_server.url, [BODIES[0], bad, BODIES[1]])
     assert [r.status_code for r in responses] == [200, 400, 200]
+    assert shared_steps(batch_server.url, before) > 0  # the good two shared calls
     error = responses[1].json()["error"]
     assert error["param"] == "steps" and error["type"] == "invalid_request_error"
     assert batch_server.process.poll() is None
@@ -99,11 +107,13 @@ def test_streamed_partials_in_a_batch_match_an_unbatched_server(batch_server: Se
             lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
         return [json.loads(line) for line in lines if line.strip() != "[DONE]"]
 
+    before = rows_histogram(batch_server.url, "2.0")
     with ThreadPoolExecutor(3) as pool:  # two others fill the call the stream joins
         others = [pool.submit(httpx.post, f"{batch_server.url}/v1/images/generations", json=b, timeout=120)
                   for b in (body(22, steps=9), body(23, steps=3))]
         batched = events(batch_server.url)
         assert all(o.result().status_code == 200 for o in others)
+    assert shared_steps(batch_server.url, before) > 0
     alone = events(server.url)
     assert [e["type"] for e in batched] == [e["type"] for e in alone]
     assert [e["type"] for e in alone].count("image_generation.partial_image") == 2
