@@ -112,3 +112,18 @@ def test_render_cli_takes_the_folder(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "inferred from its optimum layout" in done.stderr and out.is_file()
     assert json.loads((FIXTURES / "sd15" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_batched_renders_on_a_one_timestep_unet(pipelines: dict[str, engines.Pipeline]) -> None:
+    """optimum's UNet takes one timestep for the whole batch: renders share a call only at the same timestep
+    (same schedule, same step), and still give the images they give alone."""
+    from tests.engines import batches
+
+    pipeline = pipelines["sd15"]
+    assert pipeline.manifest.components["unet"].inputs[1].shape == []  # a scalar timestep
+    mix = [engines.RenderRequest(prompt="a red cube", width=128, height=128, steps=steps, guidance_scale=5.0,
+                                 sampler="euler", seed=seed) for steps, seed in ((4, 1), (4, 2), (6, 3))]
+    renderings, calls = batches.run(pipeline, [(0, lambda r=r: pipeline.begin(r)) for r in mix])
+    assert [0, 1] in calls and not any(2 in call and len(call) > 1 for call in calls)
+    for rendering, alone in zip(renderings, mix, strict=True):
+        np.testing.assert_allclose(rendering.result().pixels, pipeline.render(alone).pixels, atol=1e-5)
