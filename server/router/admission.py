@@ -40,6 +40,8 @@ async def admit(report: NodeReport, settings: Settings, registry: Registry) -> N
         if previous is not None and previous.report.url != report.url and await _still_there(previous, settings):
             raise ApiError(409, f"node id {report.node_id} is registered by a live node at {previous.report.url}",
                            param="node_id", code="node_id_taken")
+        # read again: a registration of the same id may have landed while this one awaited its checks
+        previous = registry.nodes.get(report.node_id)
         record = registry.register(report, client)
     except BaseException:
         await client.close()
