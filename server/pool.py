@@ -119,8 +119,8 @@ class ModelQueue:
                 self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
 
     def retry_after(self) -> int:
-        """A rough wait: the queue ahead times the last render's duration."""
-        return max(1, int(self._last_seconds * (len(self._waiting) + 1) / len(self._threads)))
+        """A rough wait: the queue ahead times the last render's duration, over the renders run at once."""
+        return max(1, int(self._last_seconds * (len(self._waiting) + 1) / self.capacity))
 
     def _serve(self) -> None:
         if self.batching is not None:
