@@ -216,9 +216,9 @@ class Adapters:
             return Chosen((), None, ())
         offered = self.offered  # one snapshot: a reload (`load`) may replace the dict meanwhile
         scales = self._check(choice, offered)
-        fitted = tuple(offered[name] for name in scales)
-        key = tuple(sorted((name, id(offered[name]), scale) for name, scale in scales.items()))
-        return Chosen(key, self._feeds([(offered[name], scale) for name, scale in scales.items()]), fitted)
+        chosen = [(offered[name], scale) for name, scale in scales.items()]
+        key = tuple(sorted((fitted.info.name, id(fitted), scale) for fitted, scale in chosen))
+        return Chosen(key, self._feeds(chosen), tuple(fitted for fitted, _ in chosen))
 
     @contextmanager
     def applied(self, chosen: Chosen) -> Iterator[None]:

@@ -289,8 +289,6 @@ class Pipeline:
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         return ((mean + std * epsilon) * self.manifest.vae_scaling_factor).astype(np.float32)
 
-    # -- 5 ------------------------------------------------------------------------------------------
-
     def start_chunk(self, rendering: Rendering, first: int) -> Chunk | None:
         """The chunk of images from `first` (None past the last), its latents prepared."""
         job, n = rendering.job, rendering.job.request.n
@@ -391,7 +389,7 @@ class Pipeline:
             if self.manifest.requires_aesthetics_score:
                 ids = [[*size, 0, 0, score] for score in ((2.5, 6.0) if job.guided else (6.0,))]
             else:
-                ids = [[*size, 0, 0, *size]] * (2 if job.guided else 1)
+                ids = [[*size, 0, 0, *size]] * job.copies
             feeds["time_ids"] = np.repeat(np.array(ids, np.float32), count, axis=0)
         return feeds
 

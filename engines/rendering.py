@@ -112,7 +112,6 @@ class Rendering:
     def result(self) -> RenderResult:
         if self.error is not None:
             raise self.error
-        self.timings.stages.setdefault("total", time.perf_counter() - self.started)
         pixels = np.concatenate(self.pixels)
         return RenderResult(images=images.to_pil(pixels), seeds=self.job.seeds, timings=self.timings,
                             pixels=pixels, steps_run=len(self.schedule.timesteps))
