@@ -22,6 +22,7 @@ from export.errors import ExportError
 EXTERNAL_DATA_FILE = "model.onnx_data"
 # Protobuf cannot hold a graph over 2 GB; larger graphs keep their weights in one side file.
 PROTOBUF_LIMIT = 2**31 - 1
+INLINE_LIMIT = 1024  # bytes: in a graph with a side file, larger weights go to that file
 
 
 @dataclass(frozen=True)
@@ -201,12 +202,20 @@ def trace(graph: Graph, inputs: dict[str, torch.Tensor], folder: Path, opset: in
             do_constant_folding=True,
             dynamo=False,
         )
+    finish(scratch / "model.onnx", folder, graph, precision, optimize_for)
+
+
+def finish(traced: Path, folder: Path, graph: Graph, precision: str, optimize_for: str = "none") -> None:
+    """Turn the graph the tracer wrote (`traced`, with its weights beside it: one file per weight over 2 GB)
+    into `folder/model.onnx`: fused for `optimize_for`, converted to fp16 for `precision`, its external
+    weights gathered into one file; the tracer's folder is removed."""
+    scratch = traced.parent
     if optimize_for != "none":
-        fused = optimize.optimize(scratch / "model.onnx", graph.name, optimize_for, fp16=precision == "fp16",
+        fused = optimize.optimize(traced, graph.name, optimize_for, fp16=precision == "fp16",
                                   fp32_attention=graph.fp32_attention)
-        _save(fused, scratch / "model.onnx")
+        _save(fused, traced)
     if precision == "fp16":
-        _convert_to_fp16(scratch / "model.onnx", list(graph.keep_fp32_inputs), graph.fp32_attention)
+        _convert_to_fp16(traced, list(graph.keep_fp32_inputs), graph.fp32_attention)
     _merge_external_data(scratch, folder)
     shutil.rmtree(scratch)
     try:
@@ -226,15 +235,19 @@ def _convert_to_fp16(path: Path, keep_fp32: list[str], fp32_attention: bool) -> 
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    """Replace the scratch folder's graph (and its per-tensor weight files) with `model`."""
+    """Replace the scratch folder's graph with `model`, and its weight files with the ones `model` reads
+    (an optimized graph still reads the tracer's files; the weights in it go to a file of their own)."""
+    kept = {ExternalDataInfo(t).location for t in _initializers(model) if uses_external_data(t)}
     for stale in path.parent.iterdir():
-        stale.unlink()
+        if stale.name not in kept:
+            stale.unlink()
     weights = sum(len(t.raw_data) for t in _initializers(model))
-    if weights < PROTOBUF_LIMIT:
+    if weights < PROTOBUF_LIMIT and not kept:
         onnx.save_model(model, str(path))
     else:
+        location = next(f"weights-{n}.bin" for n in range(len(kept) + 1) if f"weights-{n}.bin" not in kept)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="weights.bin", size_threshold=1024)
+                        location=location, size_threshold=1024)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -257,19 +270,27 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
 
 
 def _merge_external_data(scratch: Path, folder: Path) -> None:
-    """Over 2 GB the exporter writes one file per weight (hundreds); gather them into one file by
-    streaming, so that memory stays at one tensor, and point the graph at the new offsets."""
+    """Over 2 GB the exporter writes one file per weight (hundreds); gather them, and the weights the
+    optimizer added to the graph, into one file by streaming, so that memory stays at one tensor, and
+    point the graph at the new offsets."""
     model = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
-    external = [t for t in _initializers(model) if uses_external_data(t)]
-    if not external:
+    tensors = _initializers(model)
+    if not any(uses_external_data(t) for t in tensors):
         shutil.move(scratch / "model.onnx", folder / "model.onnx")
         return
     with open(folder / EXTERNAL_DATA_FILE, "wb") as data:
-        for tensor in external:
-            info = ExternalDataInfo(tensor)
-            with open(scratch / info.location, "rb") as part:
-                part.seek(info.offset or 0)
-                blob = part.read(info.length) if info.length else part.read()
+        for tensor in tensors:
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                with open(scratch / info.location, "rb") as part:
+                    part.seek(info.offset or 0)
+                    blob = part.read(info.length) if info.length else part.read()
+            elif len(tensor.raw_data) >= INLINE_LIMIT:
+                blob = tensor.raw_data
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            else:
+                continue
             data.write(b"\0" * (-data.tell() % 4096))  # page-aligned, so runtimes can map the weights
             offset = data.tell()
             data.write(blob)
