@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 
 import engines
@@ -135,12 +136,21 @@ def test_fp16_sd2_unet_is_finite_at_768_on_cuda(tmp_path: Path) -> None:
     assert np.isfinite(out).all()
 
 
-def test_cpu_sessions_share_one_arena(tmp_path: Path, tiny_model: Model) -> None:
-    """Every CPU session uses the process's one registered arena (README, Performance: the VAE then reuses
-    the UNet's activation memory); and models still render the same after a second one loads."""
+def test_cpu_session_options_keep_one_copy_of_the_weights(tmp_path: Path, tiny_model: Model) -> None:
+    """CPU sessions run without an arena (each run's activations go back to the system); the components
+    run once per image keep no pre-packed or reordered copy of their weights, the UNet keeps both (README,
+    Performance); and a model still renders the same after a second one loads."""
     manifest = mf.read(tiny_model("tiny-sd15"))
-    options = ort.OrtBackend(tmp_path, "cpu", manifest).session_options()
-    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    backend = ort.OrtBackend(tmp_path, "cpu", manifest)
+    unet, decoder = backend.session_options("unet"), backend.session_options("vae_decoder")
+    assert not unet.enable_cpu_mem_arena and not decoder.enable_cpu_mem_arena
+    assert unet.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(RuntimeError):  # not configured: ONNX Runtime pre-packs
+        unet.get_session_config_entry("session.disable_prepacking")
+    for name in ("text_encoder", "vae_encoder", "vae_decoder"):
+        options = backend.session_options(name)
+        assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
     request = engines.RenderRequest(prompt="a cube", width=64, height=64, steps=2, seed=3)
     first = engines.load(tiny_model("tiny-sd15"), backend="cpu").render(request).pixels
     engines.load(tiny_model("tiny-sd21"), backend="cpu")
