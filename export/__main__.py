@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no import-time noise
 from engines import manifest as mf
-from export import adopt, presets
+from export import adopt, optimize, presets
 from export.errors import ExportError
 
 if TYPE_CHECKING:
@@ -44,11 +44,12 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--tolerance", type=float,
                      help="max |onnx - torch| relative to the output scale (default 1e-3 fp32, 5e-2 fp16)")
     cli.add_argument("--force", action="store_true", help="replace an existing model directory")
-    cli.add_argument("--optimize", choices=["none", "cpu", "cuda"], default="none",
-                     help="fuse the graphs with ONNX Runtime's transformer optimizer for this provider (default "
-                     "none). cpu: attention, LayerNorm and Gelu fusions that every provider runs; cuda: also "
-                     "GroupNorm, NhwcConv, BiasSplitGelu and packed attention, whose kernels exist only on CUDA "
-                     "(such a model does not load on the cpu backend, and is not checked against PyTorch here)")
+    cli.add_argument("--optimize", choices=list(optimize.CHOICES), default="auto",
+                     help="fuse the graphs with ONNX Runtime's transformer optimizer for this provider. cpu: "
+                     "attention, LayerNorm and Gelu fusions that every provider runs; cuda: also GroupNorm, "
+                     "NhwcConv, BiasSplitGelu and packed attention, whose kernels exist only on CUDA (such a model "
+                     "does not load on the cpu backend, and is not checked against PyTorch here); none: the graphs "
+                     "as traced. auto (default): cpu for fp32 exports, none for fp16 and --tensorrt")
     cli.add_argument("--lora-rank", type=int, default=0, metavar="R",
                      help="LoRA support: the text encoders and UNet take adapters per request, up to a total "
                      "rank R (sum of the ranks of a request's adapters; default 0: no LoRA support)")
@@ -101,7 +102,8 @@ def settings_from(args: argparse.Namespace) -> ExportSettings:
         force=args.force,
         tolerance=args.tolerance,
         lora_rank=args.lora_rank,
-        optimize=args.optimize,
+        # TensorRT's parser knows no ONNX Runtime contrib operators: plans are built from the raw graphs
+        optimize="none" if args.tensorrt and args.optimize == "auto" else args.optimize,
     )
 
 
@@ -170,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fp16_vae and settings.precision != "fp16":
             raise ExportError("--fp16-vae needs --precision fp16")
-        if args.tensorrt and settings.optimize != "none":  # its parser knows no ONNX Runtime contrib operators
-            raise ExportError("--tensorrt builds plans from standard ONNX operators only: drop --optimize")
+        if args.tensorrt and settings.optimize != "none":
+            raise ExportError("--tensorrt builds plans from standard ONNX operators only: drop --optimize "
+                              f"{settings.optimize}")
         # With --tensorrt, TensorRT is checked before any export work: without it nothing is written.
         if not args.tensorrt or tensorrt.needs_export(settings):
             lines.append(summary(export_model(settings)))

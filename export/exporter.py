@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline
 from engines import manifest as mf
 from export import graphs, lora, model_dir, optimize, presets, source, verify
 from export.errors import ExportError
+from export.optimize import Choice as OptimizeChoice
 from export.optimize import Target as OptimizeTarget
 from export.presets import Preset
 
@@ -39,7 +40,7 @@ class ExportSettings(msgspec.Struct, frozen=True, kw_only=True):
     force: bool = False
     tolerance: float | None = None  # default by precision (TOLERANCE)
     lora_rank: int = 0  # > 0: LoRA-capable text encoders and UNet, up to this total rank per request
-    optimize: OptimizeTarget = "none"  # ONNX Runtime's transformer fusions for this provider (export.optimize)
+    optimize: OptimizeChoice = "auto"  # ONNX Runtime's transformer fusions for this provider (export.optimize)
 
 
 class ComponentReport(msgspec.Struct, frozen=True):
@@ -111,10 +112,11 @@ def _export_component(graph: graphs.Graph, stage: Path, settings: ExportSettings
     check_inputs = graph.inputs(check_shape, seed=1)
     reference = graph.run(check_inputs)
     folder = stage / graph.name
-    graphs.trace(graph, graph.inputs(trace_shape, seed=0), folder, settings.opset, precision, settings.optimize)
+    target = optimize.choose(settings.optimize, settings.precision)
+    graphs.trace(graph, graph.inputs(trace_shape, seed=0), folder, settings.opset, precision, target)
     size = sum(f.stat().st_size for f in folder.iterdir())
     tolerance = settings.tolerance if settings.tolerance is not None else TOLERANCE[precision]
-    if _optimized_for(folder, settings) == "cuda":  # fused operators without CPU kernels: nothing here runs it
+    if _optimized_for(folder, target) == "cuda":  # fused operators without CPU kernels: nothing here runs it
         log.info("    %s: %.1f MB, optimized for CUDA: not checked against PyTorch (the CPU provider cannot run "
                  "its fused operators; export --optimize cpu or none to check)", graph.name, size / 1e6)
         return ComponentReport(graph.name, precision, size, round(time.perf_counter() - started, 2), math.nan,
@@ -211,16 +213,16 @@ def _component(stage: Path, name: str, settings: ExportSettings) -> mf.Component
         graph=mf.file_ref(stage, f"{name}/model.onnx"),
         external_data=mf.file_ref(stage, f"{name}/{data.name}") if data.is_file() else None,
         precision=precision,
-        optimized_for=_optimized_for(stage / name, settings),
+        optimized_for=_optimized_for(stage / name, optimize.choose(settings.optimize, settings.precision)),
         inputs=[_tensor_spec(v) for v in model.graph.input],
         outputs=[_tensor_spec(v) for v in model.graph.output],
     )
 
 
-def _optimized_for(folder: Path, settings: ExportSettings) -> mf.OptimizedFor | None:
+def _optimized_for(folder: Path, target: OptimizeTarget) -> mf.OptimizedFor | None:
     """What the graph was optimized for: "cuda" only where a CUDA-only operator was fused in (a text
     encoder optimized for CUDA holds none, and runs anywhere as a "cpu" graph does)."""
-    if settings.optimize == "none":
+    if target == "none":
         return None
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     return "cuda" if optimize.needs_cuda(model) else "cpu"

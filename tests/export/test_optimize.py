@@ -15,6 +15,7 @@ import pytest
 import engines
 from engines import manifest as mf
 from export import ExportSettings, export_model, graphs, optimize, presets, source
+from export import __main__ as export_cli
 
 Model = Callable[[str], Path]
 
@@ -26,9 +27,9 @@ def _fused(root: Path, component: str) -> set[str]:
 
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_cpu_optimized_model_renders_like_the_raw_one(name: str, tiny_model: Model, tmp_path: Path) -> None:
-    raw = tiny_model(name)
-    optimized = tmp_path / name
-    export_model(ExportSettings(preset=name, output=str(optimized), optimize="cpu"))
+    raw = tmp_path / name
+    export_model(ExportSettings(preset=name, output=str(raw), optimize="none"))
+    optimized = tiny_model(name)  # the default (auto) for an fp32 export: the CPU fusions
     manifest = mf.read(optimized)
     assert {c.optimized_for for c in manifest.components.values()} == {"cpu"}
     assert {c.optimized_for for c in mf.read(raw).components.values()} == {None}
@@ -111,3 +112,13 @@ def test_a_graph_with_external_weights_is_optimized_without_loading_them(tmp_pat
     kept = onnx.load(str(on_disk.parent.parent / "model.onnx"), load_external_data=False).graph.initializer
     assert max(len(t.raw_data) for t in kept) < graphs.INLINE_LIMIT
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_auto_fuses_fp32_exports_for_the_cpu_and_leaves_gpu_exports_raw() -> None:
+    assert optimize.choose("auto", "fp32") == "cpu"
+    assert optimize.choose("auto", "fp16") == "none"  # made for GPUs: TensorRT plans need the raw graphs
+    assert optimize.choose("cuda", "fp16") == "cuda" and optimize.choose("none", "fp32") == "none"
+    cli = export_cli.parser()
+    assert export_cli.settings_from(cli.parse_args(["tiny-sd15"])).optimize == "auto"
+    assert export_cli.settings_from(cli.parse_args(["tiny-sd15", "--tensorrt"])).optimize == "none"
+    assert export_cli.settings_from(cli.parse_args(["tiny-sd15", "--tensorrt", "--optimize", "cpu"])).optimize == "cpu"

@@ -137,8 +137,8 @@ def test_registration_never_echoes_the_call_back_error(fleet: Fleet) -> None:
     refused = register(fleet, "ghost", closed)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "node_unreachable"
     message = refused.json()["error"]["message"]
-    for detail in ("refused", "Errno", "ConnectError", "111"):
-        assert detail not in message, message
+    for detail in ("refused", "Errno", "ConnectError", "111"):  # 111: ECONNREFUSED (the port may hold it too)
+        assert detail not in message.replace(closed, "NODE"), message
     assert fleet.router.log_lines("ghost", "ConnectError")  # the details are in the router's log
 
 

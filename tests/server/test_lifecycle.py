@@ -102,6 +102,15 @@ async def _until(server: ServerProcess, name: str, value: float) -> None:
     assert metric(server, name) >= value
 
 
+async def _idle(server: ServerProcess) -> None:
+    """Until the renders an earlier test gave up on (cancelled at their next step) have left the server."""
+    deadline = time.monotonic() + 60
+    busy = ("sdserve_renders_in_flight", "sdserve_queue_depth")
+    while any(metric(server, name) > 0 for name in busy) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert all(metric(server, name) == 0 for name in busy)
+
+
 def test_retry_after_is_the_pools_estimate(lean: ServerProcess) -> None:
     """With one render running and one waiting, the next request is refused with the queue's own estimate:
     the last render's duration × (waiting + 1) / render slots."""
@@ -111,6 +120,7 @@ def test_retry_after_is_the_pools_estimate(lean: ServerProcess) -> None:
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
+            await _idle(lean)
             blocker = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_renders_in_flight", 1)
             queued = asyncio.ensure_future(client.post(GEN, json=QUICK))
@@ -131,6 +141,7 @@ def test_sigterm_waits_at_most_the_drain_timeout(lean: ServerProcess) -> None:
     (On hardware fast enough to finish it first, it exits sooner: the bound holds either way.)"""
     async def scenario() -> int:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
+            await _idle(lean)
             running = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_renders_in_flight", 1)
             queued = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
