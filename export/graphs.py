@@ -22,7 +22,7 @@ from export.errors import ExportError
 EXTERNAL_DATA_FILE = "model.onnx_data"
 # Protobuf cannot hold a graph over 2 GB; larger graphs keep their weights in one side file.
 PROTOBUF_LIMIT = 2**31 - 1
-INLINE_LIMIT = 1024  # bytes: in a graph with a side file, larger weights go to that file
+INLINE_LIMIT = 1024  # bytes: a graph with a side file keeps only smaller weights in itself
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     else:
         location = next(f"weights-{n}.bin" for n in range(len(kept) + 1) if f"weights-{n}.bin" not in kept)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=1024)
+                        location=location, size_threshold=INLINE_LIMIT)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -270,27 +270,20 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
 
 
 def _merge_external_data(scratch: Path, folder: Path) -> None:
-    """Over 2 GB the exporter writes one file per weight (hundreds); gather them, and the weights the
-    optimizer added to the graph, into one file by streaming, so that memory stays at one tensor, and
+    """Over 2 GB the exporter writes one file per weight (hundreds), and `_save` the weights the optimizer
+    added into one more; gather them into one file by streaming, so that memory stays at one tensor, and
     point the graph at the new offsets."""
     model = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
-    tensors = _initializers(model)
-    if not any(uses_external_data(t) for t in tensors):
+    external = [t for t in _initializers(model) if uses_external_data(t)]
+    if not external:
         shutil.move(scratch / "model.onnx", folder / "model.onnx")
         return
     with open(folder / EXTERNAL_DATA_FILE, "wb") as data:
-        for tensor in tensors:
-            if uses_external_data(tensor):
-                info = ExternalDataInfo(tensor)
-                with open(scratch / info.location, "rb") as part:
-                    part.seek(info.offset or 0)
-                    blob = part.read(info.length) if info.length else part.read()
-            elif len(tensor.raw_data) >= INLINE_LIMIT:
-                blob = tensor.raw_data
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-            else:
-                continue
+        for tensor in external:
+            info = ExternalDataInfo(tensor)
+            with open(scratch / info.location, "rb") as part:
+                part.seek(info.offset or 0)
+                blob = part.read(info.length) if info.length else part.read()
             data.write(b"\0" * (-data.tell() % 4096))  # page-aligned, so runtimes can map the weights
             offset = data.tell()
             data.write(blob)

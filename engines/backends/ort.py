@@ -92,8 +92,8 @@ class OrtBackend(Backend):
             options.inter_op_num_threads = 1
         if self.name == "cpu":
             options.enable_cpu_mem_arena = CPU_ARENA
-            if name != "unet":
-                options.graph_optimization_level = ONCE_PER_IMAGE
+            if name in ONCE_PER_IMAGE:  # no NCHWc-reordered nor pre-packed copy of the weights
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
                 options.add_session_config_entry("session.disable_prepacking", "1")
         return options
 
@@ -126,14 +126,16 @@ class OrtBackend(Backend):
 # architecture) at 512×512, 4 steps, two renders in one process, peak resident-set growth: with one arena
 # shared by all sessions 8.4 GiB on the traced graphs and 5.8 GiB then 6.8 GiB (it grows from render to
 # render: freed blocks fragment) on the `--optimize cpu` graphs; without an arena 6.5 GiB and 5.2–5.3 GiB,
-# back to 4.3–4.5 GiB (the weights) between renders, at the same speed.
+# back to 4.3–4.4 GiB (the weights) between renders. The fused graphs run as fast; the traced ones, whose
+# 1 GiB attention score matrices are then allocated afresh at every step, lose 15 % (README, Performance).
 CPU_ARENA = False
 # On the CPU, the components that run once per image (text encoders, VAE) keep one copy of their weights:
 # no pre-packed MatMul weights and no NCHWc-reordered convolution weights (both copies beside the
 # originals); the UNet, run at every step, keeps both. Measured on random-sd15, one session each: the
 # text encoder 701 → 483 MiB for 0.071 → 0.084 s per call, the VAE decoder 390–534 → 205 MiB for 6.0 →
-# 6.5 s per 512×512 decode; the UNet's own resident memory is the same either way (3.4–3.5 GiB).
-ONCE_PER_IMAGE = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+# 6.5 s per 512×512 decode (6.1 → 7.1 s in `bench pipeline`); the UNet's own resident memory is the same
+# either way (3.4–3.5 GiB).
+ONCE_PER_IMAGE = frozenset({"text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder"})
 
 
 def _check_tensorrt_ep(name: str, component: mf.Component) -> None:
