@@ -45,9 +45,8 @@ CUDA_ONLY_OPS = frozenset({"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitG
 def choose(choice: Choice, precision: str) -> Target:
     """The target for `--optimize choice`. auto: the CPU fusions for fp32 graphs (on random-sd15 at 512², the
     whole render's memory growth 7024 → 5140 MiB and 28.4 → 24.5 s, README Performance; their operators
-    run on CUDA too), none
-    for fp16 graphs, which are made for GPUs: TensorRT plans need the standard operators, and the CUDA
-    fusions are asked for by name (`cuda`; such a graph runs nowhere else)."""
+    run on CUDA too), none for fp16 graphs, which are made for GPUs: TensorRT plans need the standard
+    operators, and the CUDA fusions are asked for by name (`cuda`; such a graph runs nowhere else)."""
     if choice != "auto":
         return choice
     return "cpu" if precision == "fp32" else "none"
