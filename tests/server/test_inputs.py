@@ -21,7 +21,7 @@ from server import images
 from server.errors import ApiError
 from server.routes.images import JSON_BODY_LIMIT, upload
 from tests.processes import ServerProcess
-from tests.server.test_operations import metric
+from tests.server.test_operations import metric, wait_until_idle
 
 GEN = "/v1/images/generations"
 VARY = "/v1/images/variations"
@@ -172,10 +172,7 @@ def test_a_full_queue_is_429_before_any_upload_is_decoded(server: ServerProcess)
     body = b'{"model": "tiny-sd21", "prompt": "hold", "size": "512x512", "steps": 150, "n": 4}'
     head = (b"POST " + GEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-    deadline = time.monotonic() + 60  # the server is shared: earlier tests' tiny-sd21 work must be done first
-    while (metric(server, "sdserve_renders_in_flight", 'model="tiny-sd21"') or
-           metric(server, "sdserve_queue_depth", 'model="tiny-sd21"')) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_idle(server, 'model="tiny-sd21"')  # the server is shared: earlier tests' work must be done first
     holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(9)]
     try:
         for sock in holders:

@@ -23,7 +23,7 @@ from server.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
 from tests.processes import ROOT, ServerProcess
-from tests.server.test_operations import metric
+from tests.server.test_operations import metric, wait_until_idle
 
 GEN = "/v1/images/generations"
 
@@ -102,25 +102,16 @@ async def _until(server: ServerProcess, name: str, value: float) -> None:
     assert metric(server, name) >= value
 
 
-async def _idle(server: ServerProcess) -> None:
-    """Until the renders an earlier test gave up on (cancelled at their next step) have left the server."""
-    deadline = time.monotonic() + 60
-    busy = ("sdserve_renders_in_flight", "sdserve_queue_depth")
-    while any(metric(server, name) > 0 for name in busy) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert all(metric(server, name) == 0 for name in busy)
-
-
 def test_retry_after_is_the_pools_estimate(lean: ServerProcess) -> None:
     """With one render running and one waiting, the next request is refused with the queue's own estimate:
     the last render's duration × (waiting + 1) / render slots."""
+    wait_until_idle(lean)
     first = httpx.post(lean.url + GEN, json={**QUICK, "size": "256x256", "steps": 8}, timeout=120)
     total = float(re.search(r"total;dur=([\d.]+)", first.headers["server-timing"]).group(1)) / 1000
     expected = {max(1, int(total * 2 + d)) for d in (-0.001, 0.001)}
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
-            await _idle(lean)
             blocker = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_renders_in_flight", 1)
             queued = asyncio.ensure_future(client.post(GEN, json=QUICK))
@@ -139,9 +130,10 @@ def test_sigterm_waits_at_most_the_drain_timeout(lean: ServerProcess) -> None:
     """Two renders far longer than --drain-timeout (2 s here) are accepted: the server still exits in time,
     cleanly (the running render stops at its next step; a process exiting inside ONNX Runtime would abort).
     (On hardware fast enough to finish it first, it exits sooner: the bound holds either way.)"""
+    wait_until_idle(lean)
+
     async def scenario() -> int:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
-            await _idle(lean)
             running = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_renders_in_flight", 1)
             queued = asyncio.ensure_future(client.post(GEN, json=BLOCKER))

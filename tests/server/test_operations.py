@@ -30,6 +30,16 @@ def metric(server: ServerProcess, name: str, labels: str = "") -> float:
     return total
 
 
+def wait_until_idle(server: ServerProcess, labels: str = "", timeout: float = 60) -> None:
+    """Until no render runs or waits (matching `labels`): a shared server's earlier tests may have left
+    renders their clients gave up on, which stop only at their next step."""
+    busy = ("sdserve_renders_in_flight", "sdserve_queue_depth")
+    deadline = time.monotonic() + timeout
+    while any(metric(server, name, labels) for name in busy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(metric(server, name, labels) for name in busy), "earlier renders never left the server"
+
+
 @pytest.fixture(scope="module")
 def small_queue(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     work = tmp_path_factory.mktemp("small-queue")
