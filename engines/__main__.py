@@ -13,7 +13,10 @@ import msgspec
 from PIL import Image
 
 from engines import SAMPLERS, EngineError, RenderRequest, load
-from engines.backends import BACKENDS
+from engines.backends import BACKENDS, PRECISIONS
+
+PRECISION_HELP = ("what the openvino backend computes in: auto (default) is bf16 where the processor has bf16 "
+                  "instructions (AVX-512 BF16, AMX), else fp32; the other backends compute in the graphs' precision")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model's capabilities and the backend it loads on")
     info.add_argument("model_dir")
     info.add_argument("--backend", choices=BACKENDS, default="auto")
+    info.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     doctor = commands.add_parser("doctor", help="check this host: onnxruntime, providers, GPU, TensorRT (and a "
                                  "model's plans and a small render per backend); exit 1 on a problem")
     doctor.add_argument("model_dir", nargs="?", help="also check this model directory")
@@ -42,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--mask", help="mask image, white = repaint (the OpenAI API's alpha masks are the server's)")
     render.add_argument("--strength", type=float, default=0.75, help="how much of --image to re-imagine (0-1]")
     render.add_argument("--backend", choices=BACKENDS, default="auto")
-    render.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    render.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    render.add_argument("--threads", type=int, help="threads per graph call (default: all cores)")
     return cli
 
 
@@ -57,7 +62,7 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 
 
 def render(args: argparse.Namespace) -> int:
-    pipe = load(args.model_dir, backend=args.backend, threads=args.threads)
+    pipe = load(args.model_dir, backend=args.backend, threads=args.threads, precision=args.precision)
     width, height = _size(args.size)
     request = pipe.with_defaults(RenderRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     try:
         if args.command == "info":
-            print(msgspec.json.format(msgspec.json.encode(load(args.model_dir, backend=args.backend).info)).decode())
+            info = load(args.model_dir, backend=args.backend, precision=args.precision).info
+            print(msgspec.json.format(msgspec.json.encode(info)).decode())
             return 0
         return render(args)
     except EngineError as exc:

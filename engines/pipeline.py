@@ -440,13 +440,14 @@ def _decoded(param: str, convert: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 def load(model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-         max_batch: int | None = None, lora_dir: str | Path | None = None) -> Pipeline:
-    """Open a model directory: read and check its manifest, then create every component's session once."""
+         max_batch: int | None = None, lora_dir: str | Path | None = None, precision: str = "auto") -> Pipeline:
+    """Open a model directory: read and check its manifest, then create every component's session once.
+    `precision` (auto, bf16, fp32): what the openvino backend computes in (`engines.backends.openvino`)."""
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelNotFound(str(model_dir), f"no model directory at {model_dir}")
     manifest = optimum_folder.infer(root) if optimum_folder.is_optimum_folder(root) else mf.read(root, verify=verify)
-    chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify)
+    chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify, precision=precision)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
     pipeline = Pipeline(root, manifest, chosen, sessions, max_batch)
     if lora_dir is not None:
