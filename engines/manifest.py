@@ -153,6 +153,16 @@ class LoraSupport(msgspec.Struct, frozen=True):
     layers_per_block: int
 
 
+class TinyDecoder(msgspec.Struct, frozen=True):
+    """A tiny decoder (TAESD, diffusers' `AutoencoderTiny`) beside the VAE: a fast approximate decode, for
+    previews and, per request, final images. Its graph is `components[component]` (`latent_sample` →
+    `sample` in [-1, 1]); latents are divided by `scaling_factor` (TAESD's is 1.0) before it."""
+
+    component: str
+    source: str  # hub id, folder or "random", as given to `export --tiny-decoder`
+    scaling_factor: float = 1.0
+
+
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     format_version: int = FORMAT_VERSION
     name: str
@@ -177,6 +187,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     # Added after format 1 shipped: the default keeps older model.json files readable (no format bump).
     tensorrt: list[PlanSet] = []
     lora: LoraSupport | None = None
+    tiny_decoder: TinyDecoder | None = None
 
     def files(self) -> list[FileRef]:
         refs = [self.scheduler, *(f for t in self.tokenizers.values() for f in t.files())]

@@ -46,6 +46,7 @@ from engines.tokenizer import MAX_WINDOWS, PromptTokenizer
 log = logging.getLogger("sdserve.engines")
 
 MAX_STEPS = 150
+DECODERS = ("full", "tiny")
 MAX_SEED = 2**63 - 1
 
 
@@ -63,10 +64,12 @@ class Pipeline:
             prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
             max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
             samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device, lora_rank=self.lora.rank,
+            tiny_decoder=manifest.tiny_decoder is not None,
         )
         timestep = next(i for i in manifest.components["unet"].inputs if i.name == "timestep")
         self._scalar_timestep = not timestep.shape
-        self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor)
+        self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor,
+                                   tiny=manifest.tiny_decoder is not None)
 
     @property
     def unet_rows(self) -> int | None:
@@ -172,6 +175,7 @@ class Pipeline:
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - request.n:
             raise InvalidRequest("seed", f"seed must be an integer from 0 to {MAX_SEED - request.n}")
         scheduler = schedulers.create(request.sampler, self.scheduler_config)
+        self.check_decoder(request.decoder)
         image, mask, strength, steps = self._check_images(request, width, height)
         return Job(request=request, width=width, height=height, steps=steps, guided=guidance > 1.0,
                    scheduler=scheduler, seeds=[seed + i for i in range(request.n)], strength=strength,
@@ -187,6 +191,13 @@ class Pipeline:
             if windows > MAX_WINDOWS:
                 raise InvalidRequest(param, f"{param} needs {windows} windows of tokens; the limit is "
                                      f"{MAX_WINDOWS} windows of {spans} tokens")
+
+    def check_decoder(self, decoder: str) -> None:
+        if decoder not in DECODERS:
+            raise InvalidRequest("decoder", f"decoder must be one of: {', '.join(DECODERS)}")
+        if decoder == "tiny" and self.manifest.tiny_decoder is None:
+            raise InvalidRequest("decoder", f"model '{self.info.id}' has no tiny decoder (export it with "
+                                 "`python -m export … --tiny-decoder`)")
 
     def with_defaults(self, request: RenderRequest) -> RenderRequest:
         """The request with the model's defaults where it left size, steps, guidance or sampler unset."""
@@ -375,7 +386,7 @@ class Pipeline:
         if chunk.step == total:
             # 6. Decode
             with rendering.timings.stage("vae_decoder"):
-                rendering.pixels.append(self.decode_latents(chunk.x))
+                rendering.pixels.append(self.decode_latents(chunk.x, job.request.decoder))
             rendering.chunk = self.start_chunk(rendering, chunk.images.stop)
             if rendering.chunk is None:
                 rendering.timings.stages["total"] = time.perf_counter() - rendering.started
@@ -404,11 +415,13 @@ class Pipeline:
 
     # -- 6 ------------------------------------------------------------------------------------------
 
-    def decode_latents(self, x: np.ndarray) -> np.ndarray:
-        """The VAE decoder; above the model's native size and the tiling threshold in overlapping tiles
-        (`vae_tiling`), capping its memory. Native sizes decode whole: exact, and on the plans' own profile."""
-        latents = x / self.manifest.vae_scaling_factor
-        session = self.sessions["vae_decoder"]
+    def decode_latents(self, x: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """The VAE decoder, or with "tiny" the tiny decoder (TAESD, as diffusers' `AutoencoderTiny.decode`);
+        above the model's native size and the tiling threshold in overlapping tiles (`vae_tiling`), capping
+        their memory. Native sizes decode whole: exact, and on the plans' own profile."""
+        tiny = self.manifest.tiny_decoder if decoder == "tiny" else None
+        latents = x / (tiny.scaling_factor if tiny else self.manifest.vae_scaling_factor)
+        session = self.sessions[tiny.component if tiny else "vae_decoder"]
         scale, defaults = self.manifest.vae_scale_factor, self.manifest.defaults
         native = (defaults.width // scale) * (defaults.height // scale)
         decoded = vae_tiling.decode(lambda z: session.run({"latent_sample": z}, ["sample"])["sample"], latents,

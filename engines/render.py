@@ -15,7 +15,8 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     """One call into a pipeline. `image` (PIL) turns it into image to image; `image` + `mask` (PIL,
     white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i. Size,
     steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`). `lora`
-    applies adapters as diffusers' `set_adapters(names, scales)` does."""
+    applies adapters as diffusers' `set_adapters(names, scales)` does; `decoder` "tiny" decodes with the
+    model's tiny decoder (TAESD: faster, less faithful) instead of the VAE."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -30,6 +31,7 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     mask: Any = None
     strength: float = 0.75
     lora: list[tuple[str, float]] = []  # LoRA adapters (name, scale) from the pipeline's `adapters`
+    decoder: str = "full"  # the final image's decoder: "full" (the VAE) or "tiny" (the model's TAESD, if exported)
 
 
 class Timings(msgspec.Struct):
