@@ -137,6 +137,9 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     streamed = bool(getattr(request, "stream", None))
     events = "image_edit" if isinstance(request, ImageEditRequest | ImageEditJsonRequest) else "image_generation"
     prompt, lora = adapters.resolve(request.lora, prompt)
+    if request.decoder == "tiny" and not info.tiny_decoder:
+        raise ApiError(400, f"model '{info.id}' has no tiny decoder (export it with --tiny-decoder)", param="decoder",
+                       code="invalid_decoder")
     return RenderJob(
         request_id=request_id,
         model=info.id,
@@ -159,6 +162,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
         events=events if streamed else None,
         lora=lora,
+        decoder=request.decoder or "full",
     )
 
 

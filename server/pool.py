@@ -178,7 +178,7 @@ class ModelQueue:
             prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
             steps=job.steps, guidance_scale=job.guidance_scale, sampler=job.sampler, seed=job.seed, n=job.n,
             image=_open(job.image), mask=_open(job.mask), strength=job.strength,
-            lora=[(ref.name, ref.scale) for ref in job.lora],
+            lora=[(ref.name, ref.scale) for ref in job.lora], decoder=job.decoder,
         )
 
     @staticmethod
@@ -298,7 +298,7 @@ class EnginePool:
     def _load(self, path: Path) -> ModelQueue:
         s = self.settings
         pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
-                                lora_dir=s.lora_dir)
+                                lora_dir=s.lora_dir, precision=s.precision)
         batching = None
         if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
             rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch

@@ -20,6 +20,8 @@ Style = Literal["vivid", "natural"]
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
+Decoder = Annotated[Literal["full", "tiny"], Meta(description="the final image's decoder (extension): full (the VAE, "
+                                                  "default) or tiny (the model's TAESD: faster, less faithful)")]
 
 # `extra_json_schema={"extra": …}` is copied into the OpenAPI schema as it is: Litestar drops a bound of 0
 # (falsy) and cannot tell that an `Any` part is a file.
@@ -70,6 +72,7 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     strength: Strength | None = None
     # LoRA adapters, at most 8 (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
     lora: list[LoraRef] | str | None = None
+    decoder: Decoder | None = None
 
 
 PartialImages = Annotated[int, Meta(ge=0, le=3, description="partial images per image while streaming, 0-3",
@@ -254,6 +257,7 @@ class RenderJob(msgspec.Struct, kw_only=True):
     partial_images: int = 0  # streaming: previews per image
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
     lora: list[LoraRef] = msgspec.field(default_factory=list)
+    decoder: str = "full"
 
     @property
     def work(self) -> int:

@@ -39,6 +39,7 @@ class Settings(msgspec.Struct, kw_only=True):
     default_model: str | None = None  # default: the first model, by name
     model_aliases: dict[str, str] = msgspec.field(default_factory=dict)  # extra names → model ids
     backend: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # what the openvino backend computes in
     lora_dir: str | None = None  # LoRA adapters (.safetensors) offered to every model they fit
     threads: Positive | None = None
     verify_models: bool = True  # check every file's sha256 at load
@@ -47,7 +48,8 @@ class Settings(msgspec.Struct, kw_only=True):
     batch_window: Annotated[float, Meta(ge=0, le=10_000)] = 0.0  # ms a slot waits to fill a batch; 0 = no batching
     max_batch: Positive | None = None  # batching: UNet rows per call (default: the backend's best, else a chunk)
     request_timeout: Seconds = 600.0  # seconds from acceptance to answer → 504
-    preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
+    # streaming and A1111 previews: the model's tiny decoder where it has one (else the VAE), the VAE, or "linear"
+    preview: Literal["tiny", "full", "linear"] = "tiny"
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
     drain_timeout: Seconds = 25.0  # SIGTERM: seconds to finish accepted work (Kubernetes kills after 30 by default)
     # uploads and outputs
@@ -154,11 +156,15 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--default-model", help="model used when a request names none or an OpenAI model name")
     flag("--model-alias", dest="model_aliases", action="append", metavar="NAME=MODEL",
          help="extra model name mapped to a model id (repeatable)")
-    flag("--backend", choices=["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"],
-         help="engine backend (default auto: TensorRT plans built for this GPU, else the best ONNX Runtime provider)")
+    flag("--backend", choices=["auto", "cpu", "openvino", "cuda", "tensorrt-ep", "tensorrt"],
+         help="engine backend (default auto: TensorRT plans built for this GPU, else CUDA, else the CPU on OpenVINO "
+         "where it is installed, else on ONNX Runtime)")
+    flag("--precision", choices=["auto", "bf16", "fp32"],
+         help="what the openvino backend computes in (default auto: bf16 where the processor has bf16 instructions, "
+         "AVX-512 BF16 or AMX; else fp32); the other backends compute in the graphs' precision")
     flag("--lora-dir", help="folder of LoRA adapters (.safetensors, diffusers or kohya keys): each file is an "
          "adapter named by its stem, offered to every model it fits (or SDSERVE_LORA_DIR)")
-    flag("--threads", type=int, help="ONNX Runtime threads per render (default: all cores)")
+    flag("--threads", type=int, help="threads per graph call of a render (default: all cores)")
     flag("--no-verify-models", dest="verify_models", action="store_const", const=False,
          help="skip the sha256 check of model files at load")
     flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
@@ -170,8 +176,9 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          help="step-level batching: UNet rows per call, and requests one slot interleaves (default: the largest "
          "batch of the TensorRT profiles, else the model's max batch × 2 for guidance)")
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
-    flag("--preview", choices=["full", "linear"],
-         help="streaming: partial images by the full VAE decode (default) or a cheap linear latent-to-RGB map")
+    flag("--preview", choices=["tiny", "full", "linear"],
+         help="streaming and A1111 previews: by the model's tiny decoder (default; the full VAE for models exported "
+         "without --tiny-decoder), the full VAE decode, or a cheap linear latent-to-RGB map")
     flag("--keepalive-interval", type=float, help="streaming: seconds between keep-alive comments (default 10)")
     flag("--drain-timeout", type=float, help="on SIGTERM, seconds to finish accepted requests before exiting "
          "(default 25: under Kubernetes' default terminationGracePeriodSeconds of 30)")
