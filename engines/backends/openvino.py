@@ -74,9 +74,9 @@ def choose_precision(asked: str) -> tuple[str, str]:
         raise EngineFailure("precision bf16: this processor has no bf16 instructions (neither AVX-512 BF16 nor AMX); "
                             "use --precision fp32 or auto")
     if asked == "bf16":
-        return "bf16", f"asked for bf16 ({units})"
+        return "bf16", f"asked for bf16; the processor has {units}"
     if capable:
-        return "bf16", f"the processor computes bf16 natively ({units})"
+        return "bf16", f"the processor has {units}"
     return "fp32", "the processor has no bf16 instructions"
 
 
@@ -88,7 +88,7 @@ def _bf16_units() -> str:
     except OSError:
         flags = []
     found = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
-    return " and ".join(found) or "bf16 reported by OpenVINO"
+    return " and ".join(found) or "bf16 instructions (OpenVINO reports BF16)"
 
 
 class OpenVinoSession(Session):

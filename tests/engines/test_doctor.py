@@ -10,6 +10,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from engines.backends import openvino
+
 ROOT = Path(__file__).resolve().parents[2]
 Model = Callable[[str], Path]
 
@@ -29,6 +31,11 @@ def test_doctor_without_a_gpu_says_so_and_passes() -> None:
     built = ort.get_available_providers()
     assert (checks["provider cuda"]["status"] == "absent") == ("CUDAExecutionProvider" not in built)
     assert checks["gpu"]["status"] == "absent" and "no NVIDIA GPU" in checks["gpu"]["detail"]
+    if openvino.available():  # the version, the processor and the precision auto picks, with the reason
+        precision, why = openvino.choose_precision("auto")
+        assert checks["openvino"]["status"] == "ok" and f": {precision} ({why})" in checks["openvino"]["detail"]
+    else:
+        assert checks["openvino"]["status"] == "absent"
     text = _doctor()
     assert text.returncode == 0 and "no NVIDIA GPU here" in text.stdout
     assert text.stdout.strip().splitlines()[-1].startswith("everything found works")
@@ -40,6 +47,9 @@ def test_doctor_renders_a_model_on_the_cpu(tiny_model: Model) -> None:
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     assert checks["model"]["status"] == "ok" and checks["tensorrt plans"]["status"] == "absent"
     assert checks["render cpu"]["status"] == "ok" and "finite" in checks["render cpu"]["detail"]
+    if openvino.available():  # compared with the CPU's render
+        rendered = checks["render openvino"]
+        assert rendered["status"] == "ok" and "difference to CPU" in rendered["detail"]
 
 
 def test_doctor_exits_1_on_a_problem(tmp_path: Path) -> None:
