@@ -20,10 +20,16 @@ def parser() -> argparse.ArgumentParser:
 
     pipe = commands.add_parser("pipeline", help="engines vs the diffusers reference on one model directory",
                                description="Render with the engines and with the diffusers pipeline the model was "
-                               "exported from (same weights, size, steps, sampler, guidance, starting latents), "
-                               "alternating A/B after a warm-up; report stage times, memory and pixel difference.")
+                               "exported from (same weights, size, steps, sampler, guidance, starting latents): each "
+                               "engines backend and decoder and each reference precision is a side; after a warm-up "
+                               "the repetitions go round the sides; report stage times, memory, time ratios and pixel "
+                               "differences.")
     pipe.add_argument("model_dir", help="an exported model directory (python -m export ...)")
-    pipe.add_argument("--backend", default="auto", help="engines backend: auto|cpu|cuda|tensorrt-ep|tensorrt")
+    pipe.add_argument("--backend", default="auto", help="engines backends, comma-separated, each a side: "
+                      "auto|cpu|openvino|cuda|tensorrt-ep|tensorrt, openvino:fp32 or openvino:bf16 for its precision "
+                      "(default auto)")
+    pipe.add_argument("--decoder", default="full", help="the engines' final decoder, comma-separated, each a side per "
+                      "backend: full (the VAE), tiny (the model's TAESD, export --tiny-decoder); default full")
     pipe.add_argument("--size", help=SIZE_HELP)
     pipe.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     pipe.add_argument("--sampler", help="euler|euler_a|ddim|dpmpp_2m|dpmpp_2m_karras|lcm (default: the model's)")
@@ -32,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--threads", type=int, help="CPU threads for both sides (default: the libraries' own)")
     pipe.add_argument("--repeat", type=int, default=3, help="measured repetitions per side (default 3)")
     pipe.add_argument("--warmup", type=int, default=1, help="unmeasured renders per side first (default 1)")
-    pipe.add_argument("--precision", choices=["fp32", "fp16"],
-                      help="the reference's precision (default: the exported UNet's)")
+    pipe.add_argument("--precision", help="the reference's precisions, comma-separated, each a side: fp32, fp16, "
+                      "bf16 (torch.autocast on fp32 weights); default: the exported UNet's")
     pipe.add_argument("--reference-device", help="torch device for the reference (default: cuda if present, else cpu)")
     pipe.add_argument("--checkpoint", help="rebuild the reference from this hub id, folder or single file instead "
                       "of the manifest's source")
@@ -44,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--lora", action="append", type=_adapter, default=[], metavar="NAME[:SCALE]",
                       help="render with this adapter from --lora-dir (repeatable)")
     pipe.add_argument("--max-seconds", type=float,
-                      help="exit 1 when the engines' end-to-end median exceeds this many seconds (a gate)")
+                      help="exit 1 when an engines side's end-to-end median exceeds this many seconds (a gate)")
     pipe.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
 
     http = commands.add_parser("http", help="HTTP load against a running server or router",
@@ -79,12 +85,17 @@ def pipeline_settings(args: argparse.Namespace) -> Any:
 
     width, height = _size(args.size) if args.size else (None, None)
     extra = {"prompt": args.prompt} if args.prompt else {}
-    return PipelineSettings(model_dir=args.model_dir, backend=args.backend, threads=args.threads, width=width,
+    return PipelineSettings(model_dir=args.model_dir, backends=_list(args.backend), decoders=_list(args.decoder),
+                            threads=args.threads, width=width,
                             height=height, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                             batch=args.batch, repeat=args.repeat, warmup=args.warmup, reference=not args.no_reference,
-                            reference_device=args.reference_device, precision=args.precision,
+                            reference_device=args.reference_device, precisions=_list(args.precision or ""),
                             checkpoint=args.checkpoint, seed=args.seed, lora_dir=args.lora_dir, lora=args.lora,
                             **extra)
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _adapter(text: str) -> tuple[str, float]:
@@ -167,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     if args.command == "pipeline" and args.max_seconds is not None:
-        median = result.engines.stages["total"].median
-        if median > args.max_seconds:
-            print(f"bench: the engines' median of {median:.2f} s exceeds --max-seconds {args.max_seconds:g}",
+        slow = [f"{side.name} {side.stages['total'].median:.2f} s" for side in result.of("engines")
+                if side.stages["total"].median > args.max_seconds]
+        if slow:
+            print(f"bench: the engines' median exceeds --max-seconds {args.max_seconds:g}: {', '.join(slow)}",
                   file=sys.stderr)
             return 1
     return 0

@@ -16,6 +16,7 @@ from PIL import Image
 
 from bench.load import HttpResult, _route_cycle
 from bench.pipeline import PipelineResult
+from engines.backends import openvino
 from tests.processes import ROOT, ServerProcess
 
 ADMIN_KEY = "bench-admin-key"
@@ -38,22 +39,45 @@ def check_files(folder: Path, kind: str) -> bytes:
 def test_pipeline_engines_against_reference(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
     out = tmp_path / "pipeline"
     done = bench("pipeline", str(tiny_model("tiny-sd15")), "--size", "64x96", "--steps", "3", "--sampler", "euler",
-                 "--repeat", "1", "--warmup", "1", "--threads", "1", "--out", str(out), "--max-seconds", "1000")
+                 "--backend", "cpu", "--repeat", "1", "--warmup", "1", "--threads", "1", "--out", str(out),
+                 "--max-seconds", "1000")
     assert done.returncode == 0, done.stderr
     result = msgspec.json.decode(check_files(out, "pipeline"), type=PipelineResult)
     assert result.resolved["width"] == 64 and result.resolved["height"] == 96 and result.resolved["steps"] == 3
-    assert result.reference is not None and result.ratio is not None
-    for side in (result.engines, result.reference):
+    (ours,), (theirs,) = result.of("engines"), result.of("reference")
+    assert (ours.name, theirs.name) == ("engines cpu", "PyTorch fp32") and list(result.ratios) == [
+        "engines cpu / PyTorch fp32"]
+    for side in (ours, theirs):
         assert side.stages["total"].count == 1  # one measured repetition
         assert side.unet_step is not None and side.unet_step.count == 3  # one UNet call per step (CFG batched)
         assert set(side.stages) >= {"text_encoder", "unet", "vae_decoder", "total"}
         assert 0 < side.stages["unet"].median <= side.stages["total"].median
     # Same weights and starting latents: the engines reproduce diffusers (tests/engines/test_parity.py)
-    assert result.max_pixel_diff is not None and result.max_pixel_diff < 1e-4
-    assert result.ratio.median == pytest.approx(result.engines.totals[0] / result.reference.totals[0])
+    assert result.pixel_diffs["engines cpu"].max < 1e-4 and "PyTorch fp32" not in result.pixel_diffs
+    assert 0 < result.pixel_diffs["engines cpu"].mean <= result.pixel_diffs["engines cpu"].max
+    assert result.ratios["engines cpu / PyTorch fp32"].median == pytest.approx(ours.totals[0] / theirs.totals[0])
     assert result.hardware.cores >= 1 and result.versions["onnxruntime"] != "absent"
     rows = [line for line in (out / "pipeline.md").read_text().splitlines() if line.startswith("| engines")]
-    assert len(rows) == 1
+    assert len(rows) == 2  # its row in the sides' table and its ratio
+
+
+@pytest.mark.skipif(not openvino.available(), reason="the openvino package is not installed")
+def test_pipeline_every_side_in_one_run(taesd_model: Path, tmp_path: Path) -> None:
+    """Backends × decoders and the reference's precisions, bf16 autocast included, round-robin in one run."""
+    done = bench("pipeline", str(taesd_model), "--size", "64x64", "--steps", "2", "--sampler", "euler",
+                 "--backend", "cpu,openvino:fp32", "--decoder", "full,tiny", "--precision", "fp32,bf16",
+                 "--repeat", "2", "--warmup", "0", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = msgspec.json.decode(check_files(tmp_path, "pipeline"), type=PipelineResult)
+    names = ["engines cpu", "engines cpu tiny decoder", "engines openvino:fp32", "engines openvino:fp32 tiny decoder",
+             "PyTorch fp32", "PyTorch bf16"]
+    assert [side.name for side in result.sides] == names
+    assert all(side.stages["total"].count == 2 for side in result.sides)
+    assert "OpenVINO fp32" in result.sides[2].runs_on and "autocast" in result.sides[5].runs_on
+    assert len(result.ratios) == 8 and all(s.count == 2 for s in result.ratios.values())
+    diffs = result.pixel_diffs
+    assert diffs["engines cpu"].max < 1e-4 and diffs["engines openvino:fp32"].max < 1e-4  # as diffusers computes
+    assert diffs["engines cpu tiny decoder"].mean > 1e-2 and diffs["PyTorch bf16"].mean > 1e-5  # another decoder; bf16
 
 
 def test_pipeline_gate_and_engines_alone(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
@@ -62,13 +86,14 @@ def test_pipeline_gate_and_engines_alone(tiny_model: Callable[[str], Path], tmp_
     assert done.returncode == 1
     assert "exceeds --max-seconds" in done.stderr
     result = msgspec.json.decode(check_files(tmp_path, "pipeline"), type=PipelineResult)
-    assert result.reference is None and result.ratio is None and result.max_pixel_diff is None
-    assert result.engines.stages["total"].count == 2
+    assert result.of("reference") == [] and result.ratios == {} and result.pixel_diffs == {}
+    assert result.sides[0].stages["total"].count == 2
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["{missing}"], "no model directory"),
     (["{model}", "--repeat", "0"], "--repeat and --batch must be at least 1"),
+    (["{model}", "--decoder", "full,taesd"], "unknown --decoder or --precision taesd"),
 ])
 def test_pipeline_refuses_before_measuring(tiny_model: Callable[[str], Path], tmp_path: Path, args: list[str],
                                           message: str) -> None:
