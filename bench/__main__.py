@@ -1,4 +1,4 @@
-"""`python -m bench pipeline|http`: parse arguments into settings, run, write the results, print the table."""
+"""`python -m bench pipeline|graphs|http`: parse arguments into settings, run, write the results, print the table."""
 
 from __future__ import annotations
 
@@ -53,6 +53,25 @@ def parser() -> argparse.ArgumentParser:
                       help="exit 1 when an engines side's end-to-end median exceeds this many seconds (a gate)")
     pipe.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
 
+    graphs = commands.add_parser("graphs", help="one model's UNet and decoders alone on each backend",
+                                 description="Time the graphs alone (ONNX Runtime fp32, OpenVINO fp32 and bf16, …) on "
+                                 "the same inputs, interleaved: the UNet on every step of a real schedule, the "
+                                 "decoders at the render size; report seconds per call and each output's relative "
+                                 "error against the first backend's.")
+    graphs.add_argument("model_dir", help="an exported SD 1.x/2.x model directory")
+    graphs.add_argument("--components", default="unet,vae_decoder",
+                        help="comma-separated: unet, vae_decoder, tiny_vae_decoder (default unet,vae_decoder)")
+    graphs.add_argument("--backend", default="cpu,openvino:fp32,openvino:bf16",
+                        help="comma-separated backends, the first the error's reference (default "
+                        "cpu,openvino:fp32,openvino:bf16)")
+    graphs.add_argument("--size", help=SIZE_HELP)
+    graphs.add_argument("--steps", type=int, default=4, help="UNet inputs: the steps of a schedule (default 4)")
+    graphs.add_argument("--sampler", default="euler", help="the schedule's sampler (default euler)")
+    graphs.add_argument("--rows", type=int, default=2, help="UNet rows per call (default 2: one guided image)")
+    graphs.add_argument("--threads", type=int, help="threads per call (default: all cores)")
+    graphs.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    graphs.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
+
     http = commands.add_parser("http", help="HTTP load against a running server or router",
                                description="Send requests at each concurrency level and report throughput, latency "
                                "percentiles, errors by status, and (with the admin key) the spread over nodes.")
@@ -92,6 +111,15 @@ def pipeline_settings(args: argparse.Namespace) -> Any:
                             reference_device=args.reference_device, precisions=_list(args.precision or ""),
                             checkpoint=args.checkpoint, seed=args.seed, lora_dir=args.lora_dir, lora=args.lora,
                             **extra)
+
+
+def graph_settings(args: argparse.Namespace) -> Any:
+    from bench.graphs import GraphSettings
+
+    width, height = _size(args.size) if args.size else (None, None)
+    return GraphSettings(model_dir=args.model_dir, components=_list(args.components), backends=_list(args.backend),
+                         width=width, height=height, steps=args.steps, sampler=args.sampler, rows=args.rows,
+                         threads=args.threads, repeat=args.repeat)
 
 
 def _list(text: str) -> list[str]:
@@ -148,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = pipeline_settings(args)
         total = kind.total_runs(settings)
+    elif args.command == "graphs":
+        from bench import graphs as kind
+
+        settings = graph_settings(args)
+        total = kind.total_runs(settings)
     else:
         from bench import load as kind
 
@@ -156,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.errors import BenchError
     from engines.errors import EngineError
 
-    with tqdm(total=total, desc=args.command, unit="run" if args.command == "pipeline" else "req") as bar:
+    with tqdm(total=total, desc=args.command, unit="req" if args.command == "http" else "run") as bar:
         def tick(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update()

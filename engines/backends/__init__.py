@@ -56,6 +56,14 @@ def open_sessions(root: Path, manifest: mf.Manifest, backend: str = "auto", thre
     raise EngineFailure(f"{root}: no backend could load the model ({'; '.join(failures)})")
 
 
+def open_component(root: Path, manifest: mf.Manifest, key: str, backend: str, threads: int | None = None,
+                   precision: str = "auto") -> Session:
+    """One component alone on a named backend (`bench graphs` times graphs one by one)."""
+    if backend not in BACKENDS[1:] or not _computes_in(backend, precision):
+        raise InvalidRequest("backend", f"cannot open {key} on backend {backend!r} in precision {precision!r}")
+    return _create(root, manifest, backend, threads, True, precision).open(key, manifest.components[key])
+
+
 def auto_order(manifest: mf.Manifest, built: list[str]) -> list[str]:
     """What "auto" tries, best first: native TensorRT when the model has plans; then ONNX Runtime's
     TensorRT EP only when plans' profiles say which shapes to build engines for (else it would build
@@ -99,4 +107,4 @@ def _open_all(backend: Backend, manifest: mf.Manifest) -> dict[str, Session]:
     return sessions
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Session", "auto_order", "open_sessions"]
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "Session", "auto_order", "open_component", "open_sessions"]

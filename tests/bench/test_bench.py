@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from PIL import Image
 
+from bench.graphs import GraphResult
 from bench.load import HttpResult, _route_cycle
 from bench.pipeline import PipelineResult
 from engines.backends import openvino
@@ -78,6 +79,23 @@ def test_pipeline_every_side_in_one_run(taesd_model: Path, tmp_path: Path) -> No
     diffs = result.pixel_diffs
     assert diffs["engines cpu"].max < 1e-4 and diffs["engines openvino:fp32"].max < 1e-4  # as diffusers computes
     assert diffs["engines cpu tiny decoder"].mean > 1e-2 and diffs["PyTorch bf16"].mean > 1e-5  # another decoder; bf16
+
+
+def test_graphs_alone_on_each_backend(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    backends = "cpu,openvino:fp32,openvino:bf16" if openvino.available() else "cpu"
+    done = bench("graphs", str(tiny_model("tiny-sd15")), "--size", "64x64", "--steps", "3", "--repeat", "2",
+                 "--backend", backends, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = msgspec.json.decode(check_files(tmp_path, "graphs"), type=GraphResult)
+    assert [(s.component, s.backend) for s in result.sides] == [
+        (component, backend) for component in ("unet", "vae_decoder") for backend in backends.split(",")]
+    for side in result.sides:
+        assert side.call.count == 2 * (3 if side.component == "unet" else 1)  # every step's input, each repetition
+        assert len(side.errors) == (3 if side.component == "unet" else 1)
+    first, *others = [s for s in result.sides if s.component == "unet"]
+    assert first.errors == [0.0, 0.0, 0.0]
+    if others:  # fp32 as ONNX Runtime computes; bf16 a visible but small drift
+        assert max(others[0].errors) < 1e-4 and 1e-4 < max(others[1].errors) < 0.1
 
 
 def test_pipeline_gate_and_engines_alone(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
