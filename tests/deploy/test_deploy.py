@@ -129,6 +129,20 @@ def test_dockerfile_commands(dockerfile: Path, helps: dict[str, str]) -> None:
     assert list(stages)[-1] == "server"  # a plain `docker build` gives the server
 
 
+def test_the_cpu_install_brings_openvino_and_never_onnxruntime_openvino() -> None:
+    """`make serve`, `pip install .[cpu]` and the CPU image install the `openvino` wheel (bf16 on CPUs that have
+    it); `onnxruntime-openvino` would overwrite the module `onnxruntime`."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = {extra: {re.split(r"[<>=\[ ]", dep)[0] for dep in deps} for extra, deps in extras.items()}
+    assert {"onnxruntime", "openvino"} <= names["cpu"]
+    assert not any("onnxruntime-openvino" in deps for deps in [*names.values(), set(project["dependencies"])])
+    assert 'pip install --no-cache-dir ".[cpu]"' in (DEPLOY / "Dockerfile").read_text()
+    assert "cpu" in re.search(r"EXTRAS \?= (\S+)", (ROOT / "Makefile").read_text()).group(1).split(",")
+
+
 def test_probe_paths_and_metrics_exist() -> None:
     """What HEALTHCHECK, the probes, Prometheus and the HPA name is served by the app of each role."""
     for role in ("router", "node", "standalone"):

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from PIL import Image
 
+from engines.backends import openvino
 from server.protocol import PROTOCOL_VERSION, NodeReport
 from tests.processes import ServerProcess, free_port
 from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
@@ -49,9 +50,10 @@ def test_router_lists_models_and_nodes(fleet: Fleet) -> None:
     assert [m["id"] for m in models["data"]] == ["tiny-sd15"]
     views = fleet.views()
     assert set(views) == {"node-a", "node-b", "node-c"}
-    assert all(v["backend"] == "cpu" and v["state"] == "healthy" for v in views.values())
-    assert all(v["model_backends"] == {"tiny-sd15": "cpu"} for v in views.values())
-    assert models["data"][0]["backends"] == ["cpu"]
+    backend = "openvino" if openvino.available() else "cpu"  # what auto picks on a CPU host
+    assert all(v["backend"] == backend and v["state"] == "healthy" for v in views.values())
+    assert all(v["model_backends"] == {"tiny-sd15": backend} for v in views.values())
+    assert models["data"][0]["backends"] == [backend]
     assert httpx.get(fleet.router.url + "/v0/nodes").status_code == 401
     assert httpx.get(fleet.router.url + "/v0/nodes", headers={"Authorization": "Bearer nope"}).status_code == 401
 
