@@ -20,14 +20,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import engines
 from engines.rendering import Rendering
-
-if TYPE_CHECKING:
-    from server.pool import ModelQueue, Work
-    from server.protocol import RenderedImages
+from server.metrics import Metrics
+from server.node.ticket import Ticket
+from server.wire import RenderedImages, RenderOrder
 
 log = logging.getLogger("sdserve.server")
 
@@ -38,23 +37,36 @@ class Batching:
     window: float  # seconds an idle slot waits for more requests before its first call
 
 
-@dataclass(eq=False)
-class Active:
-    """A request this slot renders: its state, and when it last had a step (for the round robin)."""
+class Slot(Protocol):
+    """What a batcher is handed: its model's queue, as one render slot sees it (`server.node.queue`)."""
 
-    work: Work
-    rendering: Rendering
-    turn: int  # the call count when it last stepped (or joined)
-    stepped: bool = False
+    id: str
+    pipeline: engines.Pipeline
+    metrics: Metrics
+
+    def take(self, wait: bool = True) -> Ticket | None: ...
+
+    def wait_for_more(self, count: int, deadline: float) -> None: ...
+
+    def rows(self, order: RenderOrder) -> int: ...
+
+    def begin(self, ticket: Ticket) -> Rendering: ...
+
+    def rendered(self, ticket: Ticket, result: engines.RenderResult) -> RenderedImages: ...
+
+    def finish(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None: ...
 
 
 class Batcher:
-    """One render slot of one model (`ModelQueue`), batching at the step level."""
+    """One render slot of one model, batching at the step level. Its tickets carry their renders; `turns`
+    holds, per ticket, the call count when it last stepped or joined (for the round robin)."""
 
-    def __init__(self, queue: ModelQueue, batching: Batching) -> None:
+    def __init__(self, queue: Slot, batching: Batching) -> None:
         self.queue, self.batching = queue, batching
         self.pipeline, self.metrics, self.model = queue.pipeline, queue.metrics, queue.id
-        self.active: list[Active] = []
+        self.active: list[Ticket] = []
+        self.turns: dict[Ticket, int] = {}
+        self.stepped: set[Ticket] = set()  # tickets that had their first step (for the batch wait metric)
         self.calls = 0
 
     def run(self) -> None:
@@ -67,12 +79,11 @@ class Batcher:
                     self.step(self.next_call())
             except Exception as exc:  # a fault of the batcher's own must not strand this slot's requests
                 log.exception("batcher of %s failed; its requests get the error", self.model)
-                for a in self.active:
-                    self.queue.finish(a.work, exc)
-                self.active.clear()
+                for ticket in list(self.active):
+                    self.leave(ticket, exc)
 
     def join(self) -> bool:
-        """Start what waits, as room allows; an idle slot blocks for work, then waits up to the window.
+        """Start what waits, as room allows; an idle slot blocks for tickets, then waits up to the window.
         False once the queue is closed and nothing is left here."""
         idle = not self.active
         if len(self.active) >= self.batching.max_rows:  # full: what waits stays in the queue (and counts there)
@@ -82,70 +93,80 @@ class Batcher:
             return not idle
         taken = [first]
         if idle and self.batching.window > 0:
-            wanted = math.ceil(self.batching.max_rows / max(1, self.queue.rows(first.job)))
+            wanted = math.ceil(self.batching.max_rows / max(1, self.queue.rows(first.order)))
             self.queue.wait_for_more(wanted - 1, time.monotonic() + self.batching.window)
-        while len(self.active) + len(taken) < self.batching.max_rows and (work := self.queue.take(wait=False)):
-            taken.append(work)
-        for work in taken:
-            self.start(work)
+        while len(self.active) + len(taken) < self.batching.max_rows and (ticket := self.queue.take(wait=False)):
+            taken.append(ticket)
+        for ticket in taken:
+            self.start(ticket)
         return True
 
-    def start(self, work: Work) -> None:
-        q = self.queue
-        if work.cancel.is_set():  # its client left during the window: no work for a request nobody waits for
-            q.finish(work, engines.RenderCancelled(f"request {work.job.request_id} cancelled before it began"))
+    def start(self, ticket: Ticket) -> None:
+        if ticket.cancel.is_set():  # its client left during the window: no work for a request nobody waits for
+            self.queue.finish(ticket, engines.RenderCancelled(
+                f"request {ticket.order.request_id} cancelled before it began"))
             return
         try:
-            rendering = self.pipeline.begin(q.render_request(work.job), on_step=q.on_step(work),
-                                            on_partial=work.on_partial, partial_images=work.job.partial_images,
-                                            preview=q.preview)
+            self.queue.begin(ticket)
         except Exception as exc:  # bad input, a failed text encoder: this request's answer, nobody else's
-            q.finish(work, exc)
+            self.queue.finish(ticket, exc)
             return
-        self.active.append(Active(work, rendering, turn=self.calls))
+        self.active.append(ticket)
+        self.turns[ticket] = self.calls
+
+    def leave(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+        self.active.remove(ticket)
+        self.turns.pop(ticket, None)
+        self.stepped.discard(ticket)
+        self.queue.finish(ticket, outcome)
 
     def leave_cancelled(self) -> None:
         """Requests whose client left go now, without another step (they may wait several turns for one)."""
-        for a in [a for a in self.active if a.work.cancel.is_set()]:
-            self.active.remove(a)
-            step = a.rendering.chunk.step if a.rendering.chunk else 0
-            self.queue.finish(a.work, engines.RenderCancelled(
-                f"request {a.work.job.request_id} cancelled at step {step}/{len(a.rendering.schedule.timesteps)}"))
+        for ticket in [t for t in self.active if t.cancel.is_set()]:
+            r = _rendering(ticket)
+            step = r.chunk.step if r.chunk else 0
+            self.leave(ticket, engines.RenderCancelled(
+                f"request {ticket.order.request_id} cancelled at step {step}/{len(r.schedule.timesteps)}"))
 
-    def next_call(self) -> list[Active]:
+    def next_call(self) -> list[Ticket]:
         """The request that waited longest for a step, and those that can share its call, while rows fit."""
-        waiting = sorted(self.active, key=lambda a: a.turn)  # stable: joined earlier first among equals
-        key = self.pipeline.batch_key(waiting[0].rendering)
+        waiting = sorted(self.active, key=lambda t: self.turns[t])  # stable: joined earlier first among equals
+        key = self.pipeline.batch_key(_rendering(waiting[0]))
         call, rows = [], 0
         for candidate in waiting:
-            r = candidate.rendering
+            r = _rendering(candidate)
             if call and (rows + r.rows > self.batching.max_rows or self.pipeline.batch_key(r) != key):
                 continue
             call.append(candidate)
             rows += r.rows
         return call
 
-    def step(self, call: list[Active]) -> None:
+    def step(self, call: list[Ticket]) -> None:
         self.calls += 1
-        self.metrics.unet_batch_rows.labels(self.model).observe(sum(a.rendering.rows for a in call))
+        renderings = [_rendering(t) for t in call]
+        self.metrics.unet_batch_rows.labels(self.model).observe(sum(r.rows for r in renderings))
         now = time.perf_counter()
-        for a in call:
-            a.turn = self.calls
-            if not a.stepped:
-                a.stepped = True
-                self.metrics.batch_wait.labels(self.model).observe(now - a.work.started)
+        for ticket in call:
+            self.turns[ticket] = self.calls
+            if ticket not in self.stepped:
+                self.stepped.add(ticket)
+                self.metrics.batch_wait.labels(self.model).observe(now - ticket.started)
         try:
-            self.pipeline.step([a.rendering for a in call], self.batching.max_rows)
+            self.pipeline.step(renderings, self.batching.max_rows)
         except Exception as exc:  # never expected (step keeps each render's own error), never a lost request
-            for a in call:
-                a.rendering.fail(exc)
-        for a in call:
-            if a.rendering.finished:
-                self.active.remove(a)
-                self.queue.finish(a.work, self.outcome(a))
+            for r in renderings:
+                r.fail(exc)
+        for ticket, r in zip(call, renderings, strict=True):
+            if r.finished:
+                self.leave(ticket, self.outcome(ticket, r))
 
-    def outcome(self, active: Active) -> RenderedImages | BaseException:
+    def outcome(self, ticket: Ticket, rendering: Rendering) -> RenderedImages | BaseException:
         try:
-            return self.queue.rendered(active.work, active.rendering.result())
+            return self.queue.rendered(ticket, rendering.result())
         except BaseException as exc:  # its own error (or cancellation), delivered to its request only
             return exc
+
+
+def _rendering(ticket: Ticket) -> Rendering:
+    assert ticket.rendering is not None  # every ticket a batcher holds has begun
+    return ticket.rendering

@@ -1,251 +1,26 @@
-"""The node's engine pool: every model loaded once, a bounded queue and render threads per model.
-
-Renders run on threads (ONNX Runtime releases the GIL), so the event loop keeps answering health checks,
-metrics and other requests while they run. Each model takes `render_slots` renders at once and keeps at
-most `queue_depth` more waiting; beyond that a request is refused at once (429), before any work. A
-request whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already
-running, stopped at its next step. With `--batch-window` above 0 each render slot is a step-level batcher
-(`server.batcher`) that interleaves up to `--max-batch` requests and shares UNet calls among them.
-"""
+"""The node's engine pool: every model directory under the models dir loaded once, each behind its own
+queue and render threads (`server.node.queue`)."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
-from PIL import Image
-
 import engines
-from server import images
-from server.batcher import Batcher, Batching
+from server import sse
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.protocol import RenderedImages, RenderJob
+from server.node import stream
+from server.node.batcher import Batching
+from server.node.queue import ModelQueue
 from server.settings import Settings
+from server.wire import RenderedImages, RenderOrder, StreamEvent
 
 log = logging.getLogger("sdserve.server")
-
-
-@dataclass(eq=False)
-class Work:
-    job: RenderJob
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[RenderedImages]
-    enqueued: float = field(default_factory=time.perf_counter)
-    started: float = 0.0  # when a render slot took it
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_partial: Callable[[engines.Partial], None] | None = None  # streaming: called on the render thread
-
-
-class ModelQueue:
-    """One model: its pipeline, its waiting requests and its render threads."""
-
-    def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics,
-                 preview: str = "full", batching: Batching | None = None) -> None:
-        self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
-        self.batching = batching
-        # renders at once: one per slot, or as many as a batching slot interleaves
-        self.capacity = slots * (batching.max_rows if batching else 1)
-        self.id = pipeline.info.id
-        self._waiting: deque[Work] = deque()
-        self._ready = threading.Condition()
-        self._running = 0
-        self._running_work = 0
-        self._last_seconds = 5.0  # the latest render's duration, for Retry-After
-        self._closed = False
-        self._current: set[Work] = set()  # running now
-        self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
-                         for i in range(slots)]
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    def rows(self, job: RenderJob) -> int:
-        """UNet rows a job's calls take: its images (up to a chunk), twice when guided."""
-        return min(job.n, self.pipeline.max_batch) * (2 if job.guidance_scale > 1.0 else 1)
-
-    def outstanding_work(self) -> int:
-        with self._ready:
-            return sum(w.job.work for w in self._waiting) + self._running_work
-
-    async def submit(self, job: RenderJob) -> RenderedImages:
-        return await self.outcome(self.enqueue(job))
-
-    def enqueue(self, job: RenderJob, on_partial: Callable[[engines.Partial], None] | None = None) -> Work:
-        """Queue a job (from the event loop), or refuse it at once: 429 when full, 503 when closing."""
-        self.pipeline.check_prompt_lengths(job.prompt, job.negative_prompt)  # before it takes a place in the queue
-        loop = asyncio.get_running_loop()
-        work = Work(job, loop, loop.create_future(), on_partial=on_partial)
-        with self._ready:
-            if self._closed:
-                raise ApiError(503, f"model {self.id} is shutting down", code="draining",
-                               headers={"Retry-After": "5"})
-            # full at capacity + depth jobs, counting one a free slot has not picked up yet as that slot's
-            if self._running + len(self._waiting) >= self.capacity + self.depth:
-                raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
-                               code="queue_full", headers={"Retry-After": str(self.retry_after())})
-            self._waiting.append(work)
-            self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
-            self._ready.notify()
-        return work
-
-    async def outcome(self, work: Work) -> RenderedImages:
-        try:
-            return await asyncio.shield(work.future)
-        except asyncio.CancelledError:  # timeout or client gone: drop it, or stop it at its next step
-            self.abandon(work)
-            raise
-
-    def abandon(self, work: Work) -> None:
-        """Nobody waits for this work any more: drop it from the queue, or stop it at its next step."""
-        work.cancel.set()
-        with self._ready:
-            if work in self._waiting:
-                self._waiting.remove(work)
-                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
-
-    def retry_after(self) -> int:
-        """A rough wait: the queue ahead times the last render's duration, over the renders run at once."""
-        return max(1, int(self._last_seconds * (len(self._waiting) + 1) / self.capacity))
-
-    def _serve(self) -> None:
-        if self.batching is not None:
-            Batcher(self, self.batching).run()
-            return
-        while (work := self.take()) is not None:
-            try:
-                outcome: RenderedImages | BaseException = self._render(work)
-            except BaseException as exc:  # delivered to the waiting request, never lost
-                outcome = exc
-            self.finish(work, outcome)
-
-    def take(self, wait: bool = True) -> Work | None:
-        """The next waiting work, now counted as running; None when closed (or, not `wait`ing, when none waits)."""
-        with self._ready:
-            while True:
-                while wait and not self._waiting and not self._closed:
-                    self._ready.wait()
-                if not self._waiting:
-                    return None
-                work = self._waiting.popleft()
-                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
-                if not work.cancel.is_set():
-                    break
-            self._running += 1
-            self._current.add(work)
-            self._running_work += work.job.work
-        self.metrics.in_flight.labels(self.id).inc()
-        work.started = time.perf_counter()
-        return work
-
-    def wait_for_more(self, count: int, deadline: float) -> None:
-        """Until `count` works wait (or the queue closes), at most until `deadline` (time.monotonic)."""
-        with self._ready:
-            while len(self._waiting) < count and not self._closed and (left := deadline - time.monotonic()) > 0:
-                self._ready.wait(left)
-
-    def finish(self, work: Work, outcome: RenderedImages | BaseException) -> None:
-        """A taken work's outcome, delivered to its request."""
-        if isinstance(outcome, engines.RenderCancelled):
-            log.info("%s", outcome)
-        self.metrics.in_flight.labels(self.id).dec()
-        with self._ready:
-            self._running -= 1
-            self._current.discard(work)
-            self._running_work -= work.job.work
-            self._ready.notify_all()
-        try:
-            work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
-        except RuntimeError:  # its event loop is closed: nobody is left to answer
-            log.info("request %s: its event loop closed before its outcome", work.job.request_id)
-
-    def render_request(self, job: RenderJob) -> engines.RenderRequest:
-        return engines.RenderRequest(
-            prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width, height=job.height,
-            steps=job.steps, guidance_scale=job.guidance_scale, sampler=job.sampler, seed=job.seed, n=job.n,
-            image=_open(job.image), mask=_open(job.mask), strength=job.strength,
-            lora=[(ref.name, ref.scale) for ref in job.lora],
-        )
-
-    @staticmethod
-    def on_step(work: Work) -> Callable[[int, int], None]:
-        """The render's progress callback: stops it at its next step once nobody waits for it."""
-        def on_step(done: int, total: int) -> None:
-            if work.cancel.is_set():
-                raise engines.RenderCancelled(f"request {work.job.request_id} cancelled at step {done}/{total}")
-        return on_step
-
-    def _render(self, work: Work) -> RenderedImages:
-        result = self.pipeline.render(self.render_request(work.job), on_step=self.on_step(work),
-                                      on_partial=work.on_partial, partial_images=work.job.partial_images,
-                                      preview=self.preview)
-        return self.rendered(work, result)
-
-    def rendered(self, work: Work, result: engines.RenderResult) -> RenderedImages:
-        """A finished render, encoded as its request asked, counted in the metrics."""
-        job, started = work.job, time.perf_counter()
-        encoded = [images.encode(image, job.output_format, job.output_compression) for image in result.images]
-        queued = work.started - work.enqueued
-        timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
-        self._last_seconds = timings.get("total", 0.0)
-        self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
-        self.metrics.images.labels(self.id).inc(len(encoded))
-        return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
-                              input_tokens=self._input_tokens(job))
-
-    def _input_tokens(self, job: RenderJob) -> int:
-        """Prompt tokens (and negative prompt tokens) as the first text encoder's tokenizer counts them."""
-        tokenizer = next(iter(self.pipeline.tokenizers.values()), None)
-        if tokenizer is None:
-            return 0
-        return sum(tokenizer.tokens(text) for text in (job.prompt, job.negative_prompt or ""))
-
-    def close(self, wait: float) -> None:
-        """Stop: what waits is dropped, what runs stops at its next step; wait up to `wait` s for the threads
-        (a process must not exit while a thread is inside ONNX Runtime)."""
-        with self._ready:
-            self._closed = True
-            for work in self._current:
-                work.cancel.set()
-            for work in self._waiting:
-                work.loop.call_soon_threadsafe(_deliver, work.future, ApiError(
-                    503, f"model {self.id} is shutting down", code="draining", headers={"Retry-After": "5"}))
-            self._waiting.clear()
-            self._ready.notify_all()
-        deadline = time.monotonic() + wait
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def idle(self) -> bool:
-        with self._ready:
-            return not self._waiting and self._running == 0
-
-
-def _open(data: bytes | None) -> Image.Image | None:
-    return None if data is None else Image.open(io.BytesIO(data))
-
-
-def _deliver(future: asyncio.Future[RenderedImages], outcome: RenderedImages | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
@@ -324,21 +99,33 @@ class EnginePool:
     def ready(self) -> bool:
         return bool(self.queues) and not self.draining
 
-    async def render(self, job: RenderJob) -> RenderedImages:
-        return await self.queue_for(job).submit(job)
+    def problems(self) -> dict[str, object]:
+        """What /readyz reports beside readiness: models that failed to load."""
+        return {"failed_models": self.failed()} if self.failed() else {}
 
-    def queue_for(self, job: RenderJob) -> ModelQueue:
+    async def render(self, order: RenderOrder) -> RenderedImages:
+        return await self.queue_for(order).submit(order)
+
+    async def open_events(self, order: RenderOrder) -> AsyncGenerator[StreamEvent, None]:
+        """A streamed order's events (refusals raise here, before any event)."""
+        return stream.open_events(self.queue_for(order), order, self.settings.request_timeout)
+
+    async def open_stream(self, order: RenderOrder) -> AsyncIterator[bytes]:
+        """A streamed order as OpenAI's frames (refusals raise here, before any byte)."""
+        return sse.frames(order, await self.open_events(order), self.settings.keepalive_interval)
+
+    def queue_for(self, order: RenderOrder) -> ModelQueue:
         """The model's queue, or the error a request for it gets now (503 draining/loading, 404 unknown)."""
         if self.draining:
             raise ApiError(503, "this node is draining and takes no new work", code="draining",
                            headers={"Retry-After": "5"})
-        queue = self.queues.get(job.model)
+        queue = self.queues.get(order.model)
         if queue is None:
-            state = self.states.get(job.model)
+            state = self.states.get(order.model)
             if state is None:
-                raise ApiError(404, f"model '{job.model}' not found", param="model", code="model_not_found")
+                raise ApiError(404, f"model '{order.model}' not found", param="model", code="model_not_found")
             what = "failed to load (see the server log)" if state.startswith("failed") else state
-            raise ApiError(503, f"model '{job.model}' {what}", code="model_unavailable",
+            raise ApiError(503, f"model '{order.model}' {what}", code="model_unavailable",
                            headers={"Retry-After": "10"})
         return queue
 

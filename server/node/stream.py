@@ -1,211 +1,61 @@
-"""OpenAI image streaming: a render in progress as Server-Sent Events.
-
-    event: image_generation.partial_image     (or image_edit.*)   `partial_images` per image, as produced
-    data: {"type": …, "b64_json": …, "partial_image_index": 0, "index": 0, "seed": 7, …}
-
-    event: image_generation.completed                             one per image, in order of index
-    data: {…, "usage": {…}}
-
-    event: error                                                  a failure after the stream started
-    data: {"type": "error", "error": {"message", "type", "param", "code"}}
-
-The engine pool (node, standalone) writes the frames (`open_local`); a front door passes them on frame
-by frame (`relay`), so the same bytes reach the client whichever way they came. Each frame is sent as
-soon as it exists; `: keep-alive` comments fill long silences. Closing the stream (client gone) abandons
-the render: it leaves the queue, or stops at its next step.
+"""The node's half of a stream: an order queued on this node, and its events as the render thread produces
+them (each partial image encoded there, in the order's output format), then its images. A node serves
+them as OpenAI's frames (`server.sse.frames`); an in-process front door may read them as they are.
+Closing the events (client gone) abandons the render: it leaves the queue, or stops at its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-import msgspec
-from litestar import Request
-from litestar.response import Stream
+from collections.abc import AsyncGenerator
 
 import engines
 from server import images
-from server.errors import ApiError, to_response
-from server.protocol import (
-    CompletedImageEvent,
-    ErrorEvent,
-    InputTokensDetails,
-    PartialImageEvent,
-    RenderedImages,
-    RenderJob,
-    Usage,
-)
-
-if TYPE_CHECKING:
-    from server.pool import EnginePool, ModelQueue, Work
-    from server.state import AppState
+from server.errors import ApiError
+from server.node.queue import ModelQueue
+from server.node.ticket import Ticket
+from server.wire import PartialImage, RenderOrder, StreamEvent
 
 log = logging.getLogger("sdserve.server")
-MEDIA_TYPE = "text/event-stream"
-KEEPALIVE = b": keep-alive\n\n"
-HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # and tell proxies not to buffer
 _DONE = object()
 
 
-def frame(event: str, data: msgspec.Struct) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
-
-
-def error_frame(exc: Exception, request_id: str | None = None) -> bytes:
-    body = to_response(exc, request_id).content
-    return frame("error", ErrorEvent(error=body.error))
-
-
-async def respond(state: AppState, request: Request, job: RenderJob) -> Stream:
-    """The public answer to `stream: true`: errors before a node accepted the job are ordinary HTTP errors."""
-    request.state.model = job.model
-    chunks = await state.while_connected(request, job, state.renderer.open_stream(job))
-    return Stream(chunks, media_type=MEDIA_TYPE, headers=HEADERS)
-
-
-# -- the engine pool's side ------------------------------------------------------------------------
-
-
-def open_local(pool: EnginePool, job: RenderJob, timeout: float, keepalive: float) -> AsyncIterator[bytes]:
-    """Queue a streamed job (refusals raise here, before any byte) and return its frames."""
-    queue = pool.queue_for(job)
+def open_events(queue: ModelQueue, order: RenderOrder, timeout: float) -> AsyncGenerator[StreamEvent, None]:
+    """Queue a streamed order (refusals raise here, before any event) and return its events; past
+    `timeout` seconds they end with a 504."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[object] = asyncio.Queue()
 
     def on_partial(partial: engines.Partial) -> None:  # on the render thread
-        encoded = images.encode(partial.image, job.output_format, job.output_compression)
-        log.info("request %s: partial image %d of image %d at step %d/%d", job.request_id, partial.partial_index,
+        encoded = images.encode(partial.image, order.output_format, order.output_compression)
+        log.info("request %s: partial image %d of image %d at step %d/%d", order.request_id, partial.partial_index,
                  partial.index, partial.step, partial.total)
-        loop.call_soon_threadsafe(items.put_nowait, (partial, encoded))
+        loop.call_soon_threadsafe(items.put_nowait, PartialImage(partial.index, partial.partial_index, encoded))
 
-    work = queue.enqueue(job, on_partial)
-    work.future.add_done_callback(lambda _: items.put_nowait(_DONE))
-    return _frames(queue, work, items, timeout, keepalive)
+    ticket = queue.enqueue(order, on_partial)
+    ticket.future.add_done_callback(lambda _: items.put_nowait(_DONE))
+    return _events(queue, ticket, items, timeout)
 
 
-async def _frames(queue: ModelQueue, work: Work, items: asyncio.Queue[object], timeout: float,
-                  keepalive: float) -> AsyncIterator[bytes]:
-    job, created = work.job, int(time.time())
+async def _events(queue: ModelQueue, ticket: Ticket, items: asyncio.Queue[object], timeout: float
+                  ) -> AsyncGenerator[StreamEvent, None]:
     deadline = time.monotonic() + timeout
     try:
         while True:
             try:
-                wait = min(keepalive, max(0.0, deadline - time.monotonic()))
-                item = await asyncio.wait_for(items.get(), timeout=wait)
+                item = await asyncio.wait_for(items.get(), timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                if time.monotonic() >= deadline:
-                    yield error_frame(ApiError(504, f"the render took longer than the {timeout:g} s request timeout",
-                                               code="timeout"), job.request_id)
-                    return
-                yield KEEPALIVE
-                continue
-            if item is not _DONE:
-                partial, encoded = item
-                yield frame(f"{job.events}.partial_image", _partial_event(job, created, partial, encoded))
-                continue
-            error = work.future.exception()
-            if error is not None:
-                yield error_frame(error, job.request_id)
+                raise ApiError(504, f"the render took longer than the {timeout:g} s request timeout",
+                               code="timeout") from None
+            if item is _DONE:
+                yield ticket.future.result()  # or its error
                 return
-            for event in completed_events(job, created, work.future.result()):
-                yield event
-            return
+            assert isinstance(item, PartialImage)
+            yield item
     finally:
-        if not work.future.done():
-            log.info("request %s: the stream was closed before the render ended; cancelling it", job.request_id)
-            queue.abandon(work)
-
-
-def _partial_event(job: RenderJob, created: int, partial: engines.Partial, encoded: bytes) -> PartialImageEvent:
-    return PartialImageEvent(
-        type=f"{job.events}.partial_image", b64_json=base64.b64encode(encoded).decode("ascii"), created_at=created,
-        size=f"{job.width}x{job.height}", quality=job.quality, background="opaque", output_format=job.output_format,
-        partial_image_index=partial.partial_index, index=partial.index, seed=job.seed + partial.index,
-    )
-
-
-def completed_events(job: RenderJob, created: int, rendered: RenderedImages) -> list[bytes]:
-    tokens = rendered.input_tokens
-    usage = Usage(input_tokens=tokens, input_tokens_details=InputTokensDetails(text_tokens=tokens),
-                  output_tokens=0, total_tokens=tokens)
-    return [frame(f"{job.events}.completed", CompletedImageEvent(
-        type=f"{job.events}.completed", b64_json=base64.b64encode(image).decode("ascii"), created_at=created,
-        size=f"{job.width}x{job.height}", quality=job.quality, background="opaque", output_format=job.output_format,
-        usage=usage, index=index, seed=seed,
-    )) for index, (image, seed) in enumerate(zip(rendered.images, rendered.seeds, strict=True))]
-
-
-# -- a front door's side ---------------------------------------------------------------------------
-
-
-class NodeGone(Exception):
-    """The node serving a stream went away (connection lost, or the stream ended without its last event)."""
-
-
-@dataclass
-class NodeStream:
-    """An accepted stream on one node: its frames as they arrive (raising `NodeGone` if it dies)."""
-
-    node_id: str
-    chunks: AsyncIterator[bytes]
-
-
-class Reopen(Protocol):
-    def __call__(self, job: RenderJob, exclude: set[str]) -> Awaitable[NodeStream]: ...
-
-
-async def relay(job: RenderJob, stream: NodeStream, reopen: Reopen,
-                on_close: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
-    """Pass a node's frames on, whole and at once. A node that dies before its first event is replaced by
-    another (`reopen`); one that dies later ends the stream with an error event, never a hang."""
-    failed: set[str] = set()
-    started = False
-    try:
-        while True:
-            try:
-                async for piece in _whole_frames(stream.chunks, job.n):
-                    started = started or not piece.startswith(b":")
-                    yield piece
-                return
-            except NodeGone as exc:
-                failed.add(stream.node_id)
-                log.warning("request %s: node %s failed mid-stream (%s)", job.request_id, stream.node_id, exc)
-                if started:
-                    yield error_frame(ApiError(502, f"the node rendering this stream failed: {exc}",
-                                               code="node_failed"), job.request_id)
-                    return
-            try:
-                stream = await reopen(job, failed)
-            except Exception as exc:  # no node left to take it: the client still gets an answer
-                yield error_frame(exc, job.request_id)
-                return
-    finally:
-        closing = getattr(stream.chunks, "aclose", None)
-        if closing is not None:  # the client left, or the last event is out: let go of the node's stream
-            await closing()
-        if on_close is not None:
-            on_close()
-
-
-async def _whole_frames(chunks: AsyncIterator[bytes], images_expected: int) -> AsyncIterator[bytes]:
-    """Frames from arbitrary chunks; a stream that ends before its last event (all completed, or an error)
-    counts as a dead node."""
-    pending, completed = b"", 0
-    async for chunk in chunks:
-        pending += chunk
-        *frames, pending = pending.split(b"\n\n")
-        for piece in frames:
-            yield piece + b"\n\n"
-            if piece.startswith(b"event: error"):
-                return
-            if piece.startswith(b"event: ") and b".completed\n" in piece:
-                completed += 1
-                if completed == images_expected:
-                    return
-    raise NodeGone("the stream ended before its last event")
+        if not ticket.future.done():
+            log.info("request %s: the stream was closed before the render ended; cancelling it",
+                     ticket.order.request_id)
+            queue.abandon(ticket)
