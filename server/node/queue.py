@@ -5,7 +5,7 @@ metrics and other requests while they run. A model takes `render_slots` renders 
 `queue_depth` more waiting; beyond that a request is refused at once (429), before any work. A request
 whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already running, stopped
 at its next step. With `--batch-window` above 0 each render slot is a step-level batcher
-(`server.node.batcher`) that interleaves up to `--max-batch` requests and shares UNet calls among them.
+(`server.node.batcher`) that interleaves up to `--batch-renders` requests and shares UNet calls among them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ModelQueue:
         self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
         self.batching = batching
         # renders at once: one per slot, or as many as a batching slot interleaves
-        self.capacity = slots * (batching.max_rows if batching else 1)
+        self.capacity = slots * (batching.max_renders if batching else 1)
         self.id = pipeline.info.id
         self._waiting: deque[Ticket] = deque()
         self._ready = threading.Condition()

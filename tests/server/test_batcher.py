@@ -5,9 +5,11 @@ requests and capacity counts them."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import engines
@@ -28,7 +30,8 @@ def pipeline(tiny_model: Model) -> engines.Pipeline:
 @pytest.fixture
 def queue(pipeline: engines.Pipeline) -> Iterator[ModelQueue]:
     """One slot, calls of 2 rows: one guided request per call, so turns decide who steps."""
-    q = ModelQueue(pipeline, slots=1, depth=2, metrics=Metrics(), batching=Batching(max_rows=2, window=0.0))
+    q = ModelQueue(pipeline, slots=1, depth=2, metrics=Metrics(),
+                   batching=Batching(max_rows=2, max_renders=2, window=0.0))
     yield q
     q.close(wait=30)
 
@@ -75,9 +78,9 @@ async def _submit(queue: ModelQueue, render: RenderOrder) -> object:
     return await queue.submit(render)
 
 
-def test_a_slot_interleaves_at_most_max_batch_requests(queue: ModelQueue) -> None:
-    """Two interleaved (--max-batch 2) and two waiting in the queue (depth 2): the fifth is refused with 429,
-    and the waiting ones stay in the queue (counted there) while the slot steps the first two."""
+def test_a_slot_interleaves_at_most_batch_renders_requests(queue: ModelQueue) -> None:
+    """Two interleaved (--batch-renders 2) and two waiting in the queue (depth 2): the fifth is refused with
+    429, and the waiting ones stay in the queue (counted there) while the slot steps the first two."""
     async def main() -> tuple[int, list[tuple[int, int]]]:
         tickets = [queue.enqueue(order(10 + i, 150)) for i in range(4)]
         with pytest.raises(ApiError) as refused:
@@ -94,3 +97,35 @@ def test_a_slot_interleaves_at_most_max_batch_requests(queue: ModelQueue) -> Non
     status, seen = asyncio.run(main())
     assert status == 429
     assert all(running <= 2 for running, _ in seen) and sum(seen[0]) == 4, seen
+
+
+def test_renders_per_slot_and_rows_per_call_are_apart(pipeline: engines.Pipeline) -> None:
+    """--max-batch 8 rows with --batch-renders 1: the slot takes (and reports) one render at a time although
+    four would fit a call. The first render is held at its first preview (step 10 of 40): by then a slot that
+    interleaved two would have taken the second; this one leaves it waiting in the queue."""
+    alone = ModelQueue(pipeline, slots=1, depth=1, metrics=Metrics(), batching=Batching(max_rows=8, max_renders=1,
+                                                                                         window=0.0))
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(partial: engines.Partial) -> None:  # on the render thread
+        reached.set()
+        release.wait(60)
+
+    async def main() -> tuple[int, int]:
+        first = alone.enqueue(msgspec.structs.replace(order(30, 40), partial_images=3), on_partial=hold)
+        second = alone.enqueue(order(31, 2))
+        with pytest.raises(ApiError):
+            alone.enqueue(order(32, 2))  # one interleaved, one waiting: full
+        assert await asyncio.to_thread(reached.wait, 60)
+        seen = (alone.running, alone.waiting)
+        release.set()
+        await alone.outcome(first)
+        await alone.outcome(second)
+        return seen
+
+    try:
+        assert alone.capacity == 1
+        assert asyncio.run(main()) == (1, 1)
+    finally:
+        release.set()
+        alone.close(wait=30)

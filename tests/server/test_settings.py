@@ -16,6 +16,7 @@ from server.__main__ import main
     (["--request-timeout", "0"], {}, "request_timeout"),
     (["--batch-window", "-5"], {}, "batch_window"),
     ([], {"SDSERVE_MAX_BATCH": "0"}, "max_batch"),
+    (["--batch-renders", "0"], {}, "batch_renders"),
     (["--heartbeat-interval", "15", "--heartbeat-timeout", "15"], {}, "heartbeat_interval"),
     ([], {"SDSERVE_HEARTBEAT_INTERVAL": "30"}, "heartbeat_interval"),
     (["--api-keys-file", "{tmp}/no-such-keys.txt"], {}, "api_keys_file"),
