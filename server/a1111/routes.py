@@ -1,13 +1,14 @@
 """AUTOMATIC1111's web API under /sdapi/v1, on the standalone server and the router.
 
 Handlers parse (`server.a1111.requests`), render through the same dispatcher as the OpenAI routes (as a
-stream of events, so that /progress can follow it: `server.a1111.tasks`), and shape A1111's answers. Errors keep
-the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
+stream of events, so that /progress can follow it: `server.a1111.tasks`), and shape A1111's answers. Errors
+keep the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
 for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1).
 
 Options live in this front door's memory: `sd_model_checkpoint` picks the model of later requests that
 do not name one in `override_settings`, as A1111's does; other options are kept and echoed, and
-`samples_format`, `jpeg_quality`, `live_previews_enable` and `show_progress_every_n_steps` are honoured.
+`samples_format`, `jpeg_quality`, `live_previews_enable`, `show_progress_every_n_steps` and
+`show_progress_type` ("Full" previews by the VAE decoder; otherwise the cheap linear map) are honoured.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from server.a1111.protocol import (
     ValidationErrorBody,
     ValidationProblem,
 )
-from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count
+from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count, preview_mode
 from server.errors import ApiError
 from server.guards import credential, sdapi_key
 from server.state import AppState, client_gone
@@ -80,7 +81,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
         strength = body.denoising_strength
     order = orders.build(body, info, front.options, state.request_id(request), strength, image, mask)
     previews = preview_count(front.options, order.steps, order.strength)
-    order = msgspec.structs.replace(order, partial_images=previews,
+    order = msgspec.structs.replace(order, partial_images=previews, preview=preview_mode(front.options),
                                   events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), order=order, kind=kind, previews=previews)
     gone = asyncio.ensure_future(client_gone(request))

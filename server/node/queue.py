@@ -180,16 +180,17 @@ class ModelQueue:
 
     def begin(self, ticket: Ticket) -> Rendering:
         """The ticket's render, ready for its first step (`Pipeline.begin`: inputs checked, prompt encoded)."""
+        order = ticket.order
         ticket.rendering = self.pipeline.begin(
-            self.render_request(ticket.order), on_step=self.on_step(ticket), on_partial=ticket.on_partial,
-            partial_images=ticket.order.partial_images, preview=self.preview)
+            self.render_request(order), on_step=self.on_step(ticket), on_partial=ticket.on_partial,
+            partial_images=order.partial_images, preview=order.preview or self.preview)
         return ticket.rendering
 
     def _render(self, ticket: Ticket) -> RenderedImages:
         order = ticket.order
         result = self.pipeline.render(self.render_request(order), on_step=self.on_step(ticket),
                                       on_partial=ticket.on_partial, partial_images=order.partial_images,
-                                      preview=self.preview)
+                                      preview=order.preview or self.preview)
         return self.rendered(ticket, result)
 
     def rendered(self, ticket: Ticket, result: engines.RenderResult) -> RenderedImages:
