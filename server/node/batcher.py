@@ -26,9 +26,11 @@ import engines
 from engines.rendering import Rendering
 from server.metrics import Metrics
 from server.node.ticket import Ticket
-from server.wire import RenderedImages, RenderOrder
+from server.wire import RenderOrder
 
 log = logging.getLogger("sdserve.server")
+# What a render slot hands back for a ticket: a render's result, a finished render, or its error.
+Outcome = engines.RenderResult | Rendering | BaseException
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ class Slot(Protocol):
 
     def begin(self, ticket: Ticket) -> Rendering: ...
 
-    def rendered(self, ticket: Ticket, result: engines.RenderResult) -> RenderedImages: ...
-
-    def finish(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None: ...
+    def finish(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Answer the ticket's request (off this thread: its images are encoded elsewhere)."""
+        ...
 
 
 class Batcher:
@@ -115,7 +117,7 @@ class Batcher:
         self.active.append(ticket)
         self.turns[ticket] = self.calls
 
-    def leave(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+    def leave(self, ticket: Ticket, outcome: Outcome) -> None:
         self.active.remove(ticket)
         self.turns.pop(ticket, None)
         self.stepped.discard(ticket)
@@ -159,13 +161,7 @@ class Batcher:
                 r.fail(exc)
         for ticket, r in zip(call, renderings, strict=True):
             if r.finished:
-                self.leave(ticket, self.outcome(ticket, r))
-
-    def outcome(self, ticket: Ticket, rendering: Rendering) -> RenderedImages | BaseException:
-        try:
-            return self.queue.rendered(ticket, rendering.result())
-        except BaseException as exc:  # its own error (or cancellation), delivered to its request only
-            return exc
+                self.leave(ticket, r)  # its result (or error) is the finishing thread's to take
 
 
 def _rendering(ticket: Ticket) -> Rendering:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from server.errors import ApiError
 from server.metrics import Metrics
 from server.node.batcher import Batching
 from server.node.queue import ModelQueue
-from server.wire import RenderOrder
+from server.node.ticket import Ticket
+from server.wire import PartialImage, RenderOrder
 
 Model = Callable[[str], Path]
 
@@ -101,31 +103,55 @@ def test_a_slot_interleaves_at_most_batch_renders_requests(queue: ModelQueue) ->
 
 def test_renders_per_slot_and_rows_per_call_are_apart(pipeline: engines.Pipeline) -> None:
     """--max-batch 8 rows with --batch-renders 1: the slot takes (and reports) one render at a time although
-    four would fit a call. The first render is held at its first preview (step 10 of 40): by then a slot that
-    interleaved two would have taken the second; this one leaves it waiting in the queue."""
-    alone = ModelQueue(pipeline, slots=1, depth=1, metrics=Metrics(), batching=Batching(max_rows=8, max_renders=1,
-                                                                                         window=0.0))
-    reached, release = threading.Event(), threading.Event()
+    four would fit a call, so every call holds one request's 2 rows; it does not wait out the window (30 s)
+    for others it could not take."""
+    metrics = Metrics()
+    alone = ModelQueue(pipeline, slots=1, depth=1, metrics=metrics,
+                       batching=Batching(max_rows=8, max_renders=1, window=30.0))
 
-    def hold(partial: engines.Partial) -> None:  # on the render thread
-        reached.set()
-        release.wait(60)
-
-    async def main() -> tuple[int, int]:
-        first = alone.enqueue(msgspec.structs.replace(order(30, 40), partial_images=3), on_partial=hold)
-        second = alone.enqueue(order(31, 2))
+    async def main() -> None:
+        first, second = alone.enqueue(order(30, 6)), alone.enqueue(order(31, 2))
         with pytest.raises(ApiError):
             alone.enqueue(order(32, 2))  # one interleaved, one waiting: full
-        assert await asyncio.to_thread(reached.wait, 60)
-        seen = (alone.running, alone.waiting)
-        release.set()
-        await alone.outcome(first)
-        await alone.outcome(second)
-        return seen
+        await asyncio.wait_for(asyncio.gather(alone.outcome(first), alone.outcome(second)), 25)
 
     try:
         assert alone.capacity == 1
-        assert asyncio.run(main()) == (1, 1)
+        asyncio.run(main())
+    finally:
+        alone.close(wait=30)
+    calls = metrics.registry.get_sample_value("sdserve_unet_batch_rows_count", {"model": "tiny-sd15"})
+    of_two = metrics.registry.get_sample_value("sdserve_unet_batch_rows_bucket", {"model": "tiny-sd15", "le": "2.0"})
+    assert calls == of_two == 6 + 2
+
+
+def test_the_render_thread_steps_on_while_a_preview_is_finished(queue: ModelQueue) -> None:
+    """A stream's preview goes to the model's finishing thread (encoded there, then handed to the stream),
+    held there: meanwhile the render thread steps on and finishes the render; its answer follows the
+    preview. (The render thread used to encode and hand over each preview itself, between two steps.)"""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(partial: PartialImage) -> None:  # on the finishing thread
+        reached.set()
+        release.wait(60)
+
+    def rendered(ticket: Ticket) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if ticket.rendering is not None and ticket.rendering.finished:
+                return True
+            time.sleep(0.01)
+        return False
+
+    async def main() -> tuple[bool, object]:
+        ticket = queue.enqueue(msgspec.structs.replace(order(40, 12), partial_images=1), on_partial=hold)
+        assert await asyncio.to_thread(reached.wait, 60)
+        finished = await asyncio.to_thread(rendered, ticket)
+        release.set()
+        return finished, await queue.outcome(ticket)
+
+    try:
+        finished, result = asyncio.run(main())
     finally:
         release.set()
-        alone.close(wait=30)
+    assert finished and len(result.images) == 1
