@@ -1,0 +1,54 @@
+"""ControlNet residuals on the UNet's side: a model exported with `--controlnet` has a UNet that takes one
+residual per down-block output and the mid block's as inputs (`manifest.residuals`). A UNet call without
+ControlNet feeds them zeros, which leaves the UNet's output as the plain export's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engines import manifest as mf
+from engines.backends import Session
+
+
+class ResidualSession(Session):
+    """The UNet of a `--controlnet` export: residuals a call does not feed are zeros of the call's shape."""
+
+    def __init__(self, inner: Session, residuals: mf.Residuals) -> None:
+        super().__init__(inner.name, inner.component)
+        self.inner, self.max_rows = inner, inner.max_rows
+        specs = {t.name: t for t in inner.component.inputs}
+        self.shapes = {name: (int(specs[name].shape[1]), _scale(specs[name].shape[2]))
+                       for name in (*residuals.down, residuals.mid)}
+        self._zeros: tuple[tuple[int, ...], dict[str, np.ndarray]] | None = None
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.shapes if name not in feeds]
+        if missing:
+            zeros = self.zeros(feeds["sample"].shape)
+            feeds = {**feeds, **{name: zeros[name] for name in missing}}
+        return self.inner.run(feeds, outputs)
+
+    def zeros(self, sample: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Zero residuals for a UNet call on `sample`'s shape (the last shape's are kept: steps repeat it)."""
+        if self._zeros is None or self._zeros[0] != sample:
+            batch, _, height, width = sample
+            self._zeros = (sample, {name: np.zeros((batch, channels, -(-height // scale), -(-width // scale)),
+                                                   np.float32)
+                                    for name, (channels, scale) in self.shapes.items()})
+        return self._zeros[1]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def wrap(sessions: dict[str, Session], manifest: mf.Manifest) -> dict[str, Session]:
+    if manifest.residuals is None:
+        return sessions
+    return {**sessions, "unet": ResidualSession(sessions["unet"], manifest.residuals)}
+
+
+def _scale(axis: int | str) -> int:
+    """The downscale of a residual's height axis as the export names it: "height", "height/2", "height/4"."""
+    _, _, divisor = str(axis).partition("/")
+    return int(divisor or 1)
