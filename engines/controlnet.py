@@ -1,14 +1,36 @@
-"""ControlNet residuals on the UNet's side: a model exported with `--controlnet` has a UNet that takes one
-residual per down-block output and the mid block's as inputs (`manifest.residuals`). A UNet call without
-ControlNet feeds them zeros, which leaves the UNet's output as the plain export's.
+"""ControlNet in the engines: the control image a ControlNet reads, and the residuals on the UNet's side.
+
+A model exported with `--controlnet` has a UNet that takes one residual per down-block output and the mid
+block's as inputs (`manifest.residuals`). A UNet call without ControlNet feeds them zeros, which leaves the
+UNet's output as the plain export's.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Literal, get_args
 
+import numpy as np
+from PIL import Image
+
+from engines import images
 from engines import manifest as mf
 from engines.backends import Session
+from engines.canny import canny
+
+Preprocess = Literal["none", "canny"]
+PREPROCESSORS: tuple[str, ...] = get_args(Preprocess)
+CANNY_THRESHOLDS = (100.0, 200.0)  # sd-webui-controlnet's defaults (low, high)
+
+
+def control_image(image: Image.Image, width: int, height: int, preprocess: Preprocess = "none",
+                  thresholds: tuple[float, float] = CANNY_THRESHOLDS) -> np.ndarray:
+    """(1, 3, H, W) float32 in [0, 1], as diffusers' ControlNet pipelines feed `controlnet_cond`: the image
+    fitted to the render size as uploads are (center crop, then resize), then with `canny` its edge map
+    (white on black, the same in all three channels) at that size."""
+    rgb = np.asarray(images.fit(image.convert("RGB"), width, height))
+    if preprocess == "canny":
+        rgb = np.repeat(canny(rgb, *thresholds)[:, :, None], 3, axis=2)
+    return (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
 
 
 class ResidualSession(Session):

@@ -43,3 +43,20 @@ def test_canny_equals_opencv(image: np.ndarray, low: float, high: float) -> None
     assert got.dtype == np.uint8 and got.shape == image.shape[:2]
     assert (expected > 0).sum() > 100  # the case has edges to get right
     np.testing.assert_array_equal(got, expected)
+
+
+def test_control_image_is_fitted_then_preprocessed() -> None:
+    """`none` feeds the fitted pixels in 0..1; `canny` the fitted image's edges in all three channels."""
+    from PIL import Image, ImageOps
+
+    from engines.controlnet import control_image
+
+    source = Image.fromarray(_scene(120, 200, 6))
+    fitted = np.asarray(ImageOps.fit(source, (96, 64), method=Image.Resampling.LANCZOS))
+    plain = control_image(source, 96, 64)
+    assert plain.shape == (1, 3, 64, 96) and plain.dtype == np.float32
+    np.testing.assert_allclose(plain[0].transpose(1, 2, 0), fitted / 255.0, atol=1e-7)
+    edges = control_image(source, 96, 64, "canny", (50, 120))
+    expected = cv2.Canny(fitted, 50, 120) / 255.0
+    for channel in edges[0]:
+        np.testing.assert_array_equal(channel, expected)
