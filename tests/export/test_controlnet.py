@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -108,9 +109,8 @@ def test_zero_residuals_are_the_plain_unet(controlnet_model: Callable[[str], Pat
 
 def _copy(model: Path, target: Path) -> Path:
     shutil.copytree(model, target, ignore=shutil.ignore_patterns("controlnets"))
-    manifest = mf.read(target)
-    (target / mf.MANIFEST_FILE).write_bytes(mf.encode(mf.Manifest(**{
-        f: getattr(manifest, f) for f in manifest.__struct_fields__ if f != "controlnets"})))
+    manifest = msgspec.structs.replace(mf.read(target), controlnets={})
+    (target / mf.MANIFEST_FILE).write_bytes(mf.encode(manifest))
     return target
 
 
