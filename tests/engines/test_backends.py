@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import onnxruntime
 import pytest
@@ -62,6 +64,48 @@ def test_tensorrt_ep_profiles_are_the_native_plans_shapes(tiny_model: Model, tmp
     top = 2 * manifest.max_batch
     assert options["trt_profile_max_shapes"] == (f"sample:{top}x4x{h}x{w},timestep:{top},"
                                                  f"encoder_hidden_states:{top}x{77 * 3}x{hidden}")
+
+
+def test_tensorrt_ep_cache_is_created_with_its_parents(tiny_model: Model, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fresh host ~/.cache/sdserve/tensorrt-ep does not exist; the EP creates only the last level of
+    its cache path and throws otherwise (ONNX Runtime then falls back to CUDA, and the session is refused)."""
+    monkeypatch.setenv("SDSERVE_CACHE_DIR", str(tmp_path / "fresh" / "cache" / "sdserve"))
+    manifest = mf.read(tiny_model("tiny-sd15"))
+    backend = ort.OrtBackend(tmp_path, "tensorrt-ep", manifest)
+    cache = Path(str(backend.tensorrt_options("unet", manifest.components["unet"])["trt_engine_cache_path"]))
+    assert cache.is_dir() and cache.is_relative_to(tmp_path / "fresh" / "cache" / "sdserve" / "tensorrt-ep")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SDSERVE_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(engines.EngineFailure, match=r"SDSERVE_CACHE_DIR"):
+        backend.tensorrt_options("unet", manifest.components["unet"])
+
+
+def test_tensorrt_ep_profiles_leave_out_a_scalar_input(tiny_model: Model, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimum's UNet takes one timestep for the whole batch (shape []). "timestep:" is no shape to the EP:
+    it rejects the option and drops every profile, with a warning our log level hides."""
+    monkeypatch.setenv("SDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = mf.read(tiny_model("tiny-sd15"))
+    unet = manifest.components["unet"]
+    scalar = msgspec.structs.replace(unet, inputs=[msgspec.structs.replace(t, shape=[]) if t.name == "timestep" else t
+                                                   for t in unet.inputs])
+    manifest = msgspec.structs.replace(manifest, components={**manifest.components, "unet": scalar})
+    options = ort.OrtBackend(tmp_path, "tensorrt-ep", manifest).tensorrt_options("unet", scalar)
+    for bound in ("min", "opt", "max"):
+        entries = str(options[f"trt_profile_{bound}_shapes"]).split(",")
+        assert [e.split(":")[0] for e in entries] == ["sample", "encoder_hidden_states"], entries
+        assert all(re.fullmatch(r"[\w.]+:\d+(x\d+)*", e) for e in entries), entries  # the EP's own format
+
+
+def test_sessions_never_switch_provider_behind_our_back(tiny_model: Model) -> None:
+    """ONNX Runtime's wrapper retries a session whose provider failed (EPFail) on the next providers, for
+    good, with only a print; sdserve turns that failure into an EngineFailure instead, so its sessions run
+    with the wrapper's fallback off (only a GPU can raise EPFail: tests marked gpu show the behaviour)."""
+    root = tiny_model("tiny-sd15")
+    manifest = mf.read(root)
+    session = ort.OrtBackend(root, "cpu", manifest).open("text_encoder", manifest.components["text_encoder"])
+    assert session._session._enable_fallback is False  # what InferenceSession.disable_fallback() sets
 
 
 def test_the_tensorrt_provider_library_names_its_tensorrt(tmp_path: Path) -> None:
