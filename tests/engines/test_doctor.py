@@ -110,3 +110,23 @@ def test_doctor_renders_at_a_size_the_plans_cover(tiny_model: Model, tmp_path: P
     assert checks["tensorrt plans"]["status"] == "problem"  # no TensorRT here; the size still follows the plans
     assert checks["render cpu"]["status"] == "ok" and checks["render cpu"]["detail"].startswith("128x128, 2 steps")
     assert doctor.render_size(manifest, None) == (manifest.sizes.min, manifest.sizes.min)
+
+
+def _ep_beside_another_tensorrt() -> bool:
+    if libraries.linked_tensorrt_major() is None:  # the CPU onnxruntime: nothing to import
+        return False
+    stack = libraries.tensorrt_stack()
+    return stack.tensorrt is not None and stack.tensorrt_major != stack.linked_major
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _ep_beside_another_tensorrt(),
+                    reason="needs onnxruntime-gpu beside a TensorRT of another major (the .[gpu,tensorrt] install)")
+def test_doctor_passes_on_the_supported_gpu_install() -> None:
+    """On the GPU runner's .[gpu,tensorrt] install: exit status 0, the EP absent with the reason."""
+    done = _doctor("--json")
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["provider tensorrt-ep"]["status"] == "absent"
+    assert checks["provider tensorrt-ep"]["detail"].startswith("TensorRT EP unavailable: links TensorRT")
+    assert done.returncode == 0, done.stdout
