@@ -39,6 +39,7 @@ class ResidualSession(Session):
     def __init__(self, inner: Session, residuals: mf.Residuals) -> None:
         super().__init__(inner.name, inner.component)
         self.inner, self.max_rows = inner, inner.max_rows
+        self.ran_on = inner.ran_on  # the calls run where the inner session runs them
         specs = {t.name: t for t in inner.component.inputs}
         self.shapes = {name: (int(specs[name].shape[1]), _scale(specs[name].shape[2]))
                        for name in (*residuals.down, residuals.mid)}
