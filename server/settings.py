@@ -50,6 +50,11 @@ class Settings(msgspec.Struct, kw_only=True):
     preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
     drain_timeout: Seconds = 25.0  # SIGTERM: seconds to finish accepted work (Kubernetes kills after 30 by default)
+    # a sick node (server.node.health): a render not stepping, or renders failing in the engine
+    stall_seconds: Seconds = 60.0  # least time a render may go without a step before the node is unhealthy
+    stall_factor: Annotated[float, Meta(ge=1)] = 20.0  # ... or this many times its model's median step, if longer
+    unhealthy_after_failures: Count = 3  # renders failing in a row with EngineFailure; 0: never
+    liveness_seconds: Seconds = 600.0  # unhealthy this long: /healthz fails too (an orchestrator restarts it)
     # uploads and outputs
     max_upload_bytes: Positive = 25 * 1024 * 1024
     max_pixels: Positive = 16_000_000
@@ -175,6 +180,15 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--keepalive-interval", type=float, help="streaming: seconds between keep-alive comments (default 10)")
     flag("--drain-timeout", type=float, help="on SIGTERM, seconds to finish accepted requests before exiting "
          "(default 25: under Kubernetes' default terminationGracePeriodSeconds of 30)")
+    flag("--stall-seconds", type=float, help="a render that has not stepped for this long (or --stall-factor "
+         "times its model's median step time, when longer) makes the node unhealthy: /readyz 503, out of its "
+         "routers' rotation (default 60)")
+    flag("--stall-factor", type=float, help="see --stall-seconds (default 20)")
+    flag("--unhealthy-after-failures", type=int, metavar="K",
+         help="K renders in a row failing in the engine make the node unhealthy until one succeeds; it is "
+         "tried again after --stall-seconds (default 3; 0: never)")
+    flag("--liveness-seconds", type=float, help="unhealthy for this long, /healthz fails too, so that an "
+         "orchestrator restarts the process (default 600)")
     flag("--max-upload-bytes", type=int, help="per uploaded file (default 25 MiB)")
     flag("--max-pixels", type=int, help="per uploaded image (default 16 000 000)")
     flag("--images-dir", help="where url-format images are kept (default images/)")

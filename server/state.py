@@ -58,6 +58,7 @@ class AppState:
     default_model: str | None = None  # decided once at start-up (`server.app.default_model`); front doors only
     admission_room: Admission | None = None  # front doors
     problem_sources: tuple[Callable[[], dict[str, object]], ...] = ()  # what /readyz reports beside readiness
+    dead: Callable[[], str | None] | None = None  # why /healthz should fail (restart me), with an engine pool
     api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
     admitting: Counter[str] = field(default_factory=Counter)  # requests decoding uploads, per model
 

@@ -104,6 +104,7 @@ class NodeReport(msgspec.Struct, kw_only=True):
     render_slots: int
     load: dict[str, ModelLoad] = msgspec.field(default_factory=dict)
     draining: bool = False
+    sick: str | None = None  # why it takes no new work now (a render stalled, renders failing): out of rotation
 
 
 class Registered(msgspec.Struct):

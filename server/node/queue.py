@@ -26,6 +26,7 @@ from server import images
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.node.batcher import Batcher, Batching
+from server.node.health import NodeHealth
 from server.node.ticket import Ticket
 from server.wire import RenderedImages, RenderOrder
 
@@ -36,9 +37,10 @@ class ModelQueue:
     """One model: its pipeline, its waiting tickets and its render threads (each a `batcher.Slot` user)."""
 
     def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics,
-                 preview: str = "full", batching: Batching | None = None) -> None:
+                 preview: str = "full", batching: Batching | None = None, health: NodeHealth | None = None) -> None:
         self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
         self.batching = batching
+        self.health = health or NodeHealth()  # told when each render starts, steps and ends
         # renders at once: one per slot, or as many as a batching slot interleaves
         self.capacity = slots * (batching.max_rows if batching else 1)
         self.id = pipeline.info.id
@@ -137,6 +139,7 @@ class ModelQueue:
             self._running += 1
             self._current.add(ticket)
             self._running_work += ticket.order.work
+        self.health.started(ticket, self.id)
         self.metrics.in_flight.labels(self.id).inc()
         ticket.started = time.perf_counter()
         return ticket
@@ -151,6 +154,8 @@ class ModelQueue:
         """A taken ticket's outcome, delivered to its request."""
         if isinstance(outcome, engines.RenderCancelled):
             log.info("%s", outcome)
+        self.health.finished(ticket, "ok" if isinstance(outcome, RenderedImages)
+                             else "failed" if isinstance(outcome, engines.EngineFailure) else "other")
         self.metrics.in_flight.labels(self.id).dec()
         with self._ready:
             self._running -= 1
@@ -170,10 +175,11 @@ class ModelQueue:
             lora=[(ref.name, ref.scale) for ref in order.lora],
         )
 
-    @staticmethod
-    def on_step(ticket: Ticket) -> Callable[[int, int], None]:
-        """The render's progress callback: stops it at its next step once nobody waits for it."""
+    def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:
+        """The render's progress callback: tells the node's health it stepped, and stops it at its next step
+        once nobody waits for it."""
         def on_step(done: int, total: int) -> None:
+            self.health.stepped(ticket)
             if ticket.cancel.is_set():
                 raise engines.RenderCancelled(f"request {ticket.order.request_id} cancelled at step {done}/{total}")
         return on_step
