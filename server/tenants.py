@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def tenant_id(key: str) -> str:
 
 def parse_line(line: str, where: str) -> Tenant | None:
     """One keys-file line (None for a blank or comment line); ValueError naming `where` for anything else."""
-    words = line.split("#", 1)[0].split()
+    words = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].split()  # a comment: `#` at the start or after a space
     if not words:
         return None
     key, limits = words[0], {}

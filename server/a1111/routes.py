@@ -39,7 +39,7 @@ from server.a1111.protocol import (
 )
 from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count
 from server.errors import ApiError
-from server.guards import credential, sdapi_key
+from server.guards import credential, for_tenant, rate_limit, sdapi_key
 from server.state import AppState, client_gone
 
 MAX_OPTIONS = 1024  # A1111 has about 600
@@ -58,12 +58,13 @@ class Front:
         return request.app.state.setdefault("a1111", Front())
 
 
-@post("/txt2img", status_code=200, summary="Text to image (AUTOMATIC1111)")
+@post("/txt2img", status_code=200, guards=[rate_limit], summary="Text to image (AUTOMATIC1111)")
 async def txt2img(request: Request) -> Response[ImagesResponse]:
     return await _render(request, "txt2img")
 
 
-@post("/img2img", status_code=200, summary="Image to image and inpainting (AUTOMATIC1111; white mask = repaint)")
+@post("/img2img", status_code=200, guards=[rate_limit],
+      summary="Image to image and inpainting (AUTOMATIC1111; white mask = repaint)")
 async def img2img(request: Request) -> Response[ImagesResponse]:
     return await _render(request, "img2img")
 
@@ -80,8 +81,8 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
         strength = body.denoising_strength
     order = orders.build(body, info, front.options, state.request_id(request), strength, image, mask)
     previews = preview_count(front.options, order.steps, order.strength)
-    order = msgspec.structs.replace(order, partial_images=previews,
-                                  events="image_edit" if kind == "img2img" else "image_generation")
+    order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews,
+                                    events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), order=order, kind=kind, previews=previews)
     gone = asyncio.ensure_future(client_gone(request))
     try:

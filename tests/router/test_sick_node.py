@@ -7,53 +7,30 @@ failure streak, when a trial render succeeds. Every wait polls for a state with 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.processes import ROOT, ServerProcess
+from tests.faults import environment, until
 from tests.router.fleet import GEN, Fleet
 
 BODY = {"model": "tiny-sd15", "prompt": "a wedge", "size": "64x64", "steps": 3, "response_format": "b64_json"}
-DEADLINE = 60.0
 
 
-def until(what: str, check: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"not within {deadline:g} s: {what}")
-
-
-def with_faults(node: ServerProcess, faults: Path) -> ServerProcess:
-    """The node's ONNX Runtime pauses or fails where `faults` says (tests/faults/sitecustomize.py)."""
-    node.env |= {"SDSERVE_TEST_FAULTS": str(faults), "PYTHONPATH": str(ROOT / "tests" / "faults")}
-    return node
-
-
-@pytest.fixture
-def faults(tmp_path: Path) -> Path:
-    folder = tmp_path / "faults"
-    folder.mkdir()
-    return folder
-
-
-def fleet_of_one(models_dir: Path, work: Path, faults: Path, node_args: list[str]) -> Fleet:
-    fleet = Fleet(models_dir, work, ["--probe-timeout", "2"], node_args=["--heartbeat-interval", "1", "--threads", "1"])
-    with_faults(fleet.add_node("patient", "tiny-sd15", extra=node_args), faults)
+def fleet_of_one(tiny_sd15: Path, work: Path, faults: Path, node_args: list[str]) -> Fleet:
+    """A router and one node whose ONNX Runtime pauses or fails where `faults` says."""
+    fleet = Fleet(tiny_sd15, work, ["--probe-timeout", "2"], node_args=["--heartbeat-interval", "1", "--threads", "1"])
+    fleet.add_node("patient", "tiny-sd15", extra=node_args).env |= environment(faults)
     return fleet.start()
 
 
 @pytest.fixture
-def wedge_fleet(models_dir: Path, tmp_path: Path, faults: Path) -> Iterator[Fleet]:
-    fleet = fleet_of_one(models_dir, tmp_path, faults, ["--stall-seconds", "1", "--liveness-seconds", "3"])
+def wedge_fleet(tiny_sd15: Path, tmp_path: Path, faults: Path) -> Iterator[Fleet]:
+    fleet = fleet_of_one(tiny_sd15, tmp_path, faults, ["--stall-seconds", "1", "--liveness-seconds", "3"])
     yield fleet
-    (faults / "pause").unlink(missing_ok=True)
+    (faults / "pause").unlink(missing_ok=True)  # before the processes stop: no render stays held
     fleet.stop()
 
 
@@ -93,9 +70,9 @@ def test_a_render_wedged_in_the_backend_takes_the_node_out_until_it_steps(wedge_
 
 
 @pytest.fixture
-def failing_fleet(models_dir: Path, tmp_path: Path, faults: Path) -> Iterator[Fleet]:
+def failing_fleet(tiny_sd15: Path, tmp_path: Path, faults: Path) -> Iterator[Fleet]:
     # the trial comes --stall-seconds after the last failure: long enough to be seen on any machine
-    fleet = fleet_of_one(models_dir, tmp_path, faults, ["--unhealthy-after-failures", "2", "--stall-seconds", "10"])
+    fleet = fleet_of_one(tiny_sd15, tmp_path, faults, ["--unhealthy-after-failures", "2", "--stall-seconds", "10"])
     yield fleet
     fleet.stop()
 
