@@ -10,8 +10,9 @@ Folders say where each piece runs; imports run one way, from the wings down to t
            state.py, errors.py, settings.py, guards.py, health.py, images.py, adapters.py, metrics.py,
            logs.py, supervisor.py
 
-The wings import the floor and never each other, except a front door's API into `router/`'s seams through
-the floor's Protocols (`state.Renderer`, `wire.NodeTransport`); only `app.py` knows them all.
+The wings import the floor and never each other: a front door's APIs reach the dispatcher through
+`state.Renderer`, the dispatcher reaches nodes through `wire.NodeTransport`, the batcher its queue through
+`batcher.Slot`. Only the process (`app.py`, `__main__.py`) imports the wings, to wire them together.
 """
 
 from importlib import metadata

@@ -77,7 +77,7 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
         registry.register(local.report(), local, refresh=local.report)
     sources = (pool.problems, dispatcher.problems) if pool is not None else (dispatcher.problems,)
     state = AppState(settings=settings, renderer=dispatcher, metrics=metrics, default_model=dispatcher.default_model,
-                     admission_room=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()),
+                     capacity=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()),
                      tenants={tenant.key: tenant for tenant in settings.tenants()},
                      dead=pool.dead if pool is not None else None)
     store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)

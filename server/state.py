@@ -1,6 +1,6 @@
 """What route handlers share: settings, metrics, the renderer orders go to, the API keys, and which model a
 request gets. The wings' own parts (engine pool, registry, image store…) are kept beside it by `app.py`;
-here they are seen only through the Protocols below, so that this floor knows no wing."""
+here they are seen only through the Protocols below, so that the floor knows no wing."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Renderer(Protocol):
     async def open_events(self, order: RenderOrder) -> AsyncIterator[StreamEvent]: ...
 
 
-class Admission(Protocol):
+class Capacity(Protocol):
     """A front door's room for more orders of a model (the dispatcher's)."""
 
     def room(self, model: str) -> int | None: ...
@@ -57,7 +57,7 @@ class AppState:
     renderer: Renderer
     metrics: Metrics
     default_model: str | None = None  # decided once at start-up (`server.app.default_model`); front doors only
-    admission_room: Admission | None = None  # front doors
+    capacity: Capacity | None = None  # front doors: room before a 429
     problem_sources: tuple[Callable[[], dict[str, object]], ...] = ()  # what /readyz reports beside readiness
     dead: Callable[[], str | None] | None = None  # why /healthz should fail (restart me), with an engine pool
     api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
@@ -101,10 +101,9 @@ class AppState:
     def admission(self, model: str) -> Iterator[None]:
         """Room in the queue is reserved before uploads are decoded (the costly part of an edit): a full
         queue answers 429 at once, and no more uploads are decoded at a time than could be queued."""
-        front = self.admission_room
-        room = front.room(model) if front is not None else None
-        if front is not None and room is not None and self.admitting[model] >= room:
-            raise front.full_error(model)
+        room = self.capacity.room(model) if self.capacity is not None else None
+        if self.capacity is not None and room is not None and self.admitting[model] >= room:
+            raise self.capacity.full_error(model)
         self.admitting[model] += 1
         try:
             yield
