@@ -205,8 +205,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--fetch-allow-networks", action="extend", type=_comma_list, metavar="CIDR,…",
          help="networks fetched from even though loopback/private/link-local/… (repeatable; default none)")
     flag("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable; or SDSERVE_API_KEYS)")
-    flag("--api-keys-file", help="file of accepted API keys, one per line, each optionally with its limits: "
-         "KEY [max_concurrent=N] [rate=N/s|m|h] (renders at once per node; requests per period, else 429)")
+    flag("--api-keys-file", help="file of API keys, one per line: KEY [max_concurrent=N] [rate=N/s|m|h]")
     flag("--node-token", help="shared secret for node registration (or SDSERVE_NODE_TOKEN)")
     flag("--admin-key", help="key for the /v0 admin routes (or SDSERVE_ADMIN_KEY)")
     flag("--router", dest="routers", action="append", help="node: router URL to register with (repeatable)")
