@@ -53,6 +53,8 @@ class RenderOrder(msgspec.Struct, kw_only=True):
     preview: Literal["full", "linear"] | None = None  # streaming: how previews are drawn; None: the node's --preview
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
     lora: list[LoraRef] = msgspec.field(default_factory=list)
+    tenant: str = ""  # who asked (a hash of the API key): a model's queue takes turns between tenants
+    tenant_cap: int = 0  # renders of this tenant at once on a node (its keys-file max_concurrent); 0: no cap
 
     @property
     def work(self) -> int:
@@ -105,6 +107,7 @@ class NodeReport(msgspec.Struct, kw_only=True):
     render_slots: int
     load: dict[str, ModelLoad] = msgspec.field(default_factory=dict)
     draining: bool = False
+    sick: str | None = None  # why it takes no new work now (a render stalled, renders failing): out of rotation
 
 
 class Registered(msgspec.Struct):
