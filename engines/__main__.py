@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("-n", type=int, default=1, help="number of images")
     render.add_argument("--image", help="input image: image to image, or inpainting with --mask")
     render.add_argument("--mask", help="mask image, white = repaint (the OpenAI API's alpha masks are the server's)")
-    render.add_argument("--strength", type=float, default=0.75, help="how much of --image to re-imagine (0-1]")
+    render.add_argument("--strength", type=float,
+                        help="how much of --image to re-imagine (0-1]; default 0.75, 1.0 with --mask")
     render.add_argument("--backend", choices=BACKENDS, default="auto")
     render.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     return cli

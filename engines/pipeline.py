@@ -21,8 +21,6 @@ until each is `finished`; a render's state between steps is an `engines.renderin
 from __future__ import annotations
 
 import logging
-import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import images, optimum_folder, schedulers, vae_tiling
+from engines import images, limits, optimum_folder, schedulers, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, InvalidRequest, ModelNotFound
@@ -39,14 +37,11 @@ from engines.lora import Adapters
 from engines.noise import Noise, SeededNoise
 from engines.preview import Previewer, PreviewMode
 from engines.progress import PartialCallback, StepCallback, StepHook
-from engines.render import RenderRequest, RenderResult, Timings
+from engines.render import RenderRequest, RenderResult, Timings, Tokens
 from engines.rendering import Chunk, Inpainting, Job, Prompt, Rendering, as_engine_error
-from engines.tokenizer import MAX_WINDOWS, PromptTokenizer
+from engines.tokenizer import PromptTokenizer, tokenize
 
 log = logging.getLogger("sdserve.engines")
-
-MAX_STEPS = 150
-MAX_SEED = 2**63 - 1
 
 
 class Pipeline:
@@ -113,9 +108,9 @@ class Pipeline:
         try:
             # 2. Encode the prompt
             with timings.stage("text_encoder"), self.lora.applied(lora):
-                prompt = self.encode_prompt(request.prompt, request.negative_prompt, job.guided)
+                prompt = self.encode_prompt(job.tokens, job.guided)
             # 3. Timesteps
-            schedule = job.scheduler.schedule(job.steps, job.strength)
+            schedule = self.timesteps(job)
             rendering = Rendering(job, prompt, schedule, lora, hook, timings, latents, noise, started)
             # 4. Prepare latents (of the first chunk of images)
             rendering.chunk = self.start_chunk(rendering, 0)
@@ -150,43 +145,41 @@ class Pipeline:
     # -- 1 ------------------------------------------------------------------------------------------
 
     def check_inputs(self, request: RenderRequest) -> Job:
-        m = self.manifest
         request = self.with_defaults(request)
-        if not isinstance(request.prompt, str):
-            raise InvalidRequest("prompt", "prompt must be a string")
-        if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
-            raise InvalidRequest("negative_prompt", "negative_prompt must be a string")
-        self.check_prompt_lengths(request.prompt, request.negative_prompt)
-        width, height = request.width, request.height
-        if not (isinstance(width, int) and isinstance(height, int)) or not m.sizes.contains(width, height):
-            raise InvalidRequest("size", f"size {width}x{height} is not supported by {self.info.id}: both sides "
-                                 f"must be multiples of {m.sizes.step} from {m.sizes.min} to {m.sizes.max}")
-        if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
-            raise InvalidRequest("steps", f"steps must be an integer from 1 to {MAX_STEPS}")
-        guidance = request.guidance_scale
-        if not isinstance(guidance, int | float) or not math.isfinite(guidance) or guidance < 0:
-            raise InvalidRequest("guidance_scale", "guidance_scale must be a finite number ≥ 0")
-        if not isinstance(request.n, int) or request.n < 1:
+        tokens = self.tokens_of(request)
+        self.info.sizes.check(request.width, request.height, self.info.id)
+        limits.check_steps(request.steps)
+        guidance = limits.check_guidance(request.guidance_scale)
+        if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
             raise InvalidRequest("n", "n must be an integer ≥ 1")
-        seed = secrets.randbelow(2**31) if request.seed is None else request.seed
-        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - request.n:
-            raise InvalidRequest("seed", f"seed must be an integer from 0 to {MAX_SEED - request.n}")
+        seed = limits.random_seed() if request.seed is None else limits.check_seed(request.seed, request.n)
         scheduler = schedulers.create(request.sampler, self.scheduler_config)
-        image, mask, strength, steps = self._check_images(request, width, height)
-        return Job(request=request, width=width, height=height, steps=steps, guided=guidance > 1.0,
+        image, mask, strength = self._check_images(request, request.width, request.height)
+        return Job(request=request, tokens=tokens, width=request.width, height=request.height,
+                   steps=limits.schedule_steps(request.steps, strength), guided=limits.guided(guidance),
                    scheduler=scheduler, seeds=[seed + i for i in range(request.n)], strength=strength,
                    image=image, mask=mask)
 
+    def tokenize(self, prompt: str, negative_prompt: str | None) -> Tokens:
+        """Both prompts tokenized once, their length checked (InvalidRequest): a server calls this before it
+        queues a request and hands the result to the render as `RenderRequest.tokens`."""
+        return tokenize(self.info.id, self.tokenizers, prompt, negative_prompt)
+
     def check_prompt_lengths(self, prompt: str, negative_prompt: str | None) -> None:
-        """Each prompt fits in MAX_WINDOWS token windows (cheap: tokenizing only), else InvalidRequest."""
-        for param, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if not text:
-                continue
-            windows = max(tokenizer.count(text) for tokenizer in self.tokenizers.values())
-            spans = min(tokenizer.piece for tokenizer in self.tokenizers.values())
-            if windows > MAX_WINDOWS:
-                raise InvalidRequest(param, f"{param} needs {windows} windows of tokens; the limit is "
-                                     f"{MAX_WINDOWS} windows of {spans} tokens")
+        """Each prompt fits in MAX_WINDOWS token windows, else InvalidRequest (`tokenize`, for callers that
+        do not keep the tokens)."""
+        self.tokenize(prompt, negative_prompt)
+
+    def tokens_of(self, request: RenderRequest) -> Tokens:
+        """The request's `tokens` when it brings them (made by this model for these prompts), else made now."""
+        tokens = request.tokens
+        if tokens is None:
+            return self.tokenize(request.prompt, request.negative_prompt)
+        if (tokens.model, tokens.prompt, tokens.negative_prompt) != (self.info.id, request.prompt,
+                                                                    request.negative_prompt):
+            raise InvalidRequest("tokens", "these tokens were made for other prompts or another model "
+                                 "(`Pipeline.tokenize` of this request)")
+        return tokens
 
     def with_defaults(self, request: RenderRequest) -> RenderRequest:
         """The request with the model's defaults where it left size, steps, guidance or sampler unset."""
@@ -201,19 +194,18 @@ class Pipeline:
         )
 
     def _check_images(self, request: RenderRequest, width: int, height: int
-                      ) -> tuple[np.ndarray | None, np.ndarray | None, float, int]:
+                      ) -> tuple[np.ndarray | None, np.ndarray | None, float]:
         if request.mask is not None and request.image is None:
             raise InvalidRequest("mask", "a mask needs an image")
         if request.image is None:
             if self.info.inpainting_unet:  # an inpainting UNet draws from scratch as "repaint everything"
-                return np.zeros((1, 3, height, width), np.float32), np.ones((1, 1, height, width), np.float32), \
-                    1.0, request.steps
-            return None, None, 1.0, request.steps
+                return np.zeros((1, 3, height, width), np.float32), np.ones((1, 1, height, width), np.float32), 1.0
+            return None, None, 1.0
         if not hasattr(request.image, "size") or not hasattr(request.image, "convert"):
             raise InvalidRequest("image", "image must be a PIL image")
         strength = request.strength
-        if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
-            raise InvalidRequest("strength", "strength must be in (0, 1]")
+        strength = limits.check_strength(limits.default_strength(request.mask is not None) if strength is None
+                                         else strength)
         image = _decoded("image", lambda: images.to_array(request.image, width, height))
         mask = None
         if request.mask is not None:
@@ -222,34 +214,48 @@ class Pipeline:
             mask = _decoded("mask", lambda: images.mask_to_array(request.mask, width, height))
         elif self.info.inpainting_unet:  # image to image on an inpainting UNet: nothing masked
             mask = np.zeros((1, 1, height, width), np.float32)
-        steps = request.steps
-        while int(steps * strength) < 1:  # low strength: lengthen the schedule so that one step runs
-            steps += 1
-        return image, mask, float(strength), steps
+        return image, mask, strength
 
     # -- 2 ------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, negative_prompt: str | None, guided: bool) -> Prompt:
+    def encode_prompt(self, tokens: Tokens, guided: bool) -> Prompt:
         """Every text encoder over the prompt's windows (and the negative prompt's, when guided), in one
         batch per encoder; the encoders' states are concatenated feature-wise (SDXL)."""
-        zero_negative = guided and negative_prompt is None and self.manifest.force_zeros_for_empty_prompt
-        texts = [prompt] if not guided or zero_negative else [negative_prompt or "", prompt]
-        windows = max(self.tokenizers[e.tokenizer].count(t) for e in self.manifest.text_encoders for t in texts)
+        zero_negative = guided and tokens.negative_prompt is None and self.manifest.force_zeros_for_empty_prompt
+        texts = {key: [prompt] if not guided or zero_negative else [negative, prompt]
+                 for key, (prompt, negative) in tokens.ids.items()}
+        windows = max(self.tokenizers[e.tokenizer].count(ids) for e in self.manifest.text_encoders
+                      for ids in texts[e.tokenizer])
         states, pooled = [], None
         for encoder in self.manifest.text_encoders:
             tokenizer = self.tokenizers[encoder.tokenizer]
-            ids = np.concatenate([tokenizer.windows(t, windows) for t in texts])
+            ids = np.concatenate([tokenizer.windows(t, windows) for t in texts[encoder.tokenizer]])
             names = [encoder.hidden_output] + ([encoder.pooled_output] if encoder.pooled_output else [])
             out = self.sessions[encoder.component].run({"input_ids": ids}, names)
             hidden = out[encoder.hidden_output]
-            states.append(hidden.reshape(len(texts), windows * hidden.shape[1], hidden.shape[2]))
+            count = len(texts[encoder.tokenizer])
+            states.append(hidden.reshape(count, windows * hidden.shape[1], hidden.shape[2]))
             if encoder.pooled_output:  # the pooled embedding of each text's first window
-                pooled = out[encoder.pooled_output].reshape(len(texts), windows, -1)[:, 0]
+                pooled = out[encoder.pooled_output].reshape(count, windows, -1)[:, 0]
         embeds = np.concatenate(states, axis=-1)
         if zero_negative:  # SDXL without a negative prompt: zero negative conditioning, as trained
             embeds = np.concatenate([np.zeros_like(embeds), embeds])
             pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
         return Prompt(embeds, pooled)
+
+    # -- 3 ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def timesteps(job: Job) -> schedulers.Schedule:
+        """The sampler's schedule for `job.steps`, shortened by strength (`limits.schedule_steps` lengthened it
+        where a low strength would keep no step: beyond the sampler's longest schedule, strength is at fault)."""
+        try:
+            return job.scheduler.schedule(job.steps, job.strength)
+        except InvalidRequest as exc:
+            if job.steps == job.request.steps:
+                raise
+            raise InvalidRequest("strength", f"strength {job.strength:g} is too low: one step would need a longer "
+                                 f"schedule than this sampler's ({exc.message}); raise strength") from exc
 
     # -- 4 ------------------------------------------------------------------------------------------
 

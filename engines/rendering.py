@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engines import images, schedulers
+from engines import images, limits, schedulers
 from engines.errors import EngineError, EngineFailure
 from engines.lora import Chosen
 from engines.noise import Noise, SeededNoise
 from engines.progress import StepHook
-from engines.render import RenderRequest, RenderResult, Timings
+from engines.render import RenderRequest, RenderResult, Timings, Tokens
 
 log = logging.getLogger("sdserve.engines")
 
@@ -31,9 +31,10 @@ class Job:
     """A request with every value resolved against the model: what the stages consume."""
 
     request: RenderRequest
+    tokens: Tokens
     width: int
     height: int
-    steps: int  # schedule length (raised so that at least one step runs at low strength)
+    steps: int  # schedule length (`limits.schedule_steps`: at least one step runs at a low strength)
     guided: bool  # classifier-free guidance: the UNet also sees the negative prompt
     scheduler: schedulers.Scheduler
     seeds: list[int]
@@ -44,7 +45,7 @@ class Job:
     @property
     def copies(self) -> int:
         """UNet rows per image: the negative and the positive prompt when guided."""
-        return 2 if self.guided else 1
+        return limits.rows_per_image(self.request.guidance_scale)
 
 
 @dataclass(frozen=True)
