@@ -28,6 +28,9 @@ MAX_STRENGTH = 1.0
 # largest seed every client can send and read back (the `seeds` of a reply) unchanged.
 MAX_SEED = 2**53 - 1
 RANDOM_SEEDS = 2**31  # a seed left unset is drawn below this: short to read and type back, as A1111's are
+# A low strength lengthens the schedule until one step runs (`schedule_steps`); samplers refuse schedules longer
+# than the training schedule, 1000 timesteps for every Stable Diffusion
+LONGEST_SCHEDULE = 1000
 MAX_IMAGES = 10  # per API request (OpenAI's n; A1111's batch_size × n_iter); the engines render any n, in chunks
 MAX_ADAPTERS = 8  # LoRA adapters per request
 MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond what adapters are trained for, still finite
@@ -133,14 +136,18 @@ def schedule_steps(steps: int, strength: float) -> int:
     request runs at least one step (strength 0.1 of 2 steps: a 10-step schedule, of which 1 runs)."""
     if kept_steps(steps, strength) >= 1:
         return steps
-    longer = max(steps, math.ceil(1 / strength))  # directly: counting up from `steps` could take forever
+    if strength * LONGEST_SCHEDULE < 1:
+        raise InvalidRequest("strength", f"strength {strength:g} is too low to run one step; the lowest is "
+                             f"{1 / LONGEST_SCHEDULE:g}")
+    longer = max(steps, math.ceil(1 / strength))
     while kept_steps(longer, strength) < 1:  # float rounding may need one more
         longer += 1
     return longer
 
 
 def steps_run(steps: int, strength: float = 1.0) -> int:
-    """UNet calls per image for `steps` at `strength` (1.0 without an image): int(steps · strength), at least 1."""
+    """UNet calls per image for `steps` at `strength` (1.0 without an image): int(steps · strength), at least 1
+    (InvalidRequest where strength is too low for one: `schedule_steps`)."""
     return kept_steps(schedule_steps(steps, strength), strength)
 
 

@@ -82,13 +82,21 @@ def test_steps_run_is_what_a_render_runs(sd15: engines.Pipeline, steps: int, str
     assert result.steps_run == max(1, int(steps * strength))
 
 
-def test_a_vanishing_strength_is_refused_at_once(sd15: engines.Pipeline) -> None:
-    """One step at strength 1e-300 would need a schedule of 1e300 steps: refused, not counted up to."""
+@pytest.mark.parametrize("strength", [1e-300, 5e-324, 1 / limits.LONGEST_SCHEDULE / 2])
+def test_a_vanishing_strength_is_refused_at_once(sd15: engines.Pipeline, strength: float) -> None:
+    """One step at strength 1e-300 would need a schedule of 1e300 steps, beyond any sampler's: refused,
+    neither counted up to nor overflowing (1 / 5e-324 is infinite)."""
     with pytest.raises(engines.InvalidRequest) as caught:
-        sd15.render(request(image=picture(), strength=1e-300))
+        sd15.render(request(image=picture(), strength=strength))
     assert caught.value.param == "strength"
-    longer = limits.schedule_steps(2, 1e-9)
-    assert limits.kept_steps(longer, 1e-9) == 1 and limits.kept_steps(longer - 1, 1e-9) == 0
+
+
+def test_the_lowest_strength_runs_one_step(sd15: engines.Pipeline) -> None:
+    lowest = 1 / limits.LONGEST_SCHEDULE
+    assert sd15.render(request(image=picture(), strength=lowest, steps=1)).steps_run == 1
+    with pytest.raises(engines.InvalidRequest) as caught:  # LCM's schedules are short: strength is at fault
+        sd15.render(request(image=picture(), strength=lowest, steps=1, sampler="lcm", guidance_scale=1.0))
+    assert caught.value.param == "strength"
 
 
 @pytest.mark.parametrize(("n", "guidance"), [(1, 5.0), (1, 1.0), (3, 5.0), (3, 0.0)])

@@ -121,6 +121,7 @@ CASES = [
     edit_case({"prompt": "a", "n": "three"}, dict([IMAGE]), 400, "n"),
     edit_case({"prompt": "a", "size": "65x65"}, dict([IMAGE]), 400, "size"),
     edit_case({"prompt": "a", "strength": "-0.5"}, dict([IMAGE]), 400, "strength"),
+    edit_case({"prompt": "a", "strength": "1e-300"}, dict([IMAGE]), 400, "strength"),  # too low to run one step
     edit_case({"prompt": "a", "strength": "0"}, dict([IMAGE]), 400, "strength"),
     json_case({"prompt": "a", "strength": 0}, 400, "strength"),
     ("POST", EDIT, {"json": {"prompt": "a"}}, 400, "images", "missing_required_parameter"),  # JSON edits need images
