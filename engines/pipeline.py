@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import images, optimum_folder, schedulers, vae_tiling
+from engines import controlnet, images, optimum_folder, schedulers, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, InvalidRequest, ModelNotFound
@@ -41,7 +41,7 @@ class Pipeline:
         self.scheduler_config = msgspec.json.decode((root / manifest.scheduler.path).read_bytes())
         self.max_batch = max_batch or manifest.max_batch
         self.lora = Adapters(root.name, manifest)
-        self.sessions = self.lora.wrap(sessions)
+        self.sessions = controlnet.wrap(self.lora.wrap(sessions), manifest)
         self.info = ModelInfo(
             id=root.name, name=manifest.name, family=manifest.family, variant=manifest.variant,
             prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
