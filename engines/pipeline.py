@@ -3,7 +3,8 @@
 `Pipeline.render` tells the story of a render, as diffusers' `StableDiffusionPipeline.__call__` does; each
 numbered stage is one method here. The same stages run request by request for a server's batcher:
 `begin` (1–4), then `step` over several renders at once (5: one UNet call for all their rows, each with its
-own timestep), until each is `finished`; a render's state between steps is an `engines.rendering.Rendering`.
+own timestep; 6: the chunks that end together decoded together), until each is `finished`; a render's state
+between steps is an `engines.rendering.Rendering`, the UNet's feeds are `engines.unet_feeds`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import controlnet, images, optimum_folder, schedulers, vae_tiling
+from engines import controlnet, images, optimum_folder, schedulers, unet_feeds, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, InvalidRequest, ModelNotFound
@@ -125,8 +126,9 @@ class Pipeline:
     def step(self, renderings: Sequence[Rendering], max_rows: int | None = None) -> None:
         """Stage 5 for each rendering's current chunk: one UNet call over all their rows (they must share a
         `batch_key`; split into calls of `max_rows` at most), then each one's guidance and sampler step;
-        where a chunk took its last step, 6 and the next chunk's 4. A rendering that fails keeps its error
-        (its `result` raises it); the others go on."""
+        where chunks took their last step, 6 (`finish_chunks`, those of one size decoded together) and
+        their next chunk's 4. A rendering that fails keeps its error (its `result` raises it); the others
+        go on."""
         started = time.perf_counter()
         try:
             # 5. Denoise: the UNet
@@ -143,11 +145,10 @@ class Pipeline:
             try:
                 # 5. Denoise: guidance and the sampler step
                 self.advance(rendering, predicted, called)
-                if rendering.chunk_done:
-                    # 6. Decode, and 4. prepare the next chunk's latents
-                    self.finish_chunk(rendering)
             except Exception as exc:  # its callback asked to stop, its explicit noise was wrong, …
                 rendering.fail(exc)
+        # 6. Decode the chunks that took their last step, and 4. prepare their renders' next chunks
+        self.finish_chunks([r for r in renderings if r.denoised])
 
     # -- 1 ------------------------------------------------------------------------------------------
 
@@ -223,7 +224,9 @@ class Pipeline:
             mask_input = self.prepare_mask_latents(job, draws, chunk, noise, timings)
         elif job.inputs.masking == "blend":
             blend = Blend(self.latent_mask(job), image_latents, start)
-        return Chunk(chunk, draws, x, self._unet_conditioning(job, rendering.prompt, x.shape[0]), mask_input, blend)
+        conditioning = unet_feeds.text_conditioning(job, rendering.prompt, x.shape[0],
+                                                    self.manifest.requires_aesthetics_score)
+        return Chunk(chunk, draws, x, conditioning, mask_input, blend)
 
     def prepare_latents(self, job: Job, schedule: schedulers.Schedule, draws: SeededNoise, chunk: slice,
                         latents: np.ndarray | None, noise: Noise, timings: Timings
@@ -266,51 +269,18 @@ class Pipeline:
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         return ((mean + std * epsilon) * self.manifest.vae_scaling_factor).astype(np.float32)
 
-    def _unet_conditioning(self, job: Job, prompt: Prompt, count: int) -> dict[str, np.ndarray]:
-        """The UNet's text inputs for `count` images, negative half first when guided."""
-        feeds = {"encoder_hidden_states": np.repeat(prompt.embeds, count, axis=0)}
-        if prompt.pooled is not None:  # SDXL: pooled text and the (size, crop, target size) time ids
-            feeds["text_embeds"] = np.repeat(prompt.pooled, count, axis=0)
-            size = [job.height, job.width]
-            if self.manifest.requires_aesthetics_score:
-                ids = [[*size, 0, 0, score] for score in ((2.5, 6.0) if job.guided else (6.0,))]
-            else:
-                ids = [[*size, 0, 0, *size]] * job.copies
-            feeds["time_ids"] = np.repeat(np.array(ids, np.float32), count, axis=0)
-        return feeds
-
     # -- 5 ------------------------------------------------------------------------------------------
 
     def batch_key(self, rendering: Rendering) -> tuple:
-        """Renderings with equal keys may share a UNet call: same latent size, prompt length and LoRA feeds
-        (and timestep, for graphs that take one timestep for the whole batch)."""
-        chunk = rendering.chunk
-        if chunk is None:
-            return ()
-        scalar_t = rendering.schedule.timesteps[chunk.step] if self._scalar_timestep else None
-        return (chunk.x.shape[1:], rendering.prompt.embeds.shape[1:], rendering.lora.key, scalar_t)
-
-    def unet_inputs(self, rendering: Rendering) -> dict[str, np.ndarray]:
-        """The UNet's inputs for the current step of a rendering's chunk: the latents once per guidance copy
-        (negative half first), scaled for the sampler, with this step's timestep on every row."""
-        job, chunk, schedule = rendering.job, rendering.chunk, rendering.schedule
-        assert chunk is not None
-        model_input = job.scheduler.scale_model_input(schedule, chunk.step, np.concatenate([chunk.x] * job.copies))
-        if chunk.mask_input is not None:
-            model_input = np.concatenate([model_input, chunk.mask_input], axis=1)
-        t = schedule.timesteps[chunk.step]
-        return {"sample": model_input, "timestep": self._timestep(t, model_input.shape[0]), **chunk.conditioning}
-
-    def _timestep(self, t: float, batch: int) -> np.ndarray:
-        """One timestep per UNet row, or a scalar for graphs that take one (optimum's UNet export)."""
-        return np.float32(t) if self._scalar_timestep else np.full(batch, t, np.float32)
+        """Renderings with equal keys may share a UNet call (`unet_feeds.batch_key`)."""
+        return unet_feeds.batch_key(rendering, self._scalar_timestep)
 
     def predict_noise(self, renderings: Sequence[Rendering], max_rows: int | None = None) -> list[np.ndarray]:
         """The UNet over every rendering's rows at once, split back per rendering. Calls beyond `max_rows` or
         the backend's rows per call (`unet_rows`: TensorRT's largest batch profile) are split, never refused."""
         if len({self.batch_key(r) for r in renderings}) != 1:
             raise ValueError("these renders cannot share a UNet call (different batch keys)")
-        inputs = [self.unet_inputs(r) for r in renderings]
+        inputs = [unet_feeds.step_inputs(r, self._scalar_timestep) for r in renderings]
         feeds = {name: np.concatenate([i[name] for i in inputs]) if np.ndim(value) else value
                  for name, value in inputs[0].items()}
         rows = feeds["sample"].shape[0]
@@ -340,34 +310,56 @@ class Pipeline:
             chunk.drawn += 1
         chunk.previous = job.scheduler.step(schedule, i, predicted, chunk.x, previous=chunk.previous, noise=step_noise)
         chunk.x = chunk.previous.prev_sample
-        if chunk.blend is not None:
-            chunk.x = self._blend_outside_mask(job, schedule, i, chunk.x, chunk.blend)
+        if chunk.blend is not None:  # plain-UNet inpainting: outside the mask, the image at the next noise level
+            chunk.x = chunk.blend.apply(job.scheduler, schedule, i, chunk.x)
         chunk.step += 1
         rendering.hook(chunk.step, len(schedule.timesteps), chunk.images.start, chunk.previous.denoised)
         elapsed = called + time.perf_counter() - started
         rendering.timings.steps.append(elapsed)
         rendering.timings.stages["unet"] = rendering.timings.stages.get("unet", 0.0) + elapsed
 
-    @staticmethod
-    def _blend_outside_mask(job: Job, schedule: schedulers.Schedule, i: int, x: np.ndarray, blend: Blend
-                            ) -> np.ndarray:
-        """Plain UNets inpaint by resetting the unmasked area to the image, noised to the next level."""
-        known = blend.image_latents
-        if i + 1 < len(schedule.timesteps):
-            known = job.scheduler.add_noise(schedule, i + 1, known, blend.noise)
-        return ((1.0 - blend.mask) * known + blend.mask * x).astype(np.float32)
-
     # -- 6 ------------------------------------------------------------------------------------------
 
-    def finish_chunk(self, rendering: Rendering) -> None:
-        """A chunk past its last step: decode it, then start the next chunk (4), or close the render's timings."""
-        chunk = rendering.chunk
-        assert chunk is not None
-        with rendering.timings.stage("vae_decoder"):
-            rendering.pixels.append(self.decode_latents(chunk.x))
-        rendering.chunk = self.start_chunk(rendering, chunk.images.stop)
-        if rendering.chunk is None:
-            rendering.timings.stages["total"] = time.perf_counter() - rendering.started
+    def finish_chunks(self, renderings: Sequence[Rendering]) -> None:
+        """6. Decode the chunks that took their last step, those of one latent size in one VAE call (at most
+        `max_batch` images, what a chunk of one render may hold), then 4. prepare each render's next chunk.
+        A shared decode that fails is repeated per render, so that only the one at fault fails."""
+        sizes: dict[tuple[int, ...], list[Rendering]] = {}
+        for rendering in renderings:
+            sizes.setdefault(_chunk(rendering).x.shape[1:], []).append(rendering)
+        for same_size in sizes.values():
+            pack: list[Rendering] = []
+            for rendering in same_size:
+                if pack and sum(_chunk(r).x.shape[0] for r in pack) + _chunk(rendering).x.shape[0] > self.max_batch:
+                    self._decode_together(pack)
+                    pack = []
+                pack.append(rendering)
+            self._decode_together(pack)
+
+    def _decode_together(self, renderings: list[Rendering]) -> None:
+        started = time.perf_counter()
+        try:
+            pixels = self.decode_latents(np.concatenate([_chunk(r).x for r in renderings]))
+        except Exception as exc:
+            if len(renderings) == 1:
+                renderings[0].fail(exc)
+                return
+            for rendering in renderings:
+                self._decode_together([rendering])
+            return
+        elapsed = time.perf_counter() - started
+        counts = [_chunk(r).x.shape[0] for r in renderings]
+        for rendering, decoded in zip(renderings, np.split(pixels, np.cumsum(counts)[:-1]), strict=True):
+            timings = rendering.timings.stages
+            timings["vae_decoder"] = timings.get("vae_decoder", 0.0) + elapsed
+            rendering.pixels.append(decoded)
+            try:
+                rendering.chunk = self.start_chunk(rendering, _chunk(rendering).images.stop)
+            except Exception as exc:  # the next chunk's image encode failed: this render's error alone
+                rendering.fail(exc)
+                continue
+            if rendering.chunk is None:
+                timings["total"] = time.perf_counter() - rendering.started
 
     def decode_latents(self, x: np.ndarray) -> np.ndarray:
         """The VAE decoder; above the model's native size and the tiling threshold in overlapping tiles
@@ -383,6 +375,11 @@ class Pipeline:
     def close(self) -> None:
         for session in self.sessions.values():
             session.close()
+
+
+def _chunk(rendering: Rendering) -> Chunk:
+    assert rendering.chunk is not None  # a denoised chunk, until its decode
+    return rendering.chunk
 
 
 def load(model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,

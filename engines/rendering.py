@@ -43,6 +43,14 @@ class Blend:
     image_latents: np.ndarray  # (images, C, h, w)
     noise: np.ndarray  # the starting noise, which noises image_latents to each step's level
 
+    def apply(self, scheduler: schedulers.Scheduler, schedule: schedulers.Schedule, i: int, x: np.ndarray
+              ) -> np.ndarray:
+        """After step i: the image's latents noised to the next step's level outside the mask, x inside."""
+        known = self.image_latents
+        if i + 1 < len(schedule.timesteps):
+            known = scheduler.add_noise(schedule, i + 1, known, self.noise)
+        return ((1.0 - self.mask) * known + self.mask * x).astype(np.float32)
+
 
 @dataclass(eq=False)
 class Chunk:
@@ -86,9 +94,9 @@ class Rendering:
         return (0 if self.chunk is None else self.chunk.step), len(self.schedule.timesteps)
 
     @property
-    def chunk_done(self) -> bool:
-        """The current chunk has taken its last step: decode it and start the next."""
-        return self.chunk is not None and self.chunk.step == len(self.schedule.timesteps)
+    def denoised(self) -> bool:
+        """The current chunk took its last step: it waits for its decode (`Pipeline.finish_chunks`)."""
+        return self.chunk is not None and self.error is None and self.chunk.step == len(self.schedule.timesteps)
 
     @property
     def rows(self) -> int:
