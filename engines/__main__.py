@@ -14,6 +14,7 @@ from PIL import Image
 
 from engines import SAMPLERS, EngineError, RenderRequest, load
 from engines.backends import BACKENDS, PRECISIONS
+from engines.job import with_defaults
 
 PRECISION_HELP = ("what the openvino backend computes in: auto (default) is bf16 where the processor has bf16 "
                   "instructions (AVX-512 BF16, AMX), else fp32; the other backends compute in the graphs' precision")
@@ -29,7 +30,10 @@ def parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check this host: onnxruntime, providers, GPU, TensorRT (and a "
                                  "model's plans and a small render per backend); exit 1 on a problem")
     doctor.add_argument("model_dir", nargs="?", help="also check this model directory")
-    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    shown = doctor.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the report as JSON")
+    shown.add_argument("--summary", action="store_true", help="print one line per backend: with MODEL_DIR where each "
+                       "component really ran (ONNX Runtime's providers, TensorRT plans or their fallback)")
     render = commands.add_parser("render", help="render images and print per-stage timings")
     render.add_argument("model_dir", help="a model directory written by `python -m export`, or an ONNX folder "
                         "in optimum's layout (optimum-cli export onnx; its manifest is inferred)")
@@ -44,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("-n", type=int, default=1, help="number of images")
     render.add_argument("--image", help="input image: image to image, or inpainting with --mask")
     render.add_argument("--mask", help="mask image, white = repaint (the OpenAI API's alpha masks are the server's)")
-    render.add_argument("--strength", type=float, default=0.75, help="how much of --image to re-imagine (0-1]")
+    render.add_argument("--strength", type=float,
+                        help="how much of --image to re-imagine (0-1]; default 0.75, 1.0 with --mask")
     render.add_argument("--backend", choices=BACKENDS, default="auto")
     render.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     render.add_argument("--threads", type=int, help="threads per graph call (default: all cores)")
@@ -64,12 +69,12 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 def render(args: argparse.Namespace) -> int:
     pipe = load(args.model_dir, backend=args.backend, threads=args.threads, precision=args.precision)
     width, height = _size(args.size)
-    request = pipe.with_defaults(RenderRequest(
+    request = with_defaults(RenderRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
         guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, n=args.n,
         image=Image.open(args.image) if args.image else None, mask=Image.open(args.mask) if args.mask else None,
         strength=args.strength,
-    ))
+    ), pipe.info.defaults)  # to print what was rendered
     result = pipe.render(request, on_step=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr))
     print(file=sys.stderr)
     out = Path(args.out)
@@ -97,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from engines import doctor
 
         report = doctor.run(args.model_dir)
-        print(msgspec.json.format(msgspec.json.encode(report)).decode() if args.json else doctor.text(report))
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(report)).decode())
+        else:
+            print(doctor.summary(report) if args.summary else doctor.text(report))
         return 0 if report.ok else 1
     try:
         if args.command == "info":

@@ -14,7 +14,7 @@ from typing import Literal
 
 import msgspec
 
-from engines.errors import ModelInvalid, ModelNotFound
+from engines.errors import InvalidRequest, ModelInvalid, ModelNotFound
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "model.json"
@@ -90,8 +90,23 @@ class Sizes(msgspec.Struct, frozen=True):
     max: int
     step: int
 
+    def allows(self, side: object) -> bool:
+        return isinstance(side, int) and not isinstance(side, bool) and self.min <= side <= self.max \
+            and side % self.step == 0
+
     def contains(self, width: int, height: int) -> bool:
-        return all(self.min <= side <= self.max and side % self.step == 0 for side in (width, height))
+        return self.allows(width) and self.allows(height)
+
+    @property
+    def rule(self) -> str:
+        return f"both sides must be multiples of {self.step} from {self.min} to {self.max}"
+
+    def check(self, width: object, height: object, model: str, params: tuple[str, str] = ("size", "size")) -> None:
+        """InvalidRequest unless both sides fit; `params` name the width's and the height's field (A1111 has
+        one for each, OpenAI one for both)."""
+        for param, side in zip(params, (width, height), strict=True):
+            if not self.allows(side):
+                raise InvalidRequest(param, f"size {width}x{height} is not supported by model '{model}': {self.rule}")
 
 
 class Defaults(msgspec.Struct, frozen=True):
@@ -161,6 +176,30 @@ class TinyDecoder(msgspec.Struct, frozen=True):
     component: str
     source: str  # hub id, folder or "random", as given to `export --tiny-decoder`
     scaling_factor: float = 1.0
+class ControlNet(msgspec.Struct, frozen=True, kw_only=True):
+    """A ControlNet exported for this model (`python -m export controlnet SOURCE --for MODEL_DIR`), its graph
+    under `controlnets/<name>/`. It serves every model of its `family` whose UNet takes residuals of the
+    same names, widths and scales (`Residuals`) and whose cross-attention is as wide. Its files are
+    checked when the engine loads it, not by `read`: a broken ControlNet costs itself, never the model."""
+
+    component: Component  # inputs: sample, timestep, encoder_hidden_states, controlnet_cond (+ SDXL's two)
+    family: Family
+    cross_attention_dim: int
+    conditioning_channels: int  # channels of the control image (3: RGB in 0..1)
+    source: Source
+    exporter: dict[str, str]
+
+    def files(self) -> list[FileRef]:
+        return self.component.files()
+
+
+class Residuals(msgspec.Struct, frozen=True):
+    """The UNet takes ControlNet residuals as inputs (`export --controlnet`): `down` names one per down-block
+    output (conv_in's, each resnet's and downsampler's), `mid` the mid block's; their shapes are in the
+    UNet component's inputs. A render without ControlNet feeds zeros."""
+
+    down: list[str]
+    mid: str
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,6 +227,14 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     tensorrt: list[PlanSet] = []
     lora: LoraSupport | None = None
     tiny_decoder: TinyDecoder | None = None
+    residuals: Residuals | None = None  # None: exported before ControlNet support, or without --controlnet
+    controlnets: dict[str, ControlNet] = {}
+
+    def decoder(self, name: str) -> tuple[str, float]:
+        """The component and the latents' scaling factor of a final decoder: "full" the VAE's, "tiny" TAESD's."""
+        if name == "tiny" and self.tiny_decoder is not None:
+            return self.tiny_decoder.component, self.tiny_decoder.scaling_factor
+        return "vae_decoder", self.vae_scaling_factor
 
     def files(self) -> list[FileRef]:
         refs = [self.scheduler, *(f for t in self.tokenizers.values() for f in t.files())]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +85,38 @@ def taesd_model(models_root: Path, taesd_folder: Path) -> Path:
     if not (target / "model.json").is_file():
         export_model(ExportSettings(preset="tiny-sd15", output=str(target), tiny_decoder=str(taesd_folder)))
     return target
+
+
+@pytest.fixture(scope="session")
+def controlnet_model(models_root: Path) -> Callable[[str], Path]:
+    """`controlnet_model("tiny-sdxl")` → the model exported with `--controlnet` (its UNet takes ControlNet
+    residuals) plus the tiny ControlNet preset made from its UNet, if there is one, named as the preset;
+    built on first use, kept out of `models_dir`."""
+    from export import ExportSettings, export_model
+    from export.controlnet import PRESETS, ControlNetSettings, export_controlnet
+
+    def get(name: str) -> Path:
+        target = models_root.parent / "controlnet-models" / name
+        if not (target / "model.json").is_file():
+            export_model(ExportSettings(preset=name, output=str(target), controlnet=True))
+            for preset in (p for p in PRESETS.values() if p.base == name):
+                export_controlnet(ControlNetSettings(source=preset.name, model_dir=str(target)))
+        return target
+
+    return get
+
+
+@pytest.fixture
+def tiny_sd15(tiny_model: Callable[[str], Path]) -> Path:
+    """A models folder holding tiny-sd15 (and whatever else the session exported: give servers --model)."""
+    return tiny_model("tiny-sd15").parent
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Iterator[Path]:
+    """A folder of fault files for a server started with `tests.faults.environment` (removing `pause` at the
+    end, so that no render stays held)."""
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    yield folder
+    (folder / "pause").unlink(missing_ok=True)

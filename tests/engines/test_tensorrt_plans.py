@@ -156,6 +156,23 @@ def test_what_the_pipeline_feeds_fits_the_profiles(tiny_model: Model, name: str)
             assert (fits_other == 0) == component.startswith("text_encoder"), (component, shapes)
 
 
+def test_unet_profiles_cover_the_controlnet_residuals(controlnet_model: Model) -> None:
+    """A `--controlnet` export's UNet takes residuals at 1/1, 1/2, … of the latent: its profiles give each its
+    range, and what the pipeline feeds (zeros without ControlNet) fits them."""
+    pipe = engines.load(controlnet_model("tiny-sd15"), backend="cpu")
+    calls: list[tuple[str, dict]] = []
+    pipe.sessions["unet"].inner = Recorder(pipe.sessions["unet"].inner, calls)  # under the zero residuals
+    pipe.render(engines.RenderRequest(prompt="a lighthouse", width=96, height=64, steps=2, guidance_scale=5.0,
+                                      sampler="euler", seed=1, n=2))
+    profiles = plans.make_profiles(pipe.manifest, sizes=[(96, 64)], batch=(1, 3))
+    (unet,) = plans.component_profiles(pipe.manifest, "unet", profiles)
+    ranges = {r.name: r for r in unet.inputs}
+    assert ranges["down_block_residual.3"].opt[1:] == (64, 4, 6)  # half the latent: 64 px / 8 / 2, 96 px / 8 / 2
+    assert len(calls) == 2 and all("mid_block_residual" in shapes for _, shapes in calls)
+    for _, shapes in calls:
+        assert plans.choose_profile([unet], shapes) == 0
+
+
 def test_a_static_profile_wins_over_a_dynamic_one(tiny_model: Model) -> None:
     manifest, calls = _render_calls(tiny_model, "tiny-sd15", width=96)
     both = [*plans.make_profiles(manifest, sizes=[(96, 64)], batch=(1, 2), dynamic=(64, 128))]
@@ -189,6 +206,38 @@ def test_padding_only_when_it_adds_few_rows(rows: int, padded: int) -> None:
 def test_padding_outside_the_profile_is_an_error() -> None:
     with pytest.raises(ValueError, match="outside"):
         plans.padded_batch(9, _batch_profile(1, 2, 8))
+
+
+def _feeds(component: mf.Component, axes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Distinct values per row, in the shapes the manifest declares (named axes from `axes`)."""
+    rng = np.random.default_rng(0)
+    return {t.name: rng.standard_normal([d if isinstance(d, int) else axes[d] for d in t.shape]).astype(np.float32)
+            for t in component.inputs}
+
+
+def test_padding_pads_only_the_inputs_whose_first_axis_is_the_batch(lora_model: Model) -> None:
+    """7 rows run as 8: the batch inputs get a copy of their last row; LoRA's matrices (whose first axis
+    is the rank, or a layer's width) and a scalar timestep are the same for every row and stay as they are."""
+    unet = mf.read(lora_model("tiny-sd15")).components["unet"]
+    scalar = msgspec.structs.replace(unet, inputs=[msgspec.structs.replace(t, shape=[]) if t.name == "timestep" else t
+                                                   for t in unet.inputs])
+    axes = {"batch": 7, "height": 8, "width": 8, "sequence": 77, "lora_rank": 2}
+    for component in (unet, scalar):
+        feeds = _feeds(component, axes)
+        batched = plans.batch_inputs(component)
+        ranked = [t.name for t in component.inputs if t.shape and t.shape[0] == "lora_rank"]
+        assert {"sample", "encoder_hidden_states"} <= batched and ranked and not batched & set(ranked)
+        reordered = dict(sorted(feeds.items(), key=lambda item: item[1].ndim))  # a 0-d input first
+        assert plans.call_rows(reordered, batched) == 7
+        padded = plans.pad_rows(feeds, batched, 8)
+        for name, array in feeds.items():
+            if name in batched:
+                assert padded[name].shape == (8, *array.shape[1:])
+                np.testing.assert_array_equal(padded[name][:7], array)
+                np.testing.assert_array_equal(padded[name][7], array[6])
+            else:
+                assert padded[name] is array, name
+        assert padded["timestep"].shape == (() if component is scalar else (8,))
 
 
 # -- the key ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from openai import BadRequestError, OpenAI
 from PIL import Image
 
 import engines
+from server.a1111.tasks import preview_mode
 from tests.processes import ServerProcess
 from tests.server.conftest import wait_for_models
 
@@ -97,3 +98,13 @@ def test_a_decoder_the_model_lacks_is_a_400_naming_the_field(sdk: OpenAI, model:
     with pytest.raises(BadRequestError) as caught:
         sdk.images.generate(model=model, **ARGS, extra_body={**EXTRA, "decoder": decoder})
     assert caught.value.body["param"] == "decoder"
+
+
+@pytest.mark.parametrize(("kind", "tiny", "mode"), [("TAESD", True, "tiny"), ("TAESD", False, "linear"),
+                                                    ("Approx NN", True, "tiny"), ("Approx cheap", True, "linear"),
+                                                    ("Full", True, "full"), (None, True, "tiny")])
+def test_a1111_previews_take_the_tiny_decoder_where_asked(kind: str | None, tiny: bool, mode: str) -> None:
+    """A1111's show_progress_type: its TAESD (and Approx NN) previews by the model's tiny decoder where it has
+    one, else the cheap linear map; Full by the VAE; Approx cheap the linear map."""
+    options = {} if kind is None else {"show_progress_type": kind}
+    assert preview_mode(options, tiny) == mode
