@@ -6,7 +6,16 @@
                                                guidance_scale=5.0, sampler="euler", seed=1))
     result.images[0].save("cat.png")
 
-The server sees only this surface: `load`, `Pipeline.render`, `Pipeline.info`, `is_model_dir` and the errors.
+What the server uses, and all it may use:
+    `load(model_dir, …)` → a `Pipeline`: `render(request)` for a render alone, or for step-level batching
+        `begin` / `step` / `batch_key` over `rendering.Rendering`s (`finished`, `rows`, `progress`, `result`); `info`, a
+        `ModelInfo` (sizes with `sizes.check`, defaults, `rows(n, guidance)`, adapters); `tokenize`, the
+        prompts checked and tokenized once per request, handed back as `RenderRequest.tokens`;
+        `load_adapters`; `max_batch` and `unet_rows`
+    `limits`: every request bound and rule (steps, guidance, strength, seeds, LoRA, steps run, strength
+        defaults), each check raising `InvalidRequest(param, message)`; the server's Structs take their
+        bounds from it
+    `is_model_dir`, `Partial` (a streamed preview) and the errors (`engines.errors`).
 `load` takes our model directories (with `model.json`) and ONNX pipeline folders in optimum's layout.
 `load` and `Pipeline` are imported on first use, so that a router (which holds no engines) needs no
 ONNX Runtime installed.
@@ -14,6 +23,7 @@ ONNX Runtime installed.
 
 from typing import TYPE_CHECKING
 
+from engines import limits
 from engines.errors import (
     EngineError,
     EngineFailure,
@@ -26,7 +36,7 @@ from engines.info import ModelInfo
 from engines.noise import Noise
 from engines.optimum_folder import is_model_dir
 from engines.progress import Partial
-from engines.render import RenderRequest, RenderResult, Timings
+from engines.render import RenderRequest, RenderResult, Timings, Tokens
 from engines.schedulers import SAMPLERS
 
 __all__ = [
@@ -44,7 +54,9 @@ __all__ = [
     "RenderRequest",
     "RenderResult",
     "Timings",
+    "Tokens",
     "is_model_dir",
+    "limits",
     "load",
 ]
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from engines import SAMPLERS, EngineError, RenderRequest, load
 from engines.backends import BACKENDS
+from engines.job import with_defaults
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("-n", type=int, default=1, help="number of images")
     render.add_argument("--image", help="input image: image to image, or inpainting with --mask")
     render.add_argument("--mask", help="mask image, white = repaint (the OpenAI API's alpha masks are the server's)")
-    render.add_argument("--strength", type=float, default=0.75, help="how much of --image to re-imagine (0-1]")
+    render.add_argument("--strength", type=float,
+                        help="how much of --image to re-imagine (0-1]; default 0.75, 1.0 with --mask")
     render.add_argument("--backend", choices=BACKENDS, default="auto")
     render.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     return cli
@@ -62,12 +64,12 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 def render(args: argparse.Namespace) -> int:
     pipe = load(args.model_dir, backend=args.backend, threads=args.threads)
     width, height = _size(args.size)
-    request = pipe.with_defaults(RenderRequest(
+    request = with_defaults(RenderRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
         guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, n=args.n,
         image=Image.open(args.image) if args.image else None, mask=Image.open(args.mask) if args.mask else None,
         strength=args.strength,
-    ))
+    ), pipe.info.defaults)  # to print what was rendered
     result = pipe.render(request, on_step=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr))
     print(file=sys.stderr)
     out = Path(args.out)

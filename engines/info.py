@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from engines import limits
 from engines import manifest as mf
 
 
@@ -32,3 +33,8 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     lora_rank: int = 0  # largest total adapter rank per request; 0: exported without LoRA support
     adapters: list[AdapterInfo] = []
     refused_adapters: dict[str, str] = {}  # adapter name → why this model cannot take it
+
+    def rows(self, n: int, guidance_scale: float) -> int:
+        """UNet rows each step of a request takes: its images (at most a chunk of `max_batch`), twice when
+        guided. What batching packs into one call."""
+        return min(n, self.max_batch) * limits.rows_per_image(guidance_scale)

@@ -14,7 +14,6 @@ the pipeline's stages need not carry them.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engines import adapter as lora_file
+from engines import limits
 from engines import manifest as mf
 from engines.backends.base import Session
 from engines.errors import InvalidRequest
@@ -32,8 +32,6 @@ from engines.info import AdapterInfo
 
 log = logging.getLogger("sdserve.engines")
 
-MAX_ADAPTERS = 8
-MAX_SCALE = 4.0
 DOWN, UP = ".lora_down", ".lora_up"
 Feeds = dict[str, dict[str, np.ndarray]]  # component → input name → array
 _ACTIVE: ContextVar[Feeds | None] = ContextVar("sdserve_lora_feeds", default=None)
@@ -196,8 +194,7 @@ class Adapters:
         for path in sorted(Path(folder).glob("*.safetensors")) if folder else []:
             try:
                 if not self.rank:
-                    raise lora_file.AdapterRefused(f"model '{self.model}' was exported without LoRA support "
-                                                   "(export it with --lora-rank R)")
+                    raise lora_file.AdapterRefused(limits.lora_unsupported(self.model).message)
                 offered[path.stem] = fit(lora_file.read(path), self.manifest, self.slots)
             except Exception as exc:  # a bad file costs its adapter, never the loading of the model
                 refused[path.stem] = f"adapter '{path.stem}' does not fit model '{self.model}': {exc}"
@@ -245,20 +242,14 @@ class Adapters:
     def _check(self, choice: Sequence[tuple[str, float]], offered: dict[str, Fitted]) -> dict[str, float]:
         """Validated choice, repeated names summed (the same adapter twice is one at the summed scale)."""
         if not self.rank:
-            raise InvalidRequest("lora", f"model '{self.model}' was exported without LoRA support; export it "
-                                 "with `python -m export … --lora-rank R` to use adapters")
-        if len(choice) > MAX_ADAPTERS:
-            raise InvalidRequest("lora", f"{len(choice)} adapters; at most {MAX_ADAPTERS} per request")
+            raise limits.lora_unsupported(self.model)
+        limits.check_adapters(choice)
         scales: dict[str, float] = {}
         for name, scale in choice:
-            if not isinstance(scale, int | float) or not math.isfinite(scale) or abs(scale) > MAX_SCALE:
-                raise InvalidRequest("lora", f"adapter '{name}': scale {scale!r} is outside [-4, 4]")
             if name in self.refused:
                 raise InvalidRequest("lora", self.refused[name], code="lora_incompatible")
             if name not in offered:
-                known = ", ".join(offered) or "none"
-                raise InvalidRequest("lora", f"no LoRA adapter '{name}' for model '{self.model}'; available: "
-                                     f"{known}", code="lora_not_found")
+                raise limits.lora_not_found(self.model, name, list(offered))
             scales[name] = scales.get(name, 0.0) + float(scale)
         return scales
 

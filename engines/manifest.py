@@ -14,7 +14,7 @@ from typing import Literal
 
 import msgspec
 
-from engines.errors import ModelInvalid, ModelNotFound
+from engines.errors import InvalidRequest, ModelInvalid, ModelNotFound
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "model.json"
@@ -90,8 +90,23 @@ class Sizes(msgspec.Struct, frozen=True):
     max: int
     step: int
 
+    def allows(self, side: object) -> bool:
+        return isinstance(side, int) and not isinstance(side, bool) and self.min <= side <= self.max \
+            and side % self.step == 0
+
     def contains(self, width: int, height: int) -> bool:
-        return all(self.min <= side <= self.max and side % self.step == 0 for side in (width, height))
+        return self.allows(width) and self.allows(height)
+
+    @property
+    def rule(self) -> str:
+        return f"both sides must be multiples of {self.step} from {self.min} to {self.max}"
+
+    def check(self, width: object, height: object, model: str, params: tuple[str, str] = ("size", "size")) -> None:
+        """InvalidRequest unless both sides fit; `params` name the width's and the height's field (A1111 has
+        one for each, OpenAI one for both)."""
+        for param, side in zip(params, (width, height), strict=True):
+            if not self.allows(side):
+                raise InvalidRequest(param, f"size {width}x{height} is not supported by model '{model}': {self.rule}")
 
 
 class Defaults(msgspec.Struct, frozen=True):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engines.errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class Noise:
@@ -36,3 +38,14 @@ class SeededNoise:
     def draw(self) -> np.ndarray:
         """One standard normal latent per image, stacked: (images, C, h, w) float32."""
         return np.stack([g.standard_normal(self.shape, dtype=np.float32) for g in self._generators])
+
+
+def given(explicit: np.ndarray | None, chunk: slice, drawn: np.ndarray) -> np.ndarray:
+    """The caller's array for this chunk when given, else the seeded draw (drawn either way, so that
+    what follows in each image's stream does not depend on what the caller supplied)."""
+    if explicit is None:
+        return drawn
+    part = np.asarray(explicit, dtype=np.float32)[chunk]
+    if part.shape != drawn.shape:
+        raise InvalidRequest("noise", f"expected noise of shape {drawn.shape} for this chunk, got {part.shape}")
+    return part

@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from engines import limits
 from engines import manifest as mf
 from engines.errors import EngineFailure
 
@@ -146,7 +147,7 @@ def _axes(manifest: mf.Manifest, component: str, profile: mf.Profile) -> dict[st
 
 def _component_axes(manifest: mf.Manifest, component: str, profile: mf.Profile) -> dict[str, Range]:
     low, opt, high = profile.batch
-    copies = 2 if manifest.defaults.guidance_scale > 1.0 else 1  # what the model's default render feeds
+    copies = limits.rows_per_image(manifest.defaults.guidance_scale)  # what the model's default render feeds
     scale = manifest.vae_scale_factor
     pixels = {"height": profile.height, "width": profile.width}
     latent = {axis: (r[0] // scale, r[1] // scale, r[2] // scale) for axis, r in pixels.items()}

@@ -5,17 +5,37 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """A request's prompt and negative prompt, tokenized once by each of one model's tokenizers
+    (`Pipeline.tokenize`, which also checks their length): a server counts them before queueing and hands
+    them to the render in `RenderRequest.tokens`, so that no text is tokenized twice."""
+
+    model: str  # the model whose tokenizers made them
+    prompt: str
+    negative_prompt: str | None
+    ids: dict[str, tuple[list[int], list[int]]]  # tokenizer → (prompt ids, negative prompt ids), no specials
+
+    @property
+    def count(self) -> int:
+        """Prompt and negative prompt tokens by the first tokenizer (the usage a response reports)."""
+        prompt, negative = next(iter(self.ids.values()), ([], []))
+        return len(prompt) + len(negative)
+
+
 class RenderRequest(msgspec.Struct, kw_only=True):
     """One call into a pipeline. `image` (PIL) turns it into image to image; `image` + `mask` (PIL,
     white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i. Size,
-    steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`). `lora`
-    applies adapters as diffusers' `set_adapters(names, scales)` does."""
+    steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`), strength
+    `limits.default_strength`. `lora` applies adapters as diffusers' `set_adapters(names, scales)` does.
+    `tokens`: the prompts already tokenized by `Pipeline.tokenize` (else the render tokenizes them)."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -28,8 +48,9 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     n: int = 1
     image: Any = None
     mask: Any = None
-    strength: float = 0.75
+    strength: float | None = None  # None: 1.0 with a mask, 0.75 without (`limits.default_strength`)
     lora: list[tuple[str, float]] = []  # LoRA adapters (name, scale) from the pipeline's `adapters`
+    tokens: Tokens | None = None
 
 
 class Timings(msgspec.Struct):

@@ -18,33 +18,13 @@ import numpy as np
 
 from engines import images, schedulers
 from engines.errors import EngineError, EngineFailure
+from engines.job import Job
 from engines.lora import Chosen
 from engines.noise import Noise, SeededNoise
 from engines.progress import StepHook
-from engines.render import RenderRequest, RenderResult, Timings
+from engines.render import RenderResult, Timings
 
 log = logging.getLogger("sdserve.engines")
-
-
-@dataclass(frozen=True)
-class Job:
-    """A request with every value resolved against the model: what the stages consume."""
-
-    request: RenderRequest
-    width: int
-    height: int
-    steps: int  # schedule length (raised so that at least one step runs at low strength)
-    guided: bool  # classifier-free guidance: the UNet also sees the negative prompt
-    scheduler: schedulers.Scheduler
-    seeds: list[int]
-    strength: float  # 1.0 unless an image is given
-    image: np.ndarray | None  # (1, 3, H, W) in [-1, 1]
-    mask: np.ndarray | None  # (1, 1, H, W), 1 = repaint
-
-    @property
-    def copies(self) -> int:
-        """UNet rows per image: the negative and the positive prompt when guided."""
-        return 2 if self.guided else 1
 
 
 @dataclass(frozen=True)
@@ -56,11 +36,20 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class Inpainting:
-    mask: np.ndarray  # (1, 1, h, w) at latent size
-    masked_image_latents: np.ndarray | None  # 9-channel UNets: (images, 4, h, w)
-    image_latents: np.ndarray | None  # 4-channel UNets blend these back outside the mask every step
-    noise: np.ndarray  # the starting noise, reused to noise image_latents to each step's level
+class Blend:
+    """Inpainting with a plain UNet: after every step, the area outside the mask is reset to the image."""
+
+    mask: np.ndarray  # (1, 1, h, w) at latent size, 1 = repaint
+    image_latents: np.ndarray  # (images, C, h, w)
+    noise: np.ndarray  # the starting noise, which noises image_latents to each step's level
+
+    def apply(self, scheduler: schedulers.Scheduler, schedule: schedulers.Schedule, i: int, x: np.ndarray
+              ) -> np.ndarray:
+        """After step i: the image's latents noised to the next step's level outside the mask, x inside."""
+        known = self.image_latents
+        if i + 1 < len(schedule.timesteps):
+            known = scheduler.add_noise(schedule, i + 1, known, self.noise)
+        return ((1.0 - self.mask) * known + self.mask * x).astype(np.float32)
 
 
 @dataclass(eq=False)
@@ -70,9 +59,9 @@ class Chunk:
     images: slice  # which of the request's images
     draws: SeededNoise
     x: np.ndarray  # the latents, (images, C, h, w)
-    inpainting: Inpainting | None
     conditioning: dict[str, np.ndarray]  # the UNet's text (and SDXL size) inputs, one row per UNet row
     mask_input: np.ndarray | None  # 9-channel UNets: mask and masked-image latents, one row per UNet row
+    blend: Blend | None  # inpainting with a plain UNet
     step: int = 0  # the next step's index in the schedule
     previous: schedulers.StepOutput | None = None  # the sampler's history
     drawn: int = 0  # step noise arrays drawn so far
@@ -98,6 +87,11 @@ class Rendering:
     @property
     def finished(self) -> bool:
         return self.error is not None or self.chunk is None
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(steps done, steps) of the current chunk: what `on_step` last reported."""
+        return (0 if self.chunk is None else self.chunk.step), len(self.schedule.timesteps)
 
     @property
     def denoised(self) -> bool:

@@ -19,7 +19,8 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from engines import manifest as mf
-from engines.errors import ModelInvalid
+from engines.errors import InvalidRequest, ModelInvalid
+from engines.render import Tokens
 
 MAX_WINDOWS = 8
 
@@ -36,18 +37,23 @@ class PromptTokenizer:
         self.spec = spec
         self.piece = spec.max_length - 2  # room left by <bos> and <eos>
 
-    def count(self, text: str) -> int:
-        """How many windows `text` needs (at least one, also for the empty prompt)."""
-        return max(1, -(-len(self._ids(text)) // self.piece))
+    def ids(self, text: str) -> list[int]:
+        """`text`'s token ids, without the special and padding tokens."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def count(self, text: str | list[int]) -> int:
+        """How many windows `text` (or its `ids`) needs (at least one, also for the empty prompt)."""
+        ids = self.ids(text) if isinstance(text, str) else text
+        return max(1, -(-len(ids) // self.piece))
 
     def tokens(self, text: str) -> int:
-        """How many tokens `text` is, without the special and padding tokens (for usage reports)."""
-        return len(self._ids(text))
+        """How many tokens `text` is (for usage reports; `Tokens.count` counts without tokenizing again)."""
+        return len(self.ids(text))
 
-    def windows(self, text: str, count: int | None = None) -> np.ndarray:
-        """(windows, max_length) int64 token ids; `count` pads with empty windows so that a prompt and
-        its negative prompt line up."""
-        ids = self._ids(text)
+    def windows(self, text: str | list[int], count: int | None = None) -> np.ndarray:
+        """(windows, max_length) int64 token ids of `text` (or its `ids`); `count` pads with empty windows
+        so that a prompt and its negative prompt line up."""
+        ids = self.ids(text) if isinstance(text, str) else text
         pieces = [ids[i : i + self.piece] for i in range(0, len(ids), self.piece)] or [[]]
         pieces += [[]] * ((count or len(pieces)) - len(pieces))
         rows = np.full((len(pieces), self.spec.max_length), self.spec.pad_id, dtype=np.int64)
@@ -57,8 +63,22 @@ class PromptTokenizer:
             row[len(piece) + 1] = self.spec.eos_id
         return rows
 
-    def _ids(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+def tokenize(model: str, tokenizers: dict[str, PromptTokenizer], prompt: object, negative_prompt: object) -> Tokens:
+    """Both prompts by every tokenizer, once; InvalidRequest when one is not a string or needs more than
+    MAX_WINDOWS windows (checked here, before any encoder runs or a server queues the request)."""
+    if not isinstance(prompt, str):
+        raise InvalidRequest("prompt", "prompt must be a string")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise InvalidRequest("negative_prompt", "negative_prompt must be a string")
+    ids = {key: (t.ids(prompt), t.ids(negative_prompt or "")) for key, t in tokenizers.items()}
+    for index, param in enumerate(("prompt", "negative_prompt")):
+        windows = max((t.count(ids[key][index]) for key, t in tokenizers.items()), default=1)
+        if windows > MAX_WINDOWS:
+            spans = min(t.piece for t in tokenizers.values())
+            raise InvalidRequest(param, f"{param} needs {windows} windows of tokens; the limit is "
+                                 f"{MAX_WINDOWS} windows of {spans} tokens")
+    return Tokens(model, prompt, negative_prompt, ids)
 
 
 # CLIP's word rule: contractions, letter runs, single digits, runs of other non-space characters.

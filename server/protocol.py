@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from engines import limits
+
 Quality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max", "auto"]
 Background = Literal["auto", "opaque", "transparent"]
 Style = Literal["vivid", "natural"]
@@ -26,15 +28,17 @@ MAX_PROMPT = 4000  # characters; tokens (what a render costs) are checked by the
 _FROM_ZERO = {"extra": {"minimum": 0}}
 _BINARY = {"type": "string", "format": "binary"}
 
-N = Annotated[int, Meta(ge=1, le=10, description="number of images, 1-10")]
+N = Annotated[int, Meta(ge=1, le=limits.MAX_IMAGES, description=f"number of images, 1-{limits.MAX_IMAGES}")]
 Compression = Annotated[int, Meta(ge=0, le=100, description="jpeg/webp quality, 0-100", extra_json_schema=_FROM_ZERO)]
-Seed = Annotated[int, Meta(ge=0, le=2**53, description="seed of the first image; image i uses seed + i",
+Seed = Annotated[int, Meta(ge=0, le=limits.MAX_SEED, description="seed of the first image; image i uses seed + i",
                            extra_json_schema=_FROM_ZERO)]
-Steps = Annotated[int, Meta(ge=1, le=150, description="denoising steps (extension)")]
-Guidance = Annotated[float, Meta(ge=0, le=30, description="classifier-free guidance scale (extension)",
+Steps = Annotated[int, Meta(ge=limits.MIN_STEPS, le=limits.MAX_STEPS, description="denoising steps (extension)")]
+Guidance = Annotated[float, Meta(ge=limits.MIN_GUIDANCE, le=limits.MAX_GUIDANCE,
+                                 description="classifier-free guidance scale (extension)",
                                  extra_json_schema=_FROM_ZERO)]
 # Above 0: at 0 nothing would be re-imagined (the engines refuse it too).
-Strength = Annotated[float, Meta(gt=0, le=1, description="how much of the input image to re-imagine (extension)",
+Strength = Annotated[float, Meta(gt=0, le=limits.MAX_STRENGTH,
+                                 description="how much of the input image to re-imagine (extension)",
                                  extra_json_schema={"extra": {"exclusiveMinimum": 0}})]
 # Multipart file parts; the framework hands over its upload objects.
 File = Annotated[Any, Meta(description="an image file: PNG, JPEG or WebP", extra_json_schema={"extra": _BINARY})]
@@ -42,7 +46,8 @@ Files = Annotated[Any, Meta(description="image files (the first is used)",
                             extra_json_schema={"extra": {"type": "array", "items": _BINARY}})]
 
 
-Scale = Annotated[float, Meta(ge=-4, le=4, description="adapter weight, as diffusers' set_adapters weights")]
+Scale = Annotated[float, Meta(ge=-limits.MAX_LORA_SCALE, le=limits.MAX_LORA_SCALE,
+                              description="adapter weight, as diffusers' set_adapters weights")]
 
 
 class LoraRef(msgspec.Struct, kw_only=True):
@@ -68,7 +73,7 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     guidance_scale: Guidance | None = None
     sampler: Sampler | None = None
     strength: Strength | None = None
-    # LoRA adapters, at most 8 (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
+    # LoRA adapters, at most MAX_ADAPTERS (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
     lora: list[LoraRef] | str | None = None
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 
+from engines import limits
 from engines.errors import InvalidRequest, ModelInvalid
 
 F32 = np.float32
@@ -261,9 +262,7 @@ def spaced_timesteps(config: BetaConfig, steps: int, *, round_linspace: bool) ->
 
 def start_index(steps: int, strength: object, available: int) -> int:
     """The img2img pipelines' `get_timesteps`: how many leading entries a strength below 1 skips."""
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
-        raise InvalidRequest("strength", "strength must be a number in (0, 1]")
-    start = max(steps - min(int(steps * strength), steps), 0)
+    start = steps - limits.kept_steps(steps, limits.check_strength(strength))
     if start >= available:
         raise InvalidRequest("strength", f"strength {strength} leaves none of the {steps} steps to run; "
                              f"raise strength to at least {1 / steps:.3g} or use more steps")

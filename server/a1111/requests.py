@@ -22,13 +22,13 @@ import base64
 import binascii
 import json
 import math
-import secrets
 import time
 from typing import Any
 
 import msgspec
 from PIL import Image, ImageOps
 
+from engines import limits
 from engines.info import ModelInfo
 from server import adapters, images
 from server.a1111 import protocol as a1111
@@ -40,7 +40,6 @@ from server.state import AppState
 from server.wire import RenderOrder
 
 MAX_IMAGES = 10  # batch_size × n_iter, as OpenAI's n
-MAX_SEED = 2**53
 FORMATS: dict[str, OutputFormat] = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
 
 
@@ -145,21 +144,21 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
     cfg = info.defaults.guidance_scale if request.cfg_scale is None else request.cfg_scale
     if not (math.isfinite(cfg) and 0 <= cfg <= 30):
         raise invalid("cfg_scale", "cfg_scale must be from 0 to 30")
-    if request.seed != -1 and not 0 <= request.seed <= MAX_SEED:
-        raise invalid("seed", f"seed must be -1 (random) or from 0 to {MAX_SEED}")
     for param, value in (("batch_size", request.batch_size), ("n_iter", request.n_iter)):
         if value < 1:
             raise invalid(param, f"{param} must be at least 1")
     if request.batch_size * request.n_iter > MAX_IMAGES:
         raise invalid("batch_size", f"batch_size × n_iter is {request.batch_size * request.n_iter}; the limit "
                       f"is {MAX_IMAGES} images")
+    if request.seed != -1:  # -1: random
+        limits.check_seed(request.seed, request.batch_size * request.n_iter)
     output_format = FORMATS.get(str(options.get("samples_format", "png")).lower(), "png")
     quality = options.get("jpeg_quality")
     return RenderOrder(
         request_id=request_id, model=info.id, prompt=prompt, negative_prompt=(request.negative_prompt or "").strip()
         or None, width=width, height=height, steps=steps, guidance_scale=float(cfg),
         sampler=resolve_sampler(request, info),
-        seed=secrets.randbelow(2**31) if request.seed == -1 else request.seed,
+        seed=limits.random_seed() if request.seed == -1 else request.seed,
         n=request.batch_size * request.n_iter, strength=strength, image=image, mask=mask,
         output_format=output_format, lora=lora,
         output_compression=quality if output_format != "png" and isinstance(quality, int) and 0 <= quality <= 100

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 import re
-import secrets
 
 from PIL import Image
 
+from engines import limits
 from engines.info import ModelInfo
 from server import adapters, images
 from server.errors import ApiError
@@ -117,7 +117,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         steps=resolve_steps(request, info),
         guidance_scale=resolve_guidance(request, info),
         sampler=request.sampler or info.defaults.sampler,
-        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        seed=limits.random_seed() if request.seed is None else limits.check_seed(request.seed, request.n or 1),
         n=request.n or 1,
         strength=strength,
         image=image,

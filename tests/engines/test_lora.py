@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import engines
 from bench.reference import diffusers_scheduler
-from engines import lora
+from engines import limits, lora
 from export import presets, tiny
 from tests import adapters
 from tests.engines import batches
@@ -199,7 +199,7 @@ def test_rank_cap(lora_dirs: dict, lora_model: Callable[[str], Path]) -> None:
     assert pipeline.lora.choose([("full", 1.0), ("unetk", 1.0)]).feeds  # 4 + 4 in the UNet: at the cap
     with pytest.raises(engines.InvalidRequest, match="rank 10 in unet"):
         pipeline.lora.choose([("full", 1.0), ("unetk", 1.0), ("kohya", 1.0)])
-    assert lora.MAX_ADAPTERS == 8
+    assert limits.MAX_ADAPTERS == 8
 
 
 def test_tensorrt_profiles_carry_the_rank_axis(pipelines: dict) -> None:

@@ -92,8 +92,8 @@ def test_both_sdxl_encoders_read_every_window(sdxl: engines.Pipeline) -> None:
     """Two long prompts that differ only after the first window: the first window's states are equal, and
     each encoder's part of the later states (SDXL concatenates them feature-wise) differs."""
     head = " ".join((["a", "red", "fox", "jumping", "over", "a", "quiet", "river"] * 20)[:90])
-    one = sdxl.encode_prompt(f"{head} under the northern lights", None, guided=False).embeds
-    two = sdxl.encode_prompt(f"{head} in a desert of orange sand", None, guided=False).embeds
+    one = sdxl.encode_prompt(sdxl.tokenize(f"{head} under the northern lights", None), guided=False).embeds
+    two = sdxl.encode_prompt(sdxl.tokenize(f"{head} in a desert of orange sand", None), guided=False).embeds
     assert one.shape == two.shape and one.shape[1] >= 2 * 77
     np.testing.assert_array_equal(one[:, :77], two[:, :77])
     width = one.shape[2] // 2  # the tiny encoders are equally wide
@@ -112,7 +112,7 @@ def test_prompts_are_bounded_in_token_windows(sd15: engines.Pipeline, param: str
     longer = fits
     while tokenizer.count(longer) <= MAX_WINDOWS:
         longer += " river"
-    sd15.check_prompt_lengths(**({"prompt": "p", "negative_prompt": None} | {param: fits}))
+    sd15.tokenize(**({"prompt": "p", "negative_prompt": None} | {param: fits}))
     with pytest.raises(engines.InvalidRequest) as caught:
         sd15.render(request(steps=1, **{param: longer}))
     assert caught.value.param == param

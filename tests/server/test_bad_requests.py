@@ -76,6 +76,9 @@ CASES = [
     json_case({"prompt": "a", "output_compression": 101}, 400, "output_compression"),
     json_case({"prompt": "a", "seed": -1}, 400, "seed"),
     json_case({"prompt": "a", "seed": "lucky"}, 400, "seed"),
+    json_case({"prompt": "a", "seed": 2**53}, 400, "seed"),  # beyond what JavaScript clients read exactly
+    json_case({"prompt": "a", "seed": 2**53 - 1, "n": 2}, 400, "seed"),  # the second image's seed would be
+    json_case({"prompt": "a", "seed": 2**53 - 1, "n": 2, "stream": True}, 400, "seed"),  # before the stream
     json_case({"prompt": "a", "steps": 0}, 400, "steps"),
     json_case({"prompt": "a", "steps": 151}, 400, "steps"),
     json_case({"prompt": "a", "guidance_scale": 31}, 400, "guidance_scale"),
@@ -118,6 +121,7 @@ CASES = [
     edit_case({"prompt": "a", "n": "three"}, dict([IMAGE]), 400, "n"),
     edit_case({"prompt": "a", "size": "65x65"}, dict([IMAGE]), 400, "size"),
     edit_case({"prompt": "a", "strength": "-0.5"}, dict([IMAGE]), 400, "strength"),
+    edit_case({"prompt": "a", "strength": "1e-300"}, dict([IMAGE]), 400, "strength"),  # too low to run one step
     edit_case({"prompt": "a", "strength": "0"}, dict([IMAGE]), 400, "strength"),
     json_case({"prompt": "a", "strength": 0}, 400, "strength"),
     ("POST", EDIT, {"json": {"prompt": "a"}}, 400, "images", "missing_required_parameter"),  # JSON edits need images
