@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     http.add_argument("--response-format", choices=["b64_json", "url"], default="b64_json")
     http.add_argument("--api-key", default=_api_key_from_environment(),
-                      help="bearer key for /v1 (default $SDSERVE_API_KEY, else the first of $SDSERVE_API_KEYS)")
+                      help="bearer key for /v1 (default: the first of $SDSERVE_API_KEYS, the server's own variable)")
     http.add_argument("--admin-key", default=os.environ.get("SDSERVE_ADMIN_KEY"),
                       help="admin key for the router's /v0/nodes spread (default $SDSERVE_ADMIN_KEY)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
@@ -117,7 +117,7 @@ def http_settings(args: argparse.Namespace) -> Any:
 
 def _api_key_from_environment() -> str | None:
     keys = [k.strip() for k in os.environ.get("SDSERVE_API_KEYS", "").split(",") if k.strip()]
-    return os.environ.get("SDSERVE_API_KEY") or (keys[0] if keys else None)
+    return keys[0] if keys else None
 
 
 def _size(text: str) -> tuple[int, int]:
