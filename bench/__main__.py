@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(folder, args.command, result, table, kind.figure(result))
     print(table)
     print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if args.command == "http" and kind.errors(result) == sum(level.requests for level in result.levels):
+        print(f"bench: {kind.errors(result)} requests were not answered 200 (none was); the first answer was "
+              f"{kind.first_error(result)}", file=sys.stderr)
+        return 1
     if args.command == "http" and args.max_errors is not None and kind.errors(result) > args.max_errors:
         print(f"bench: {kind.errors(result)} requests were not answered 200 (--max-errors {args.max_errors})",
               file=sys.stderr)

@@ -159,7 +159,8 @@ async def _sweep(state: AppState) -> None:
 
 def default_model(settings: Settings) -> str | None:
     """Decided once, from configuration: `--default-model`, else (standalone) the first `--model`, else the
-    first model directory by name. A router has no default unless configured (its models come and go)."""
+    first model directory by name. A router has none configured unless given one (its models come and go):
+    its dispatcher then defaults to the fleet's model while the nodes serve exactly one."""
     if settings.default_model or settings.role == "router":
         return settings.default_model
     if settings.models:

@@ -51,8 +51,10 @@ def resolve_model(name: str | None, ready: dict[str, ModelInfo], known: set[str]
     target = default if name is None or name in OPENAI_MODEL_NAMES else name
     target = settings.model_aliases.get(name or "", target)
     if target is None:
-        raise ApiError(400, "this server has no default model: name one in 'model' (see /v1/models), or start "
-                       "it with --default-model", param="model", code="model_required")
+        served = ", ".join(sorted(known | set(ready))) or "none yet"
+        raise ApiError(400, f"no model named and this server has no default model (it serves {served}): name one "
+                       "in 'model' (see /v1/models), or start it with --default-model", param="model",
+                       code="model_required")
     if target in ready:
         return ready[target]
     if target in known:

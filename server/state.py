@@ -64,7 +64,7 @@ class AppState:
 
     @property
     def default_model(self) -> str | None:
-        """The model a request naming none gets (decided once at start-up; see server.app.default_model)."""
+        """The model a request naming none gets (see server.router.dispatch.Dispatcher.default_model)."""
         return self.dispatcher.default_model if self.dispatcher is not None else None
 
     def resolve_model(self, name: str | None, connection: ASGIConnection) -> ModelInfo:

@@ -39,7 +39,7 @@ class Dispatcher:
                  default_model: str | None = None) -> None:
         self.registry, self.metrics = registry, metrics
         self.retries, self.wait_limit = retries, wait_limit
-        self.default_model = default_model
+        self.configured_default = default_model
         self._default_problem: str | None = None
         self._room = asyncio.Condition()
         self._waiting: dict[str, int] = defaultdict(int)
@@ -231,12 +231,21 @@ class Dispatcher:
             if record.local:
                 record.report = record.client.report()
 
+    @property
+    def default_model(self) -> str | None:
+        """The model a request naming none gets: the configured one (`server.app.default_model`), else, on a
+        router whose nodes serve exactly one model, that model (a fleet of one model needs no setting)."""
+        if self.configured_default is not None:
+            return self.configured_default
+        known = self.known_models()
+        return next(iter(known)) if len(known) == 1 else None
+
     def default_model_problem(self) -> str | None:
         """Why the configured default model cannot serve, once the fleet knows some models."""
-        known = self.known_models()
-        if self.default_model is None or not known or self.default_model in known:
+        known, default = self.known_models(), self.configured_default
+        if default is None or not known or default in known:
             return None
-        return (f"--default-model '{self.default_model}' matches no model of any node (they have: "
+        return (f"--default-model '{default}' matches no model of any node (they have: "
                 f"{', '.join(sorted(known))}); requests without a model fail")
 
     def check_default_model(self) -> None:
