@@ -23,7 +23,8 @@ from litestar.types import ASGIApp
 from server import errors, node
 from server.access import AccessLog
 from server.metrics import Metrics
-from server.pool import EnginePool, discover
+from server.models_dir import discover
+from server.pool import EnginePool
 from server.router.dispatch import Dispatcher
 from server.router.node_client import LocalNode
 from server.router.prober import Prober

@@ -27,6 +27,7 @@ from server import images
 from server.batcher import Batcher, Batching
 from server.errors import ApiError
 from server.metrics import Metrics
+from server.models_dir import discover, nothing_servable
 from server.protocol import RenderedImages, RenderJob
 from server.settings import Settings
 
@@ -248,14 +249,6 @@ def _deliver(future: asyncio.Future[RenderedImages], outcome: RenderedImages | B
         future.set_result(outcome)
 
 
-def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
-    root = Path(models_dir)
-    if not root.is_dir():
-        return []
-    found = sorted(p for p in root.iterdir() if engines.is_model_dir(p))
-    return [p for p in found if not only or p.name in only]
-
-
 class EnginePool:
     """Every model directory under the models dir, loaded in the background at start-up.
 
@@ -268,6 +261,7 @@ class EnginePool:
         self.settings, self.metrics = settings, metrics
         self.queues: dict[str, ModelQueue] = {}
         self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
+        self.empty = nothing_servable(settings.models_dir, settings.models)  # why there is nothing to load
         self.draining = False
         self._loader: threading.Thread | None = None
 
@@ -280,6 +274,9 @@ class EnginePool:
             self._loader.join(timeout)
 
     def _load_all(self) -> None:
+        if self.empty:
+            log.warning("%s: this server can render nothing until models are there and it is restarted",
+                        self.empty)
         for path in discover(self.settings.models_dir, self.settings.models):
             started = time.perf_counter()
             try:
@@ -323,6 +320,17 @@ class EnginePool:
 
     def ready(self) -> bool:
         return bool(self.queues) and not self.draining
+
+    def why_not_ready(self) -> str:
+        """What /readyz says while no model can render: draining, nothing found, loading, or every one failed."""
+        loading = sorted(name for name, state in self.states.items() if state == "loading")
+        if self.draining:
+            return "draining: this server is shutting down"
+        if self.empty:
+            return self.empty
+        if loading:
+            return f"loading {', '.join(loading)}"
+        return "every model failed to load: " + "; ".join(f"{name}: {why}" for name, why in self.failed().items())
 
     async def render(self, job: RenderJob) -> RenderedImages:
         return await self.queue_for(job).submit(job)

@@ -182,7 +182,8 @@ def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
     flag("--host", help="address to bind (default 127.0.0.1)")
     flag("--port", type=int, help="port (default 8080)")
     flag("--public-url", help="base URL for image links when behind a proxy")
-    flag("--models-dir", help="folder of model directories, ours or ONNX folders in optimum's layout (default models/)")
+    flag("--models-dir", help="folder of model directories (ours, or ONNX folders in optimum's layout), or one "
+         "model directory itself, as `python -m export NAME --output DIR` writes it (default models/)")
     flag("--model", dest="models", action="append", metavar="MODEL", help="serve only this model id (repeatable)")
     flag("--default-model", help="model used when a request names none or an OpenAI model name")
     flag("--model-alias", dest="model_aliases", action="append", metavar="NAME=MODEL",

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from server.node import NodeAgent
     from server.pool import EnginePool
     from server.router.dispatch import Dispatcher
-    from server.router.registry import Registry
+    from server.router.registry import NodeRecord, Registry
 
 
 class Renderer(Protocol):
@@ -96,6 +96,17 @@ class AppState:
             found["default_model"] = problem
         return found
 
+    def why_not_ready(self) -> str:
+        """What /readyz says while no model can render: this process's models (nothing found, loading,
+        failed, draining), and the nodes' states on a router or a standalone server with nodes."""
+        reasons = [self.pool.why_not_ready()] if self.pool is not None else []
+        remote = [r for r in self.registry.nodes.values() if not r.local] if self.registry is not None else []
+        if remote:
+            reasons.append("nodes: " + ", ".join(_node_state(record) for record in remote))
+        elif self.pool is None:
+            reasons.append("no node has registered yet")
+        return "; ".join(reasons)
+
     @staticmethod
     def request_id(connection: ASGIConnection) -> str:
         return connection.scope.get("state", {}).get("request_id", "-")
@@ -125,6 +136,11 @@ class AppState:
         except TimeoutError:
             raise ApiError(504, f"the render took longer than the {self.settings.request_timeout:g} s request "
                            "timeout", code="timeout") from None
+
+
+def _node_state(record: NodeRecord) -> str:
+    why = f" ({record.last_error})" if record.last_error and not record.healthy else ""
+    return f"{record.id} {record.state()}{why}" + ("" if record.report.models else " with no model loaded")
 
 
 async def client_gone(request: Request) -> None:
