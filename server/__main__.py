@@ -15,7 +15,7 @@ import uvicorn
 
 from server import logs
 from server.app import asgi, create_app, on_terminate
-from server.models_dir import discover
+from server.node.models_dir import discover
 from server.router.admission import allowed_networks
 from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 

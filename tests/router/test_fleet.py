@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from PIL import Image
 
-from server.protocol import PROTOCOL_VERSION, NodeReport
+from server.wire import PROTOCOL_VERSION, NodeReport
 from tests.processes import ServerProcess, free_port
 from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
 

@@ -13,16 +13,16 @@ import pytest
 
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.protocol import RenderJob
 from server.router.dispatch import Dispatcher
 from server.router.node_client import NodeClient
 from server.router.registry import Registry
+from server.wire import RenderOrder
 from tests.processes import ServerProcess, free_port
 from tests.router.fleet import TOKEN
 
 
-def job(request_id: str, steps: int, size: int, n: int = 1) -> RenderJob:
-    return RenderJob(request_id=request_id, model="tiny-sd15", prompt="p", negative_prompt=None, width=size,
+def order(request_id: str, steps: int, size: int, n: int = 1) -> RenderOrder:
+    return RenderOrder(request_id=request_id, model="tiny-sd15", prompt="p", negative_prompt=None, width=size,
                      height=size, steps=steps, guidance_scale=7.5, sampler="euler", seed=1, n=n, strength=1.0)
 
 
@@ -43,7 +43,7 @@ def test_a_draining_nodes_refusal_does_not_abandon_its_running_request(models_di
         registry = Registry(heartbeat_timeout=600)
         registry.register(await client.status(5), client)
         dispatcher = Dispatcher(registry, Metrics(), retries=2, wait_limit=0)
-        long = asyncio.create_task(dispatcher.render(job("long-1", 150, 512, n=2)))
+        long = asyncio.create_task(dispatcher.render(order("long-1", 150, 512, n=2)))
         deadline = time.monotonic() + 30
         while not status()["load"]["tiny-sd15"]["running"] and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -57,7 +57,7 @@ def test_a_draining_nodes_refusal_does_not_abandon_its_running_request(models_di
             await asyncio.sleep(0.02)
         refused: object
         try:
-            refused = await dispatcher.render(job("late-1", 2, 64))
+            refused = await dispatcher.render(order("late-1", 2, 64))
         except ApiError as exc:
             refused = exc
         return await asyncio.gather(long, return_exceptions=True), refused
