@@ -89,7 +89,7 @@ def _server(env: dict[str, str], tmp_path: Path, timeout: float = 90.0) -> subpr
 ])
 def test_an_unknown_variable_stops_the_server_naming_the_one_meant(variable: str, meant: str,
                                                                  tmp_path: Path) -> None:
-    done = _server({variable: "secret"}, tmp_path, timeout=60)
+    done = _server({variable: "secret"}, tmp_path, timeout=120)  # only a server that stays up waits this long
     assert done is not None, f"the server started and served with {variable} set"
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
