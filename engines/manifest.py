@@ -153,6 +153,32 @@ class LoraSupport(msgspec.Struct, frozen=True):
     layers_per_block: int
 
 
+class ControlNet(msgspec.Struct, frozen=True, kw_only=True):
+    """A ControlNet exported for this model (`python -m export controlnet SOURCE --for MODEL_DIR`), its graph
+    under `controlnets/<name>/`. It serves every model of its `family` whose UNet takes residuals of the
+    same names, widths and scales (`Residuals`) and whose cross-attention is as wide. Its files are
+    checked when the engine loads it, not by `read`: a broken ControlNet costs itself, never the model."""
+
+    component: Component  # inputs: sample, timestep, encoder_hidden_states, controlnet_cond (+ SDXL's two)
+    family: Family
+    cross_attention_dim: int
+    conditioning_channels: int  # channels of the control image (3: RGB in 0..1)
+    source: Source
+    exporter: dict[str, str]
+
+    def files(self) -> list[FileRef]:
+        return self.component.files()
+
+
+class Residuals(msgspec.Struct, frozen=True):
+    """The UNet takes ControlNet residuals as inputs (`export --controlnet`): `down` names one per down-block
+    output (conv_in's, each resnet's and downsampler's), `mid` the mid block's; their shapes are in the
+    UNet component's inputs. A render without ControlNet feeds zeros."""
+
+    down: list[str]
+    mid: str
+
+
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     format_version: int = FORMAT_VERSION
     name: str
@@ -177,6 +203,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     # Added after format 1 shipped: the default keeps older model.json files readable (no format bump).
     tensorrt: list[PlanSet] = []
     lora: LoraSupport | None = None
+    residuals: Residuals | None = None  # None: exported before ControlNet support, or without --controlnet
+    controlnets: dict[str, ControlNet] = {}
 
     def files(self) -> list[FileRef]:
         refs = [self.scheduler, *(f for t in self.tokenizers.values() for f in t.files())]

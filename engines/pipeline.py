@@ -14,8 +14,9 @@ seed (`noise.SeededNoise`), so image i of seed s is image 0 of seed s + i.
 
 `render` runs one request alone. The same stages also run request by request for a batcher: `begin`
 (1–4), then `step` over several renders at once (5: one UNet call for all their rows, each with its own
-timestep, then each one's own guidance and sampler step; 6 and the next chunk's 4 where a chunk ends),
-until each is `finished`; a render's state between steps is an `engines.rendering.Rendering`.
+timestep, then each one's own guidance and sampler step; 6 for the chunks that ended, those of one size
+decoded together, and each one's next chunk's 4), until each is `finished`; a render's state between
+steps is an `engines.rendering.Rendering`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import images, optimum_folder, schedulers, vae_tiling
+from engines import controlnet, images, optimum_folder, schedulers, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
 from engines.errors import EngineError, InvalidRequest, ModelNotFound
@@ -57,7 +58,7 @@ class Pipeline:
         self.scheduler_config = msgspec.json.decode((root / manifest.scheduler.path).read_bytes())
         self.max_batch = max_batch or manifest.max_batch
         self.lora = Adapters(root.name, manifest)
-        self.sessions = self.lora.wrap(sessions)
+        self.sessions = controlnet.wrap(self.lora.wrap(sessions), manifest)
         self.info = ModelInfo(
             id=root.name, name=manifest.name, family=manifest.family, variant=manifest.variant,
             prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
@@ -128,8 +129,8 @@ class Pipeline:
     def step(self, renderings: Sequence[Rendering], max_rows: int | None = None) -> None:
         """5. One denoising step of each rendering's current chunk: one UNet call over all their rows (they
         must share a `batch_key`; split into calls of `max_rows` at most), then each one's guidance and
-        sampler step; where a chunk ends, 6 and the next chunk's 4. A rendering that fails keeps its error
-        (its `result` raises it); the others go on."""
+        sampler step; where chunks end, 6 (`finish_chunks`) and their next chunk's 4. A rendering that fails
+        keeps its error (its `result` raises it); the others go on."""
         started = time.perf_counter()
         try:
             predictions = self.predict_noise(renderings, max_rows)
@@ -146,6 +147,7 @@ class Pipeline:
                 self.advance(rendering, predicted, called)
             except Exception as exc:  # its callback asked to stop, its explicit noise was wrong, …
                 rendering.fail(exc)
+        self.finish_chunks([r for r in renderings if r.denoised])
 
     # -- 1 ------------------------------------------------------------------------------------------
 
@@ -348,8 +350,8 @@ class Pipeline:
         return np.split(predicted, np.cumsum([i["sample"].shape[0] for i in inputs])[:-1])
 
     def advance(self, rendering: Rendering, predicted: np.ndarray, called: float) -> None:
-        """After the UNet call (`called` seconds): guidance, the sampler step and the progress hook; past the
-        chunk's last step, 6. decode it and 4. prepare the next chunk."""
+        """After the UNet call (`called` seconds): guidance, the sampler step and the progress hook (after the
+        chunk's last step it is `denoised`, for `finish_chunks`)."""
         started = time.perf_counter()
         job, schedule, chunk, noise = rendering.job, rendering.schedule, rendering.chunk, rendering.noise
         assert chunk is not None
@@ -372,13 +374,49 @@ class Pipeline:
         elapsed = called + time.perf_counter() - started
         rendering.timings.steps.append(elapsed)
         rendering.timings.stages["unet"] = rendering.timings.stages.get("unet", 0.0) + elapsed
-        if chunk.step == total:
-            # 6. Decode
-            with rendering.timings.stage("vae_decoder"):
-                rendering.pixels.append(self.decode_latents(chunk.x))
-            rendering.chunk = self.start_chunk(rendering, chunk.images.stop)
+
+    # -- 6 ------------------------------------------------------------------------------------------
+
+    def finish_chunks(self, renderings: Sequence[Rendering]) -> None:
+        """6. Decode the chunks that took their last step, those of one latent size in one VAE call (at most
+        `max_batch` images, what a chunk of one render may hold), then 4. prepare each render's next chunk.
+        A shared decode that fails is repeated per render, so that only the one at fault fails."""
+        sizes: dict[tuple[int, ...], list[Rendering]] = {}
+        for rendering in renderings:
+            sizes.setdefault(_chunk(rendering).x.shape[1:], []).append(rendering)
+        for same_size in sizes.values():
+            pack: list[Rendering] = []
+            for rendering in same_size:
+                if pack and sum(_chunk(r).x.shape[0] for r in pack) + _chunk(rendering).x.shape[0] > self.max_batch:
+                    self._decode_together(pack)
+                    pack = []
+                pack.append(rendering)
+            self._decode_together(pack)
+
+    def _decode_together(self, renderings: list[Rendering]) -> None:
+        started = time.perf_counter()
+        try:
+            pixels = self.decode_latents(np.concatenate([_chunk(r).x for r in renderings]))
+        except Exception as exc:
+            if len(renderings) == 1:
+                renderings[0].fail(exc)
+                return
+            for rendering in renderings:
+                self._decode_together([rendering])
+            return
+        elapsed = time.perf_counter() - started
+        counts = [_chunk(r).x.shape[0] for r in renderings]
+        for rendering, decoded in zip(renderings, np.split(pixels, np.cumsum(counts)[:-1]), strict=True):
+            timings = rendering.timings.stages
+            timings["vae_decoder"] = timings.get("vae_decoder", 0.0) + elapsed
+            rendering.pixels.append(decoded)
+            try:
+                rendering.chunk = self.start_chunk(rendering, _chunk(rendering).images.stop)
+            except Exception as exc:  # the next chunk's image encode failed: this render's error alone
+                rendering.fail(exc)
+                continue
             if rendering.chunk is None:
-                rendering.timings.stages["total"] = time.perf_counter() - rendering.started
+                timings["total"] = time.perf_counter() - rendering.started
 
     def _unet_conditioning(self, job: Job, prompt: Prompt, count: int) -> dict[str, np.ndarray]:
         """The UNet's text inputs for `count` images, negative half first when guided."""
@@ -402,8 +440,6 @@ class Pipeline:
             known = job.scheduler.add_noise(schedule, i + 1, known, inpainting.noise)
         return ((1.0 - inpainting.mask) * known + inpainting.mask * x).astype(np.float32)
 
-    # -- 6 ------------------------------------------------------------------------------------------
-
     def decode_latents(self, x: np.ndarray) -> np.ndarray:
         """The VAE decoder; above the model's native size and the tiling threshold in overlapping tiles
         (`vae_tiling`), capping its memory. Native sizes decode whole: exact, and on the plans' own profile."""
@@ -418,6 +454,11 @@ class Pipeline:
     def close(self) -> None:
         for session in self.sessions.values():
             session.close()
+
+
+def _chunk(rendering: Rendering) -> Chunk:
+    assert rendering.chunk is not None  # a denoised chunk, until its decode
+    return rendering.chunk
 
 
 def _given(explicit: np.ndarray | None, chunk: slice, drawn: np.ndarray) -> np.ndarray:

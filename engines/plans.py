@@ -136,6 +136,11 @@ def _axes(manifest: mf.Manifest, component: str, profile: mf.Profile) -> dict[st
     axes = _component_axes(manifest, component, profile)
     if manifest.lora is not None:  # LoRA inputs: rank 1 (zeros) without adapters, up to the export's cap
         axes["lora_rank"] = (1, 1, manifest.lora.rank)
+    for spec in manifest.components[component].inputs:  # ControlNet residuals: "height/2" is ceil(height / 2)
+        for dim in spec.shape:
+            base, _, divisor = str(dim).partition("/")
+            if divisor and base in axes:
+                axes[str(dim)] = tuple(-(-side // int(divisor)) for side in axes[base])
     return axes
 
 

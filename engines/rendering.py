@@ -100,6 +100,11 @@ class Rendering:
         return self.error is not None or self.chunk is None
 
     @property
+    def denoised(self) -> bool:
+        """The current chunk took its last step: it waits for its decode (`Pipeline.finish_chunks`)."""
+        return self.chunk is not None and self.error is None and self.chunk.step == len(self.schedule.timesteps)
+
+    @property
     def rows(self) -> int:
         """UNet rows of the current chunk's next call."""
         return 0 if self.chunk is None else self.chunk.x.shape[0] * self.job.copies

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no import-time noise
@@ -16,6 +17,7 @@ from export.errors import ExportError
 
 if TYPE_CHECKING:
     from export import tensorrt
+    from export.controlnet import ControlNetReport
     from export.exporter import ExportReport, ExportSettings
 
 
@@ -27,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
         description="Export a Stable Diffusion checkpoint to an ONNX model directory (model.json + one graph "
         "per component), checking every graph against PyTorch.",
         epilog=f"presets (name, default source, description):\n{listing}\n\n"
-        "python -m export adopt DIR writes model.json into an ONNX folder in optimum's layout (see its --help).",
+        "python -m export adopt DIR writes model.json into an ONNX folder in optimum's layout (see its --help).\n"
+        "python -m export controlnet SOURCE --for DIR adds a ControlNet to a model directory (see its --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli.add_argument("preset", help="which architecture and defaults: one of the presets below")
@@ -53,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--lora-rank", type=int, default=0, metavar="R",
                      help="LoRA support: the text encoders and UNet take adapters per request, up to a total "
                      "rank R (sum of the ranks of a request's adapters; default 0: no LoRA support)")
+    cli.add_argument("--controlnet", action="store_true",
+                     help="ControlNet support: the UNet takes ControlNet residuals as inputs (zeros when a render "
+                     "uses none); then add ControlNets with python -m export controlnet SOURCE --for OUTPUT")
     trt = cli.add_argument_group(
         "TensorRT plans (need an NVIDIA GPU, TensorRT and cuda-python: pip install .[tensorrt])",
         "With --tensorrt, an --output that already holds a model of this preset is not exported again\n"
@@ -102,6 +108,7 @@ def settings_from(args: argparse.Namespace) -> ExportSettings:
         force=args.force,
         tolerance=args.tolerance,
         lora_rank=args.lora_rank,
+        controlnet=args.controlnet,
         # TensorRT's parser knows no ONNX Runtime contrib operators: plans are built from the raw graphs
         optimize="none" if args.tensorrt and args.optimize == "auto" else args.optimize,
     )
@@ -158,31 +165,54 @@ def adopt_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["adopt"]:
-        return adopt_main(argv[1:])
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from export import tensorrt  # torch and diffusers take seconds: imported only here
-    from export.exporter import export_model, output_dir
+def controlnet_parser() -> argparse.ArgumentParser:
+    from export.controlnet import PRESETS
 
-    settings = settings_from(args)
-    lines = []
+    listing = "\n".join(f"  {p.name:<24} made from {p.base}'s UNet" for p in PRESETS.values())
+    cli = argparse.ArgumentParser(
+        prog="python -m export controlnet",
+        description="Export a ControlNet to ONNX beside the model it serves (MODEL_DIR/controlnets/NAME/, recorded "
+        "in MODEL_DIR's model.json), checked against PyTorch. The model must have been exported with --controlnet; "
+        "a node offers the ControlNet to every model of the same family it hosts.",
+        epilog=f"random-weight presets (tests, benchmarks):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("source", help="hub id (lllyasviel/control_v11p_sd15_canny), local diffusers ControlNetModel "
+                     "folder, single .safetensors file (with --config), or a preset below")
+    cli.add_argument("--for", dest="model_dir", required=True, metavar="MODEL_DIR",
+                     help="the model directory it serves (exported with --controlnet)")
+    cli.add_argument("--name", help="its name in requests (default: the preset, folder or file name, or the hub id's "
+                     "last part)")
+    cli.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
+    cli.add_argument("--config", help="for a single file: a diffusers ControlNet config folder (offline) or hub id")
+    cli.add_argument("--tolerance", type=float,
+                     help="max |onnx - torch| relative to the output scale (default by the UNet's precision)")
+    cli.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    cli.add_argument("--force", action="store_true", help="replace a ControlNet of the same name")
+    return cli
+
+
+def controlnet_main(argv: list[str]) -> int:
+    args = controlnet_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from export.controlnet import ControlNetSettings, export_controlnet
+
+    settings = ControlNetSettings(source=args.source, model_dir=args.model_dir, name=args.name,
+                                  revision=args.revision, config=args.config, force=args.force,
+                                  tolerance=args.tolerance, opset=args.opset)
+    return _reported(lambda: controlnet_summary(export_controlnet(settings)))
+
+
+def controlnet_summary(report: ControlNetReport) -> str:
+    c = report.component
+    return (f"exported ControlNet {report.name} ({report.family}) for {report.model_dir} in {report.seconds:.1f} s\n"
+            f"  {'component':<16}{'precision':<11}{'size':>10}{'time':>9}  max |onnx - torch|\n"
+            f"  {c.name:<16}{c.precision:<11}{c.bytes / 1e6:>8.1f}MB{c.seconds:>8.1f}s  {_difference(c.max_diff)}")
+
+
+def _reported(work: Callable[[], str]) -> int:
+    """Run an export and print its summary: 0; or print one line saying why it failed: 2 (130 interrupted)."""
     try:
-        if args.fp16_vae and settings.precision != "fp16":
-            raise ExportError("--fp16-vae needs --precision fp16")
-        if args.tensorrt and settings.optimize != "none":
-            raise ExportError("--tensorrt builds plans from standard ONNX operators only: drop --optimize "
-                              f"{settings.optimize}")
-        # With --tensorrt, TensorRT is checked before any export work: without it nothing is written.
-        if not args.tensorrt or tensorrt.needs_export(settings):
-            lines.append(summary(export_model(settings)))
-        if args.tensorrt:
-            plan_settings = tensorrt.PlanSettings(model_dir=str(output_dir(settings)), sizes=args.sizes,
-                                                  batch=args.batch, dynamic=args.dynamic,
-                                                  optimization_level=args.opt_level)
-            lines.append(plan_summary(tensorrt.build_plans(plan_settings)))
+        summary_text = work()
     except ExportError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
@@ -194,8 +224,41 @@ def main(argv: list[str] | None = None) -> int:
         reason = (str(exc).strip().splitlines() or [""])[0]
         print(f"export: error: {type(exc).__name__}: {reason}; nothing was written", file=sys.stderr)
         return 2
-    print("\n".join(lines))
+    print(summary_text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adopt"]:
+        return adopt_main(argv[1:])
+    if argv[:1] == ["controlnet"]:
+        return controlnet_main(argv[1:])
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    settings = settings_from(args)
+    return _reported(lambda: _export(args, settings))
+
+
+def _export(args: argparse.Namespace, settings: ExportSettings) -> str:
+    from export import tensorrt  # torch and diffusers take seconds: imported only here
+    from export.exporter import export_model, output_dir
+
+    if args.fp16_vae and settings.precision != "fp16":
+        raise ExportError("--fp16-vae needs --precision fp16")
+    if args.tensorrt and settings.optimize != "none":
+        raise ExportError("--tensorrt builds plans from standard ONNX operators only: drop --optimize "
+                          f"{settings.optimize}")
+    lines = []
+    # With --tensorrt, TensorRT is checked before any export work: without it nothing is written.
+    if not args.tensorrt or tensorrt.needs_export(settings):
+        lines.append(summary(export_model(settings)))
+    if args.tensorrt:
+        plan_settings = tensorrt.PlanSettings(model_dir=str(output_dir(settings)), sizes=args.sizes,
+                                              batch=args.batch, dynamic=args.dynamic,
+                                              optimization_level=args.opt_level)
+        lines.append(plan_summary(tensorrt.build_plans(plan_settings)))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class ExportSettings(msgspec.Struct, frozen=True, kw_only=True):
     tolerance: float | None = None  # default by precision (TOLERANCE)
     lora_rank: int = 0  # > 0: LoRA-capable text encoders and UNet, up to this total rank per request
     optimize: OptimizeChoice = "auto"  # ONNX Runtime's transformer fusions for this provider (export.optimize)
+    controlnet: bool = False  # the UNet takes ControlNet residuals as inputs (zeros when a render has none)
 
 
 class ComponentReport(msgspec.Struct, frozen=True):
@@ -71,7 +72,8 @@ def export_model(settings: ExportSettings) -> ExportReport:
     pipe, origin = source.load(preset, settings.model, settings.revision, settings.config)
     if settings.lora_rank < 0:
         raise ExportError("--lora-rank must be 0 (no LoRA support) or more")
-    parts = component_graphs(pipe, settings.lora_rank, fp32_attention=preset.family == "sd2")
+    parts = component_graphs(pipe, settings.lora_rank, fp32_attention=preset.family == "sd2",
+                             controlnet=settings.controlnet)
     reports = []
     with model_dir.staging(target, settings.force) as stage:
         for index, graph in enumerate(parts, 1):
@@ -89,13 +91,14 @@ def output_dir(settings: ExportSettings) -> Path:
     return Path(settings.output or f"models/{settings.preset}")
 
 
-def component_graphs(pipe: DiffusionPipeline, lora_rank: int = 0, fp32_attention: bool = False) -> list[graphs.Graph]:
+def component_graphs(pipe: DiffusionPipeline, lora_rank: int = 0, fp32_attention: bool = False,
+                     controlnet: bool = False) -> list[graphs.Graph]:
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     parts = [graphs.text_encoder("text_encoder", pipe.text_encoder)]
     if text_encoder_2 is not None:
         parts.append(graphs.text_encoder("text_encoder_2", text_encoder_2))
     pooled_dim = text_encoder_2.config.projection_dim if text_encoder_2 is not None else None
-    parts.append(graphs.unet(pipe.unet, pooled_dim, fp32_attention))
+    parts.append(graphs.unet(pipe.unet, pooled_dim, fp32_attention, controlnet))
     if lora_rank:
         parts = [lora.with_lora(graph, getattr(pipe, graph.name)) for graph in parts]
     parts.append(graphs.vae_encoder(pipe.vae, _vae_scale(pipe)))
@@ -105,17 +108,23 @@ def component_graphs(pipe: DiffusionPipeline, lora_rank: int = 0, fp32_attention
 
 def _export_component(graph: graphs.Graph, stage: Path, settings: ExportSettings, pipe: DiffusionPipeline,
                       preset: Preset) -> ComponentReport:
-    started = time.perf_counter()
     precision = settings.vae_precision if graph.name.startswith("vae_") else settings.precision
-    trace_shape, check_shape = _shapes(pipe, preset)
+    tolerance = settings.tolerance if settings.tolerance is not None else TOLERANCE[precision]
+    target = optimize.choose(settings.optimize, settings.precision)
+    return export_graph(graph, stage / graph.name, _shapes(pipe, preset), precision, target, tolerance,
+                        settings.opset)
+
+
+def export_graph(graph: graphs.Graph, folder: Path, shapes: tuple[graphs.Shape, graphs.Shape], precision: str,
+                 target: OptimizeTarget, tolerance: float, opset: int) -> ComponentReport:
+    """Trace `graph` into `folder` at the first shape and check it against PyTorch at the second."""
+    started = time.perf_counter()
+    trace_shape, check_shape = shapes
     # An fp16 graph is judged against the fp32 PyTorch module.
     check_inputs = graph.inputs(check_shape, seed=1)
     reference = graph.run(check_inputs)
-    folder = stage / graph.name
-    target = optimize.choose(settings.optimize, settings.precision)
-    graphs.trace(graph, graph.inputs(trace_shape, seed=0), folder, settings.opset, precision, target)
+    graphs.trace(graph, graph.inputs(trace_shape, seed=0), folder, opset, precision, target)
     size = sum(f.stat().st_size for f in folder.iterdir())
-    tolerance = settings.tolerance if settings.tolerance is not None else TOLERANCE[precision]
     if _optimized_for(folder, target) == "cuda":  # fused operators without CPU kernels: nothing here runs it
         log.info("    %s: %.1f MB, optimized for CUDA: not checked against PyTorch (the CPU provider cannot run "
                  "its fused operators; export --optimize cpu or none to check)", graph.name, size / 1e6)
@@ -178,10 +187,16 @@ def _manifest(pipe: DiffusionPipeline, preset: Preset, origin: mf.Source, stage:
         tokenizers=tokenizers,
         scheduler=mf.file_ref(stage, "scheduler/scheduler_config.json"),
         source=origin,
-        exporter=_versions(settings.opset),
+        exporter=versions(settings.opset),
         lora=mf.LoraSupport(rank=settings.lora_rank, layers_per_block=pipe.unet.config.layers_per_block)
         if settings.lora_rank else None,
+        residuals=_residuals(pipe) if settings.controlnet else None,
     )
+
+
+def _residuals(pipe: DiffusionPipeline) -> mf.Residuals:
+    *down, mid = (r.name for r in graphs.residual_specs(pipe.unet.config))
+    return mf.Residuals(down=down, mid=mid)
 
 
 def _text_encoders(pipe: DiffusionPipeline) -> list[mf.TextEncoder]:
@@ -206,14 +221,19 @@ def _tokenizer(tokenizer: object, folder: Path, stage: Path) -> mf.Tokenizer:
 
 
 def _component(stage: Path, name: str, settings: ExportSettings) -> mf.Component:
-    model = onnx.load(str(stage / name / "model.onnx"), load_external_data=False)
-    data = stage / name / graphs.EXTERNAL_DATA_FILE
     precision = settings.vae_precision if name.startswith("vae_") else settings.precision
+    return describe(stage, name, precision, optimize.choose(settings.optimize, settings.precision))
+
+
+def describe(root: Path, folder: str, precision: mf.Precision, target: OptimizeTarget) -> mf.Component:
+    """The manifest entry of the graph in `root/folder`, its paths relative to `root`."""
+    model = onnx.load(str(root / folder / "model.onnx"), load_external_data=False)
+    data = root / folder / graphs.EXTERNAL_DATA_FILE
     return mf.Component(
-        graph=mf.file_ref(stage, f"{name}/model.onnx"),
-        external_data=mf.file_ref(stage, f"{name}/{data.name}") if data.is_file() else None,
+        graph=mf.file_ref(root, f"{folder}/model.onnx"),
+        external_data=mf.file_ref(root, f"{folder}/{data.name}") if data.is_file() else None,
         precision=precision,
-        optimized_for=_optimized_for(stage / name, optimize.choose(settings.optimize, settings.precision)),
+        optimized_for=_optimized_for(root / folder, target),
         inputs=[_tensor_spec(v) for v in model.graph.input],
         outputs=[_tensor_spec(v) for v in model.graph.output],
     )
@@ -235,7 +255,7 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> mf.TensorSpec:
     return mf.TensorSpec(value.name, dtype, shape)
 
 
-def _versions(opset: int) -> dict[str, str]:
+def versions(opset: int) -> dict[str, str]:
     names = {"sdserve": ["sdserve"], "torch": ["torch"], "diffusers": ["diffusers"],
              "transformers": ["transformers"], "onnx": ["onnx"], "onnxruntime": ["onnxruntime", "onnxruntime-gpu"]}
     versions = {name: _version(dists) for name, dists in names.items()}

@@ -92,18 +92,29 @@ def text_encoder(name: str, model: torch.nn.Module) -> Graph:
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+    """The UNet with its inputs in graph order: SDXL's pooled text and time ids, then (with ControlNet
+    residual inputs) one residual per down-block output and the mid block's."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, residuals: int) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet, self.sdxl, self.residuals = unet, sdxl, residuals
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+                *more: torch.Tensor) -> torch.Tensor:
+        added = {"text_embeds": more[0], "time_ids": more[1]} if self.sdxl else None
+        more = more[2:] if self.sdxl else more
+        control = {}
+        if self.residuals:
+            control = {"down_block_additional_residuals": more[:self.residuals - 1],
+                       "mid_block_additional_residual": more[self.residuals - 1]}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
+                         **control)[0]
 
 
-def unet(model: torch.nn.Module, text_embeds_dim: int | None, fp32_attention: bool = False) -> Graph:
-    """The UNet; SDXL's (`text_embeds_dim` set) also takes the pooled text embedding and the time ids.
+def unet(model: torch.nn.Module, text_embeds_dim: int | None, fp32_attention: bool = False,
+         controlnet: bool = False) -> Graph:
+    """The UNet; SDXL's (`text_embeds_dim` set) also takes the pooled text embedding and the time ids, and
+    with `controlnet` it takes the ControlNet residuals (`residual_specs`) after them.
     `fp32_attention` (or the config's `upcast_attention`) keeps attention scores fp32 in fp16 graphs."""
     config = model.config
     spatial = {0: BATCH, 2: "height", 3: "width"}
@@ -115,6 +126,9 @@ def unet(model: torch.nn.Module, text_embeds_dim: int | None, fp32_attention: bo
         time_ids = (config.projection_class_embeddings_input_dim - text_embeds_dim) // config.addition_time_embed_dim
         names += ["text_embeds", "time_ids"]
         axes |= {"text_embeds": {0: BATCH}, "time_ids": {0: BATCH}}
+    residuals = residual_specs(config) if controlnet else []
+    names += [r.name for r in residuals]
+    axes |= {r.name: r.axes for r in residuals}
 
     def make(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
         b, h, w = shape.batch, shape.latent_height, shape.latent_width
@@ -127,11 +141,49 @@ def unet(model: torch.nn.Module, text_embeds_dim: int | None, fp32_attention: bo
             inputs["text_embeds"] = torch.randn(b, text_embeds_dim, generator=gen)
             size = [h * 8, w * 8, 0, 0, h * 8, w * 8][:time_ids]
             inputs["time_ids"] = torch.tensor([size] * b, dtype=torch.float32)
+        for residual in residuals:
+            inputs[residual.name] = torch.randn(residual.shape(b, h, w), generator=gen) * 0.5
         return inputs
 
     # fp16 cannot tell 985.5 from 985.6: timesteps (and the small time ids) stay fp32.
-    return Graph("unet", _UNet(model), names, ["out_sample"], axes, make, keep_fp32_inputs=("timestep", "time_ids"),
+    return Graph("unet", _UNet(model, time_ids > 0, len(residuals)), names, ["out_sample"], axes, make,
+                 keep_fp32_inputs=("timestep", "time_ids"),
                  fp32_attention=fp32_attention or bool(getattr(config, "upcast_attention", False)))
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One ControlNet residual: a UNet input (export --controlnet) and the same-named ControlNet output,
+    `channels` wide at 1/2**`level` of the latent's height and width."""
+
+    name: str
+    channels: int
+    level: int
+
+    @property
+    def axes(self) -> dict[int, str]:
+        scale = "" if self.level == 0 else f"/{2 ** self.level}"
+        return {0: BATCH, 2: f"height{scale}", 3: f"width{scale}"}
+
+    def shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        for _ in range(self.level):  # the UNet's stride-2 convolutions round up
+            height, width = -(-height // 2), -(-width // 2)
+        return batch, self.channels, height, width
+
+
+def residual_specs(config: object) -> list[Residual]:
+    """The residuals a UNet (or ControlNet) config adds up, in the order diffusers passes them: conv_in's
+    output, each down block's resnet outputs and downsampler, then the mid block's (named last)."""
+    channels = list(config.block_out_channels)
+    per_block = config.layers_per_block
+    per_block = list(per_block) if isinstance(per_block, list | tuple) else [per_block] * len(channels)
+    down = [(channels[0], 0)]
+    for level, (width, layers) in enumerate(zip(channels, per_block, strict=True)):
+        down += [(width, level)] * layers
+        if level < len(channels) - 1:
+            down.append((width, level + 1))
+    specs = [Residual(f"down_block_residual.{i}", width, level) for i, (width, level) in enumerate(down)]
+    return [*specs, Residual("mid_block_residual", channels[-1], len(channels) - 1)]
 
 
 class _VaeEncoder(torch.nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import (
@@ -27,6 +28,7 @@ from export.presets import Preset
 log = logging.getLogger("sdserve.export")
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+T = TypeVar("T")
 
 
 def pipeline_class(preset: Preset) -> type[DiffusionPipeline]:
@@ -54,7 +56,7 @@ def load(preset: Preset, model: str | None = None, revision: str | None = None,
         raise ExportError(f"no such checkpoint file or folder: {model}")
     else:
         pipe = _from_hub(preset, model, revision)
-        source = Source(kind="hub", id=model, revision=_commit(model, revision))
+        source = Source(kind="hub", id=model, revision=hub_commit(model, revision))
     _check_family(preset, pipe, model)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -81,26 +83,42 @@ def random_pipeline(preset: Preset) -> DiffusionPipeline:
 def _from_folder(preset: Preset, path: Path) -> DiffusionPipeline:
     if not (path / "model_index.json").is_file():
         raise ExportError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    return _guarded(path, lambda: pipeline_class(preset).from_pretrained(
+    return guarded(path, lambda: pipeline_class(preset).from_pretrained(
         path, local_files_only=True, **_no_safety_checker(preset)))
 
 
 def _from_hub(preset: Preset, hub_id: str, revision: str | None) -> DiffusionPipeline:
+    return from_hub(hub_id, revision, lambda: pipeline_class(preset).from_pretrained(
+        hub_id, revision=revision, **_no_safety_checker(preset)))
+
+
+def from_hub(hub_id: str, revision: str | None, load_fn: Callable[[], T]) -> T:
+    """`load_fn()`, which loads `hub_id` from the Hugging Face hub (or its local cache), with one line
+    that says what to do when neither has it."""
     log.info("loading %s from the Hugging Face hub (revision %s)", hub_id, revision or "main")
     try:
-        return _guarded(hub_id, lambda: pipeline_class(preset).from_pretrained(
-            hub_id, revision=revision, **_no_safety_checker(preset)))
+        return guarded(hub_id, load_fn)
     except ExportError as exc:
-        if "cache" in str(exc) or "connect" in str(exc).lower():
+        if _unreachable(exc):
             raise ExportError(
                 f"cannot reach the Hugging Face hub for {hub_id} and it is not in the local cache; download it "
                 "where the hub is reachable (or set HF_HOME to a cache that has it), or pass a local folder "
-                "with --model"
+                "instead"
             ) from exc
         raise
 
 
-def _commit(hub_id: str, revision: str | None) -> str | None:
+def _unreachable(exc: BaseException | None) -> bool:
+    """Whether the hub could not be reached (anywhere in the chain: a pipeline says so in its own message,
+    a single model only in the error it raises from)."""
+    while exc is not None:
+        if "cache" in str(exc) or "connect" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def hub_commit(hub_id: str, revision: str | None) -> str | None:
     """The commit the hub cache holds for `revision` (a branch or tag moves; the commit names the weights
     that were exported), or `revision` itself when the cache cannot tell."""
     from huggingface_hub import snapshot_download
@@ -118,7 +136,7 @@ def _from_single_file(preset: Preset, path: Path, config: str | None) -> Diffusi
     if config is not None:
         kwargs["config"] = config
         kwargs["local_files_only"] = Path(config).is_dir()
-    return _guarded(path, lambda: pipeline_class(preset).from_single_file(str(path), **kwargs))
+    return guarded(path, lambda: pipeline_class(preset).from_single_file(str(path), **kwargs))
 
 
 def _no_safety_checker(preset: Preset) -> dict[str, object]:
@@ -127,7 +145,7 @@ def _no_safety_checker(preset: Preset) -> dict[str, object]:
     return {"safety_checker": None, "requires_safety_checker": False}
 
 
-def _guarded(what: object, load_fn: Callable[[], DiffusionPipeline]) -> DiffusionPipeline:
+def guarded(what: object, load_fn: Callable[[], T]) -> T:
     """Loading fails in many library-specific ways; the user gets one line naming the source."""
     try:
         return load_fn()

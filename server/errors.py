@@ -123,10 +123,16 @@ def _strict_validation_response(exc: msgspec.ValidationError) -> Response[ErrorR
     if missing:
         return error_response(400, f"missing required parameter '{missing.group(1)}'", missing.group(1),
                               "missing_required_parameter")
-    text, _, path = message.partition(" - at `$")
-    param = path.rstrip("`").lstrip(".").split("[", 1)[0].split(".", 1)[0] or None
+    text, path = error_path(exc)
+    param = path[0] if path else None
     body = f"invalid value for '{param}': {text}" if param else f"invalid request body: {text}"
     return error_response(400, body, param, f"invalid_{param}" if param else "invalid_request")
+
+
+def error_path(exc: msgspec.ValidationError) -> tuple[str, list[str]]:
+    """msgspec's "Expected `int`, got `str` - at `$.a[0].b`" → ("Expected `int`, got `str`", ["a", "0", "b"])."""
+    text, _, path = str(exc).partition(" - at `$")
+    return text, [part for part in path.rstrip("`").replace("[", ".").replace("]", "").split(".") if part]
 
 
 def _http_response(exc: HTTPException) -> Response[ErrorResponse]:
@@ -151,7 +157,22 @@ def handle(request: Request, exc: Exception) -> Response[ErrorResponse]:
 def decode_error_body(body: bytes, status: int) -> ApiError:
     """An error body from a node, re-raised at the router with the same status and fields."""
     try:
-        detail = msgspec.json.decode(body, type=ErrorResponse).error
-        return ApiError(status, detail.message, param=detail.param, code=detail.code)
+        return from_detail(msgspec.json.decode(body, type=ErrorResponse).error, status)
     except msgspec.DecodeError:
         return ApiError(502, f"a node answered {status} without an error body", code="bad_gateway")
+
+
+def from_detail(detail: ErrorDetail, status: int | None = None) -> ApiError:
+    """`to_response` in reverse: an OpenAI error body (a node's answer, a stream's error event) back into the
+    error it was. A stream's event carries no status: its type and code tell it (400 for the client's
+    errors, 429, 504, 502 for a node that failed, else 500)."""
+    if status is None:
+        if detail.type == "invalid_request_error":
+            status = 400
+        elif detail.code == "timeout":
+            status = 504
+        elif detail.type == "rate_limit_error":
+            status = 429
+        else:
+            status = 502 if detail.code in ("node_failed", "bad_gateway") else 500
+    return ApiError(status, detail.message, param=detail.param, code=detail.code)

@@ -64,6 +64,7 @@ class Settings(msgspec.Struct, kw_only=True):
     queue_depth: Count = 8  # requests waiting per model beyond the slots; more → 429
     batch_window: Annotated[float, Meta(ge=0, le=10_000)] = 0.0  # ms a slot waits to fill a batch; 0 = no batching
     max_batch: Positive | None = None  # batching: UNet rows per call (default: the backend's best, else a chunk)
+    batch_renders: Positive | None = None  # batching: renders a slot interleaves (default: what one call steps)
     request_timeout: Seconds = 600.0  # seconds from acceptance to answer → 504
     preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
@@ -216,8 +217,12 @@ def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
          help="step-level batching: milliseconds an idle render slot waits for more requests to share its UNet "
          "calls (default 0: no batching, each render alone)")
     flag("--max-batch", type=int, metavar="ROWS",
-         help="step-level batching: UNet rows per call, and requests one slot interleaves (default: the largest "
-         "batch of the TensorRT profiles, else the model's max batch × 2 for guidance)")
+         help="step-level batching: UNet rows per call (default: the largest batch of the TensorRT profiles, else "
+         "the model's max batch × 2 for guidance)")
+    flag("--batch-renders", type=int, metavar="N",
+         help="step-level batching: renders one slot interleaves, what the model takes at once per slot before "
+         "its queue (default: as many of the model's default requests as one call of --max-batch rows steps "
+         "together, e.g. 4 guided images in 8 rows)")
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
     flag("--preview", choices=["full", "linear"],
          help="streaming: partial images by the full VAE decode (default) or a cheap linear latent-to-RGB map")

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
 
-from server.errors import ApiError, to_response
+from server.errors import from_detail, to_response
 from server.protocol import CompletedImageEvent, ErrorEvent, InputTokensDetails, PartialImageEvent, Usage
 from server.wire import PartialImage, RenderedImages, RenderOrder, StreamCut, StreamEvent
 
@@ -136,7 +136,7 @@ async def events(frames: AsyncGenerator[bytes, None]) -> AsyncGenerator[StreamEv
                 seeds.append(completed.seed)
                 tokens = completed.usage.input_tokens
             elif kind == "error":
-                raise _error(msgspec.json.decode(data, type=ErrorEvent))
+                raise from_detail(msgspec.json.decode(data, type=ErrorEvent).error)
         yield RenderedImages(images=images, seeds=seeds, input_tokens=tokens)
     finally:
         await frames.aclose()
@@ -151,17 +151,3 @@ def _parse(piece: bytes) -> tuple[str, bytes]:
         elif line.startswith(b"data: "):
             data = line[6:]
     return kind, data
-
-
-def _error(event: ErrorEvent) -> ApiError:
-    """An error event → the status the OpenAI routes would have answered."""
-    detail = event.error
-    if detail.type == "invalid_request_error":
-        status = 400
-    elif detail.code == "timeout":
-        status = 504
-    elif detail.type == "rate_limit_error":
-        status = 429
-    else:
-        status = 502 if detail.code in ("node_failed", "bad_gateway") else 500
-    return ApiError(status, detail.message, param=detail.param, code=detail.code)

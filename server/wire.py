@@ -16,7 +16,7 @@ own and final.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -50,6 +50,7 @@ class RenderOrder(msgspec.Struct, kw_only=True):
     output_compression: int | None = None
     quality: str = "medium"  # in responses and events: low, medium or high, as OpenAI reports it
     partial_images: int = 0  # streaming: previews per image
+    preview: Literal["full", "linear"] | None = None  # streaming: how previews are drawn; None: the node's --preview
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
     lora: list[LoraRef] = msgspec.field(default_factory=list)
     tenant: str = ""  # who asked (a hash of the API key): a model's queue takes turns between tenants

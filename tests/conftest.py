@@ -58,6 +58,25 @@ def lora_model(models_root: Path) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture(scope="session")
+def controlnet_model(models_root: Path) -> Callable[[str], Path]:
+    """`controlnet_model("tiny-sdxl")` → the model exported with `--controlnet` (its UNet takes ControlNet
+    residuals) plus the tiny ControlNet preset made from its UNet, if there is one, named as the preset;
+    built on first use, kept out of `models_dir`."""
+    from export import ExportSettings, export_model
+    from export.controlnet import PRESETS, ControlNetSettings, export_controlnet
+
+    def get(name: str) -> Path:
+        target = models_root.parent / "controlnet-models" / name
+        if not (target / "model.json").is_file():
+            export_model(ExportSettings(preset=name, output=str(target), controlnet=True))
+            for preset in (p for p in PRESETS.values() if p.base == name):
+                export_controlnet(ControlNetSettings(source=preset.name, model_dir=str(target)))
+        return target
+
+    return get
+
+
 @pytest.fixture
 def tiny_sd15(tiny_model: Callable[[str], Path]) -> Path:
     """A models folder holding tiny-sd15 (and whatever else the session exported: give servers --model)."""

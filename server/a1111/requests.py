@@ -33,7 +33,7 @@ from engines.info import ModelInfo
 from server import adapters, images
 from server.a1111 import protocol as a1111
 from server.a1111.protocol import GenerationRequest, Img2ImgRequest, Info, Kind, Txt2ImgRequest
-from server.errors import ApiError
+from server.errors import ApiError, error_path
 from server.protocol import MAX_PROMPT, OutputFormat
 from server.settings import Settings
 from server.state import AppState
@@ -54,8 +54,8 @@ def decode(body: bytes, kind: Kind) -> Txt2ImgRequest | Img2ImgRequest:
     try:
         return msgspec.json.decode(body or b"{}", type=target, strict=False)
     except msgspec.ValidationError as exc:
-        text, _, path = str(exc).partition(" - at `$")
-        param = path.rstrip("`").replace("[", ".").replace("]", "").lstrip(".")
+        text, path = error_path(exc)
+        param = ".".join(path)
         raise invalid(param or "body", f"{text}" + (f" ({param})" if param else "")) from None
     except msgspec.DecodeError as exc:
         raise invalid("body", f"the body is not valid JSON: {exc}") from None

@@ -1,14 +1,15 @@
 """AUTOMATIC1111's web API under /sdapi/v1, on the standalone server and the router.
 
 Handlers parse (`server.a1111.requests`), render through the same dispatcher as the OpenAI routes (as a
-stream of events, so that /progress can follow it: `server.a1111.tasks`), and shape A1111's answers. Errors keep
-the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
+stream of events, so that /progress can follow it: `server.a1111.tasks`), and shape A1111's answers. Errors
+keep the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
 for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1).
 
 Options and each client's render in progress live where every front door sees them (`server.a1111.shared`,
 under --images-dir): `sd_model_checkpoint` picks the model of later requests that do not name one in
 `override_settings`, as A1111's does; other options are kept and echoed, and `samples_format`,
-`jpeg_quality`, `live_previews_enable` and `show_progress_every_n_steps` are honoured.
+`jpeg_quality`, `live_previews_enable`, `show_progress_every_n_steps` and `show_progress_type` ("Full"
+previews by the VAE decoder; otherwise the cheap linear map) are honoured.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from server.a1111.protocol import (
     ValidationProblem,
 )
 from server.a1111.shared import SharedState
-from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count
+from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count, preview_mode
 from server.errors import ApiError
 from server.guards import credential, for_tenant, rate_limit, sdapi_key
 from server.state import AppState, client_gone
@@ -92,6 +93,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     order = orders.build(body, info, options, state.request_id(request), strength, image, mask)
     previews = preview_count(options, order.steps, order.strength)
     order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews,
+                                    preview=preview_mode(options),
                                     events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), order=order, kind=kind, previews=previews)
     gone = asyncio.ensure_future(client_gone(request))

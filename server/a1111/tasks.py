@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from server.a1111.protocol import ProgressResponse, ProgressState
 from server.a1111.shared import SharedState
@@ -40,6 +40,12 @@ def preview_count(options: dict[str, Any], steps: int, strength: float) -> int:
         return 0
     total = max(1, int(steps * strength))
     return total if every == 0 else max(0, math.ceil(total / every) - 1)
+
+
+def preview_mode(options: dict[str, Any]) -> Literal["full", "linear"]:
+    """A1111's `show_progress_type`: "Full" decodes each preview with the VAE; its approximations ("Approx NN",
+    "Approx cheap", "TAESD") and the default are the cheap linear latent map."""
+    return "full" if str(options.get("show_progress_type", "")).lower() == "full" else "linear"
 
 
 @dataclass

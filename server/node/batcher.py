@@ -7,7 +7,7 @@ step and leaves after its last, without waiting for the others (continuous batch
 
 * An idle slot takes the first waiting request, then waits up to the window for others, until their rows
   would fill a call (`--max-batch` rows). A busy slot takes what waits between two steps, without waiting.
-* A slot interleaves up to `--max-batch` requests. Each call starts from the request that has waited
+* A slot interleaves up to `--batch-renders` requests. Each call starts from the request that has waited
   longest for a step and adds the others that can share its call (same latent size, prompt length and
   adapters: `Pipeline.batch_key`), longest-waiting first, while the rows fit. So a 150-step render gets
   one step per turn like everyone else: it never holds back a short one, nor is held back itself.
@@ -26,14 +26,17 @@ import engines
 from engines.rendering import Rendering
 from server.metrics import Metrics
 from server.node.ticket import Ticket
-from server.wire import RenderedImages, RenderOrder
+from server.wire import RenderOrder
 
 log = logging.getLogger("sdserve.server")
+# What a render slot hands back for a ticket: a render's result, a finished render, or its error.
+Outcome = engines.RenderResult | Rendering | BaseException
 
 
 @dataclass(frozen=True)
 class Batching:
-    max_rows: int  # UNet rows per call; also the most requests one slot interleaves
+    max_rows: int  # UNet rows per call
+    max_renders: int  # renders one slot interleaves (those beyond what one call holds take turns)
     window: float  # seconds an idle slot waits for more requests before its first call
 
 
@@ -52,9 +55,9 @@ class Slot(Protocol):
 
     def begin(self, ticket: Ticket) -> Rendering: ...
 
-    def rendered(self, ticket: Ticket, result: engines.RenderResult) -> RenderedImages: ...
-
-    def finish(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None: ...
+    def finish(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Answer the ticket's request (off this thread: its images are encoded elsewhere)."""
+        ...
 
 
 class Batcher:
@@ -86,16 +89,16 @@ class Batcher:
         """Start what waits, as room allows; an idle slot blocks for tickets, then waits up to the window.
         False once the queue is closed and nothing is left here."""
         idle = not self.active
-        if len(self.active) >= self.batching.max_rows:  # full: what waits stays in the queue (and counts there)
+        if len(self.active) >= self.batching.max_renders:  # full: what waits stays in the queue (counted there)
             return True
         first = self.queue.take(wait=idle)
         if first is None:
             return not idle
         taken = [first]
         if idle and self.batching.window > 0:
-            wanted = math.ceil(self.batching.max_rows / max(1, self.queue.rows(first.order)))
+            wanted = min(self.batching.max_renders, math.ceil(self.batching.max_rows / self.queue.rows(first.order)))
             self.queue.wait_for_more(wanted - 1, time.monotonic() + self.batching.window)
-        while len(self.active) + len(taken) < self.batching.max_rows and (ticket := self.queue.take(wait=False)):
+        while len(self.active) + len(taken) < self.batching.max_renders and (ticket := self.queue.take(wait=False)):
             taken.append(ticket)
         for ticket in taken:
             self.start(ticket)
@@ -114,7 +117,7 @@ class Batcher:
         self.active.append(ticket)
         self.turns[ticket] = self.calls
 
-    def leave(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+    def leave(self, ticket: Ticket, outcome: Outcome) -> None:
         self.active.remove(ticket)
         self.turns.pop(ticket, None)
         self.stepped.discard(ticket)
@@ -158,13 +161,7 @@ class Batcher:
                 r.fail(exc)
         for ticket, r in zip(call, renderings, strict=True):
             if r.finished:
-                self.leave(ticket, self.outcome(ticket, r))
-
-    def outcome(self, ticket: Ticket, rendering: Rendering) -> RenderedImages | BaseException:
-        try:
-            return self.queue.rendered(ticket, rendering.result())
-        except BaseException as exc:  # its own error (or cancellation), delivered to its request only
-            return exc
+                self.leave(ticket, r)  # its result (or error) is the finishing thread's to take
 
 
 def _rendering(ticket: Ticket) -> Rendering:

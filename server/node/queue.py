@@ -1,4 +1,5 @@
-"""One model's queue on this node: its pipeline, the tickets waiting, and its render threads.
+"""One model's queue on this node: its pipeline, the tickets waiting, its render threads, and the thread
+that finishes their renders.
 
 Renders run on threads (ONNX Runtime releases the GIL), so the event loop keeps answering health checks,
 metrics and other requests while they run. A model takes `render_slots` renders at once and keeps at most
@@ -7,7 +8,12 @@ requests take turns between tenants (API keys, `server.node.fair_queue`), a tena
 concurrent renders waiting until one of its renders ends. A request
 whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already running, stopped
 at its next step. With `--batch-window` above 0 each render slot is a step-level batcher
-(`server.node.batcher`) that interleaves up to `--max-batch` requests and shares UNet calls among them.
+(`server.node.batcher`) that interleaves up to `--batch-renders` requests and shares UNet calls among them.
+
+A render thread only renders: turning a finished render into its answer (pixels to images, encoded in the
+requested format) and encoding streamed previews run on the model's finishing thread, in the order the
+render thread hands them over (a stream's previews before its images), so that the next render (or,
+batching, the others' next step) need not wait for them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -27,11 +34,11 @@ from engines.rendering import Rendering
 from server import images
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.node.batcher import Batcher, Batching
+from server.node.batcher import Batcher, Batching, Outcome
 from server.node.fair_queue import FairQueue
 from server.node.health import NodeHealth
 from server.node.ticket import Ticket
-from server.wire import RenderedImages, RenderOrder
+from server.wire import PartialImage, RenderedImages, RenderOrder
 
 log = logging.getLogger("sdserve.server")
 
@@ -45,7 +52,7 @@ class ModelQueue:
         self.batching = batching
         self.health = health or NodeHealth()  # told when each render starts, steps and ends
         # renders at once: one per slot, or as many as a batching slot interleaves
-        self.capacity = slots * (batching.max_rows if batching else 1)
+        self.capacity = slots * (batching.max_renders if batching else 1)
         self.id = pipeline.info.id
         self._waiting: FairQueue[Ticket] = FairQueue()
         self._tenants_running: Counter[str] = Counter()
@@ -56,6 +63,7 @@ class ModelQueue:
         self._last_seconds = 5.0  # the latest render's duration, for Retry-After
         self._closed = False
         self._current: set[Ticket] = set()  # running now
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"finish-{self.id}")  # one: keeps their order
         self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
                          for i in range(slots)]
         for thread in self._threads:
@@ -80,7 +88,7 @@ class ModelQueue:
     async def submit(self, order: RenderOrder) -> RenderedImages:
         return await self.outcome(self.enqueue(order))
 
-    def enqueue(self, order: RenderOrder, on_partial: Callable[[engines.Partial], None] | None = None) -> Ticket:
+    def enqueue(self, order: RenderOrder, on_partial: Callable[[PartialImage], None] | None = None) -> Ticket:
         """Queue an order (from the event loop), or refuse it at once: 429 when full, 503 when closing."""
         self.pipeline.check_prompt_lengths(order.prompt, order.negative_prompt)  # before it takes a place in the queue
         loop = asyncio.get_running_loop()
@@ -124,7 +132,7 @@ class ModelQueue:
             return
         while (ticket := self.take()) is not None:
             try:
-                outcome: RenderedImages | BaseException = self._render(ticket)
+                outcome: Outcome = self._render(ticket)
             except BaseException as exc:  # delivered to the waiting request, never lost
                 outcome = exc
             self.finish(ticket, outcome)
@@ -162,8 +170,25 @@ class ModelQueue:
             while len(self._waiting) < count and not self._closed and (left := deadline - time.monotonic()) > 0:
                 self._ready.wait(left)
 
-    def finish(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
-        """A taken ticket's outcome, delivered to its request."""
+    def finish(self, ticket: Ticket, outcome: Outcome) -> None:
+        """A taken ticket's outcome (a render's result, a finished render, or its error), answered on the
+        finishing thread, after the previews handed over before it."""
+        try:
+            self._finisher.submit(self._answer, ticket, outcome)
+        except RuntimeError:  # closed: answered here, late in a shutdown
+            self._answer(ticket, outcome)
+
+    def _answer(self, ticket: Ticket, outcome: Outcome) -> None:
+        try:
+            if isinstance(outcome, Rendering):
+                outcome = outcome.result()
+            if isinstance(outcome, engines.RenderResult):
+                outcome = self.rendered(ticket, outcome)
+        except BaseException as exc:  # its own error (or cancellation), delivered to its request only
+            outcome = exc
+        self._deliver(ticket, outcome)
+
+    def _deliver(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
         if isinstance(outcome, engines.RenderCancelled):
             log.info("%s", outcome)
         self.health.finished(ticket, "ok" if isinstance(outcome, RenderedImages)
@@ -197,19 +222,40 @@ class ModelQueue:
                 raise engines.RenderCancelled(f"request {ticket.order.request_id} cancelled at step {done}/{total}")
         return on_step
 
+    def on_partial(self, ticket: Ticket) -> Callable[[engines.Partial], None] | None:
+        """The render's preview callback: each preview is encoded on the finishing thread, then handed to the
+        ticket's stream."""
+        if ticket.on_partial is None:
+            return None
+
+        def on_partial(partial: engines.Partial) -> None:  # on the render thread
+            self._finisher.submit(self._encode_partial, ticket, partial)
+        return on_partial
+
+    def _encode_partial(self, ticket: Ticket, partial: engines.Partial) -> None:
+        order = ticket.order
+        encoded = images.encode(partial.image, order.output_format, order.output_compression)
+        log.info("request %s: partial image %d of image %d at step %d/%d", order.request_id, partial.partial_index,
+                 partial.index, partial.step, partial.total)
+        assert ticket.on_partial is not None
+        try:
+            ticket.on_partial(PartialImage(partial.index, partial.partial_index, encoded))
+        except RuntimeError:  # its event loop is closed: nobody is left to show it to
+            log.info("request %s: its event loop closed before its partial image", order.request_id)
+
     def begin(self, ticket: Ticket) -> Rendering:
         """The ticket's render, ready for its first step (`Pipeline.begin`: inputs checked, prompt encoded)."""
+        order = ticket.order
         ticket.rendering = self.pipeline.begin(
-            self.render_request(ticket.order), on_step=self.on_step(ticket), on_partial=ticket.on_partial,
-            partial_images=ticket.order.partial_images, preview=self.preview)
+            self.render_request(order), on_step=self.on_step(ticket), on_partial=self.on_partial(ticket),
+            partial_images=order.partial_images, preview=order.preview or self.preview)
         return ticket.rendering
 
-    def _render(self, ticket: Ticket) -> RenderedImages:
+    def _render(self, ticket: Ticket) -> engines.RenderResult:
         order = ticket.order
-        result = self.pipeline.render(self.render_request(order), on_step=self.on_step(ticket),
-                                      on_partial=ticket.on_partial, partial_images=order.partial_images,
-                                      preview=self.preview)
-        return self.rendered(ticket, result)
+        return self.pipeline.render(self.render_request(order), on_step=self.on_step(ticket),
+                                    on_partial=self.on_partial(ticket), partial_images=order.partial_images,
+                                    preview=order.preview or self.preview)
 
     def rendered(self, ticket: Ticket, result: engines.RenderResult) -> RenderedImages:
         """A finished render, encoded as its order asked, counted in the metrics."""
@@ -245,6 +291,7 @@ class ModelQueue:
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._finisher.shutdown(wait=False)  # what it holds still runs: the answers of the last renders
 
     def idle(self) -> bool:
         with self._ready:

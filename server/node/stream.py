@@ -1,5 +1,5 @@
-"""The node's half of a stream: an order queued on this node, and its events as the render thread produces
-them (each partial image encoded there, in the order's output format), then its images. A node serves
+"""The node's half of a stream: an order queued on this node, and its events as its render produces them
+(each partial image encoded in the order's output format), then its images. A node serves
 them as OpenAI's frames (`server.sse.frames`); an in-process front door may read them as they are.
 Closing the events (client gone) abandons the render: it leaves the queue, or stops at its next step.
 """
@@ -11,8 +11,6 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 
-import engines
-from server import images
 from server.errors import ApiError
 from server.node.queue import ModelQueue
 from server.node.ticket import Ticket
@@ -28,11 +26,8 @@ def open_events(queue: ModelQueue, order: RenderOrder, timeout: float) -> AsyncG
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[object] = asyncio.Queue()
 
-    def on_partial(partial: engines.Partial) -> None:  # on the render thread
-        encoded = images.encode(partial.image, order.output_format, order.output_compression)
-        log.info("request %s: partial image %d of image %d at step %d/%d", order.request_id, partial.partial_index,
-                 partial.index, partial.step, partial.total)
-        loop.call_soon_threadsafe(items.put_nowait, PartialImage(partial.index, partial.partial_index, encoded))
+    def on_partial(partial: PartialImage) -> None:  # on the model's finishing thread
+        loop.call_soon_threadsafe(items.put_nowait, partial)
 
     ticket = queue.enqueue(order, on_partial)
     ticket.future.add_done_callback(lambda _: items.put_nowait(_DONE))

@@ -8,9 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import engines
 from engines.rendering import Rendering
-from server.wire import RenderedImages, RenderOrder
+from server.wire import PartialImage, RenderedImages, RenderOrder
 
 
 @dataclass(eq=False)
@@ -25,5 +24,5 @@ class Ticket:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when a render slot took it
     cancel: threading.Event = field(default_factory=threading.Event)
-    on_partial: Callable[[engines.Partial], None] | None = None  # streaming: called on the render thread
+    on_partial: Callable[[PartialImage], None] | None = None  # streaming: each preview, encoded (finishing thread)
     rendering: Rendering | None = None

@@ -145,3 +145,21 @@ def test_calls_above_the_backends_rows_are_split(tiny_model: Model, pipelines: d
         expected = pipelines["tiny-sd15"].render(alone).pixels
         np.testing.assert_allclose(rendering.result().pixels, expected, atol=TOLERANCE)
 
+
+
+def test_chunks_that_end_on_the_same_step_decode_together(tiny_model: Model,
+                                                          pipelines: dict[str, engines.Pipeline]) -> None:
+    """Renders whose chunks take their last step in the same call share a VAE decode, up to a chunk's
+    `max_batch` images (4 here), and give the images they give alone."""
+    pipeline = engines.load(tiny_model("tiny-sd15"), backend="cpu")
+    vae = pipeline.sessions["vae_decoder"]
+    decoded: list[int] = []
+    run = vae.run
+    vae.run = lambda feeds, outputs: decoded.append(feeds["latent_sample"].shape[0]) or run(feeds, outputs)
+    mix = [request(seed=1), request(seed=2, n=2), request(seed=3, n=3, guidance_scale=1.0)]  # 4 steps each
+    renderings, calls = batches.run(pipeline, [(0, lambda r=r: pipeline.begin(r)) for r in mix])
+    assert calls == [[0, 1, 2]] * 4
+    assert decoded == [1 + 2, 3]  # the third would make 6 images: a decode of its own
+    for rendering, alone in zip(renderings, mix, strict=True):
+        expected = pipelines["tiny-sd15"].render(alone).pixels
+        np.testing.assert_allclose(rendering.result().pixels, expected, atol=TOLERANCE)

@@ -156,6 +156,23 @@ def test_what_the_pipeline_feeds_fits_the_profiles(tiny_model: Model, name: str)
             assert (fits_other == 0) == component.startswith("text_encoder"), (component, shapes)
 
 
+def test_unet_profiles_cover_the_controlnet_residuals(controlnet_model: Model) -> None:
+    """A `--controlnet` export's UNet takes residuals at 1/1, 1/2, … of the latent: its profiles give each its
+    range, and what the pipeline feeds (zeros without ControlNet) fits them."""
+    pipe = engines.load(controlnet_model("tiny-sd15"), backend="cpu")
+    calls: list[tuple[str, dict]] = []
+    pipe.sessions["unet"].inner = Recorder(pipe.sessions["unet"].inner, calls)  # under the zero residuals
+    pipe.render(engines.RenderRequest(prompt="a lighthouse", width=96, height=64, steps=2, guidance_scale=5.0,
+                                      sampler="euler", seed=1, n=2))
+    profiles = plans.make_profiles(pipe.manifest, sizes=[(96, 64)], batch=(1, 3))
+    (unet,) = plans.component_profiles(pipe.manifest, "unet", profiles)
+    ranges = {r.name: r for r in unet.inputs}
+    assert ranges["down_block_residual.3"].opt[1:] == (64, 4, 6)  # half the latent: 64 px / 8 / 2, 96 px / 8 / 2
+    assert len(calls) == 2 and all("mid_block_residual" in shapes for _, shapes in calls)
+    for _, shapes in calls:
+        assert plans.choose_profile([unet], shapes) == 0
+
+
 def test_a_static_profile_wins_over_a_dynamic_one(tiny_model: Model) -> None:
     manifest, calls = _render_calls(tiny_model, "tiny-sd15", width=96)
     both = [*plans.make_profiles(manifest, sizes=[(96, 64)], batch=(1, 2), dynamic=(64, 128))]

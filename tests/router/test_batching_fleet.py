@@ -1,5 +1,5 @@
-"""A batching node behind a router: the node reports the requests it takes at once (render slots × --max-batch
-plus queue depth), so the router sends it enough concurrent requests to share UNet calls."""
+"""A batching node behind a router: the node reports the requests it takes at once (render slots × the renders
+a slot interleaves, plus queue depth), so the router sends it enough concurrent requests to share UNet calls."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from tests.router.fleet import Fleet, generate_many, statuses
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """One node, no queue: without batching it takes one request at a time; batching, eight."""
+    """One node, no queue: without batching it takes one request at a time; batching with calls of 8 rows, as
+    many of its default requests (one guided image: 2 rows) as one call steps: four."""
     work = tmp_path_factory.mktemp("batching-fleet")
     (work / "models").mkdir()
     (work / "models" / "tiny-sd15").symlink_to(tiny_model("tiny-sd15"))
@@ -29,7 +30,7 @@ def fleet(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFa
 
 
 def test_the_router_fills_a_batching_node(fleet: Fleet) -> None:
-    assert fleet.views()["batcher"]["load"]["tiny-sd15"]["capacity"] == 8
+    assert fleet.views()["batcher"]["load"]["tiny-sd15"]["capacity"] == 4
     body = {"model": "tiny-sd15", "prompt": "a lighthouse", "size": "64x64", "steps": 3, "guidance_scale": 5.0,
             "response_format": "b64_json"}
     responses = asyncio.run(generate_many(fleet.router.url, 4, body))

@@ -5,9 +5,12 @@ requests and capacity counts them."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import engines
@@ -15,7 +18,8 @@ from server.errors import ApiError
 from server.metrics import Metrics
 from server.node.batcher import Batching
 from server.node.queue import ModelQueue
-from server.wire import RenderOrder
+from server.node.ticket import Ticket
+from server.wire import PartialImage, RenderOrder
 
 Model = Callable[[str], Path]
 
@@ -28,7 +32,8 @@ def pipeline(tiny_model: Model) -> engines.Pipeline:
 @pytest.fixture
 def queue(pipeline: engines.Pipeline) -> Iterator[ModelQueue]:
     """One slot, calls of 2 rows: one guided request per call, so turns decide who steps."""
-    q = ModelQueue(pipeline, slots=1, depth=2, metrics=Metrics(), batching=Batching(max_rows=2, window=0.0))
+    q = ModelQueue(pipeline, slots=1, depth=2, metrics=Metrics(),
+                   batching=Batching(max_rows=2, max_renders=2, window=0.0))
     yield q
     q.close(wait=30)
 
@@ -75,9 +80,9 @@ async def _submit(queue: ModelQueue, render: RenderOrder) -> object:
     return await queue.submit(render)
 
 
-def test_a_slot_interleaves_at_most_max_batch_requests(queue: ModelQueue) -> None:
-    """Two interleaved (--max-batch 2) and two waiting in the queue (depth 2): the fifth is refused with 429,
-    and the waiting ones stay in the queue (counted there) while the slot steps the first two."""
+def test_a_slot_interleaves_at_most_batch_renders_requests(queue: ModelQueue) -> None:
+    """Two interleaved (--batch-renders 2) and two waiting in the queue (depth 2): the fifth is refused with
+    429, and the waiting ones stay in the queue (counted there) while the slot steps the first two."""
     async def main() -> tuple[int, list[tuple[int, int]]]:
         tickets = [queue.enqueue(order(10 + i, 150)) for i in range(4)]
         with pytest.raises(ApiError) as refused:
@@ -94,3 +99,59 @@ def test_a_slot_interleaves_at_most_max_batch_requests(queue: ModelQueue) -> Non
     status, seen = asyncio.run(main())
     assert status == 429
     assert all(running <= 2 for running, _ in seen) and sum(seen[0]) == 4, seen
+
+
+def test_renders_per_slot_and_rows_per_call_are_apart(pipeline: engines.Pipeline) -> None:
+    """--max-batch 8 rows with --batch-renders 1: the slot takes (and reports) one render at a time although
+    four would fit a call, so every call holds one request's 2 rows; it does not wait out the window (30 s)
+    for others it could not take."""
+    metrics = Metrics()
+    alone = ModelQueue(pipeline, slots=1, depth=1, metrics=metrics,
+                       batching=Batching(max_rows=8, max_renders=1, window=30.0))
+
+    async def main() -> None:
+        first, second = alone.enqueue(order(30, 6)), alone.enqueue(order(31, 2))
+        with pytest.raises(ApiError):
+            alone.enqueue(order(32, 2))  # one interleaved, one waiting: full
+        await asyncio.wait_for(asyncio.gather(alone.outcome(first), alone.outcome(second)), 25)
+
+    try:
+        assert alone.capacity == 1
+        asyncio.run(main())
+    finally:
+        alone.close(wait=30)
+    calls = metrics.registry.get_sample_value("sdserve_unet_batch_rows_count", {"model": "tiny-sd15"})
+    of_two = metrics.registry.get_sample_value("sdserve_unet_batch_rows_bucket", {"model": "tiny-sd15", "le": "2.0"})
+    assert calls == of_two == 6 + 2
+
+
+def test_the_render_thread_steps_on_while_a_preview_is_finished(queue: ModelQueue) -> None:
+    """A stream's preview goes to the model's finishing thread (encoded there, then handed to the stream),
+    held there: meanwhile the render thread steps on and finishes the render; its answer follows the
+    preview. (The render thread used to encode and hand over each preview itself, between two steps.)"""
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(partial: PartialImage) -> None:  # on the finishing thread
+        reached.set()
+        release.wait(60)
+
+    def rendered(ticket: Ticket) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if ticket.rendering is not None and ticket.rendering.finished:
+                return True
+            time.sleep(0.01)
+        return False
+
+    async def main() -> tuple[bool, object]:
+        ticket = queue.enqueue(msgspec.structs.replace(order(40, 12), partial_images=1), on_partial=hold)
+        assert await asyncio.to_thread(reached.wait, 60)
+        finished = await asyncio.to_thread(rendered, ticket)
+        release.set()
+        return finished, await queue.outcome(ticket)
+
+    try:
+        finished, result = asyncio.run(main())
+    finally:
+        release.set()
+    assert finished and len(result.images) == 1

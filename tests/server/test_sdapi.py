@@ -158,9 +158,9 @@ def test_img2img_mask_is_the_openai_edit_with_the_inverted_mask(standalone: Serv
     assert answer.json()["parameters"]["init_images"] is None  # include_init_images is false
 
 
-def test_progress_shows_the_estimate_and_interrupt_ends_the_render(front: ServerProcess) -> None:
-    api = httpx.Client(base_url=f"{front.url}/sdapi/v1", auth=BASIC, timeout=120)
-    assert api.get("/progress").json()["progress"] == 0  # nothing running
+def _interrupted_render(api: httpx.Client) -> tuple[dict, httpx.Response]:
+    """A 150-step txt2img with a preview per step: /progress once it shows an estimate, then the reply to
+    /interrupt (the latest estimate of the image)."""
     assert api.post("/options", json={"show_progress_every_n_steps": 0}).status_code == 200  # a preview per step
     outcome: dict[str, httpx.Response] = {}
     body = {"prompt": "a long render", "width": 128, "height": 128, "steps": 150, "seed": 5}
@@ -173,18 +173,45 @@ def test_progress_shows_the_estimate_and_interrupt_ends_the_render(front: Server
             if progress["current_image"]:
                 break
             time.sleep(0.02)
-        assert 0 < progress["progress"] <= 1 and progress["state"]["sampling_steps"] == 150
-        assert _decode(progress["current_image"]).size == (128, 128)
         assert api.get("/progress", params={"skip_current_image": "true"}).json()["current_image"] is None
         assert api.post("/interrupt").status_code == 200
         worker.join(60)
     finally:
         api.post("/options", json={"show_progress_every_n_steps": 10})
-    reply = outcome["reply"]
+    return progress, outcome["reply"]
+
+
+def _blocks(image: Image.Image) -> bool:
+    """Whether every 8×8 block is one colour: the linear latent map draws each latent cell as its block."""
+    pixels = np.asarray(image.convert("RGB")).reshape(image.height // 8, 8, image.width // 8, 8, 3)
+    return bool((pixels == pixels[:, :1, :, :1]).all())
+
+
+def test_progress_shows_the_estimate_and_interrupt_ends_the_render(front: ServerProcess) -> None:
+    """By default the estimates are the cheap linear map (A1111's "Approx cheap"), whatever --preview says."""
+    api = httpx.Client(base_url=f"{front.url}/sdapi/v1", auth=BASIC, timeout=120)
+    assert api.get("/progress").json()["progress"] == 0  # nothing running
+    assert api.get("/options").json()["show_progress_type"] == "Approx cheap"
+    progress, reply = _interrupted_render(api)
+    assert 0 < progress["progress"] <= 1 and progress["state"]["sampling_steps"] == 150
+    assert _decode(progress["current_image"]).size == (128, 128) and _blocks(_decode(progress["current_image"]))
     assert reply.status_code == 200, reply.text
     assert json.loads(reply.json()["info"])["interrupted"] is True
     assert [_decode(image).size for image in reply.json()["images"]] == [(128, 128)]
+    assert _blocks(_decode(reply.json()["images"][0]))
     assert api.get("/progress").json()["progress"] == 0
+
+
+def test_full_previews_when_the_client_asks(standalone: ServerProcess) -> None:
+    """show_progress_type "Full": each estimate is the VAE's decode, not blocks of one colour."""
+    api = httpx.Client(base_url=f"{standalone.url}/sdapi/v1", auth=BASIC, timeout=120)
+    assert api.post("/options", json={"show_progress_type": "Full"}).status_code == 200
+    try:
+        progress, reply = _interrupted_render(api)
+    finally:
+        api.post("/options", json={"show_progress_type": "Approx cheap"})
+    assert reply.status_code == 200, reply.text
+    assert not _blocks(_decode(progress["current_image"])) and not _blocks(_decode(reply.json()["images"][0]))
 
 
 @pytest.mark.parametrize(("path", "body", "loc"), [

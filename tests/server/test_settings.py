@@ -25,6 +25,7 @@ from tests.processes import ROOT, ServerProcess, free_port
     (["--request-timeout", "0"], {}, "request_timeout"),
     (["--batch-window", "-5"], {}, "batch_window"),
     ([], {"SDSERVE_MAX_BATCH": "0"}, "max_batch"),
+    (["--batch-renders", "0"], {}, "batch_renders"),
     (["--heartbeat-interval", "15", "--heartbeat-timeout", "15"], {}, "heartbeat_interval"),
     ([], {"SDSERVE_HEARTBEAT_INTERVAL": "30"}, "heartbeat_interval"),
     (["--api-keys-file", "{tmp}/no-such-keys.txt"], {}, "api_keys_file"),
