@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     http.add_argument("--response-format", choices=["b64_json", "url"], default="b64_json")
     http.add_argument("--api-key", default=_api_key_from_environment(),
-                      help="bearer key for /v1 (default $SDSERVE_API_KEY, else the first of $SDSERVE_API_KEYS)")
+                      help="bearer key for /v1 (default: the first of $SDSERVE_API_KEYS, the server's own variable)")
     http.add_argument("--admin-key", default=os.environ.get("SDSERVE_ADMIN_KEY"),
                       help="admin key for the router's /v0/nodes spread (default $SDSERVE_ADMIN_KEY)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
@@ -156,7 +156,7 @@ def http_settings(args: argparse.Namespace) -> Any:
 
 def _api_key_from_environment() -> str | None:
     keys = [k.strip() for k in os.environ.get("SDSERVE_API_KEYS", "").split(",") if k.strip()]
-    return os.environ.get("SDSERVE_API_KEY") or (keys[0] if keys else None)
+    return keys[0] if keys else None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(folder, args.command, result, table, kind.figure(result))
     print(table)
     print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if args.command == "http" and kind.errors(result) == sum(level.requests for level in result.levels):
+        print(f"bench: {kind.errors(result)} requests were not answered 200 (none was); the first answer was "
+              f"{kind.first_error(result)}", file=sys.stderr)
+        return 1
     if args.command == "http" and args.max_errors is not None and kind.errors(result) > args.max_errors:
         print(f"bench: {kind.errors(result)} requests were not answered 200 (--max-errors {args.max_errors})",
               file=sys.stderr)

@@ -15,7 +15,7 @@ import uvicorn
 
 from server import logs
 from server.app import asgi, create_app, on_terminate
-from server.node.pool import discover
+from server.node.models_dir import discover
 from server.router.admission import allowed_networks
 from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 
@@ -26,8 +26,10 @@ def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(
         prog="python -m server",
         description="sdserve: the OpenAI Images API (generations, edits, variations) on Stable Diffusion. "
-        "Every flag can also be set as an SDSERVE_<NAME> environment variable (e.g. SDSERVE_PORT, "
-        "SDSERVE_API_KEYS=key1,key2); a flag wins over the environment.",
+        "Every setting can also be given as the SDSERVE_ environment variable named in brackets after its "
+        "flag (e.g. SDSERVE_PORT=9000, SDSERVE_API_KEYS=key1,key2); a flag wins over the environment. Any "
+        "other SDSERVE_ variable stops the server at start-up (except SDSERVE_CACHE_DIR, which the engines "
+        "read).",
     )
     cli.add_argument("role", nargs="?", choices=ROLES, default="standalone",
                      help="standalone (default): one process that renders and serves; node: renders for "

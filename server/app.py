@@ -28,7 +28,8 @@ from server.logs import AccessLog
 from server.metrics import Metrics
 from server.node.agent import NodeAgent, node_report
 from server.node.local import LocalNode
-from server.node.pool import EnginePool, discover
+from server.node.models_dir import discover
+from server.node.pool import EnginePool
 from server.node.routes import NODE_ROUTES, POOL_ROUTES
 from server.openai import models, playground
 from server.openai import routes as images
@@ -65,7 +66,7 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
     if role == "node":
         assert pool is not None
         state = AppState(settings=settings, renderer=pool, metrics=metrics, problem_sources=(pool.problems,),
-                         dead=pool.dead)
+                         unready_sources=(pool.why_not_ready,), dead=pool.dead)
         return Parts(state, pool=pool, agent=NodeAgent(settings, pool))
     registry = Registry(settings.heartbeat_timeout)
     # Standalone answers 429 from its own pool's queue; a router queues when every node is full.
@@ -76,8 +77,10 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
         local = LocalNode(pool, partial(node_report, pool, settings, LOCAL_NODE, "in-process"))
         registry.register(local.report(), local, refresh=local.report)
     sources = (pool.problems, dispatcher.problems) if pool is not None else (dispatcher.problems,)
+    unready = (pool.why_not_ready, dispatcher.why_not_ready) if pool is not None else (dispatcher.why_not_ready,)
     state = AppState(settings=settings, renderer=dispatcher, metrics=metrics, default_model=dispatcher.default_model,
-                     capacity=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()),
+                     capacity=dispatcher, problem_sources=sources, unready_sources=unready,
+                     api_keys=tuple(settings.keys()),
                      tenants={tenant.key: tenant for tenant in settings.tenants()},
                      dead=pool.dead if pool is not None else None)
     store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)
@@ -185,7 +188,8 @@ async def _sweep(store: ImageStore) -> None:
 
 def default_model(settings: Settings) -> str | None:
     """Decided once, from configuration: `--default-model`, else (standalone) the first `--model`, else the
-    first model directory by name. A router has no default unless configured (its models come and go)."""
+    first model directory by name. A router has none configured unless given one (its models come and go):
+    requests then get the fleet's model while the nodes serve exactly one (`AppState.default`)."""
     if settings.default_model or settings.role == "router":
         return settings.default_model
     if settings.models:

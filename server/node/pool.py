@@ -17,19 +17,12 @@ from server.metrics import Metrics
 from server.node import stream
 from server.node.batcher import Batching
 from server.node.health import Limits, NodeHealth
+from server.node.models_dir import discover, nothing_servable
 from server.node.queue import ModelQueue
 from server.settings import Settings
 from server.wire import RenderedImages, RenderOrder, StreamEvent
 
 log = logging.getLogger("sdserve.server")
-
-
-def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
-    root = Path(models_dir)
-    if not root.is_dir():
-        return []
-    found = sorted(p for p in root.iterdir() if engines.is_model_dir(p))
-    return [p for p in found if not only or p.name in only]
 
 
 class EnginePool:
@@ -44,6 +37,7 @@ class EnginePool:
         self.settings, self.metrics = settings, metrics
         self.queues: dict[str, ModelQueue] = {}
         self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
+        self.empty = nothing_servable(settings.models_dir, settings.models)  # why there is nothing to load
         self.draining = False
         self.health = NodeHealth(Limits(stall_seconds=settings.stall_seconds, stall_factor=settings.stall_factor,
                                         failure_limit=settings.unhealthy_after_failures,
@@ -59,6 +53,9 @@ class EnginePool:
             self._loader.join(timeout)
 
     def _load_all(self) -> None:
+        if self.empty:
+            log.warning("%s: this server can render nothing until models are there and it is restarted",
+                        self.empty)
         for path in discover(self.settings.models_dir, self.settings.models):
             started = time.perf_counter()
             try:
@@ -106,6 +103,20 @@ class EnginePool:
 
     def ready(self) -> bool:
         return bool(self.queues) and not self.draining and self.health.check().ready
+
+    def why_not_ready(self) -> str:
+        """What /readyz says while no model can render: draining, sick, nothing found, loading, or every model
+        failed to load."""
+        loading = sorted(name for name, state in self.states.items() if state == "loading")
+        if self.draining:
+            return "draining: this server is shutting down"
+        if sick := self.sick():
+            return f"unhealthy: {sick}"
+        if self.empty:
+            return self.empty
+        if loading:
+            return f"loading {', '.join(loading)}"
+        return "every model failed to load: " + "; ".join(f"{name}: {why}" for name, why in self.failed().items())
 
     def sick(self) -> str | None:
         """Why this node should take no new work (a render stalled, renders failing), or None."""

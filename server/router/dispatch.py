@@ -72,6 +72,14 @@ class Dispatcher:
         problem = self.default_model_problem()
         return {"default_model": problem} if problem else {}
 
+    def why_not_ready(self) -> str | None:
+        """For /readyz while no model can render: the registered nodes' states, or that none has registered
+        (a standalone server's own pool speaks for itself)."""
+        remote = [record for record in self.registry.nodes.values() if not record.local]
+        if not remote:
+            return None if self.registry.nodes else "no node has registered yet"
+        return "nodes: " + ", ".join(_node_state(record) for record in remote)
+
     async def render(self, order: RenderOrder) -> RenderedImages:
         return await self._dispatch(order, self._send, set())
 
@@ -275,6 +283,12 @@ class Dispatcher:
 
     def count_healthy(self) -> None:
         self.metrics.nodes_healthy.set(sum(1 for n in self.registry.nodes.values() if self.registry.in_rotation(n)))
+
+
+def _node_state(record: NodeRecord) -> str:
+    state = record.state()
+    why = f" ({record.last_error})" if record.last_error and state != "healthy" else ""
+    return f"{record.id} {state}{why}" + ("" if record.report.models else " with no model loaded")
 
 
 async def _unless_lost(node: NodeRecord, render: Awaitable[T]) -> T:

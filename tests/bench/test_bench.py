@@ -5,6 +5,7 @@ These check behaviour (what was run, counted and written), never a timing.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -160,6 +161,19 @@ def test_http_counts_errors_by_status(server: ServerProcess, tmp_path: Path) -> 
     level = result.levels[0]
     assert level.statuses == {"404": 3} and level.images == 0 and level.latency_p50 is None
     assert level.nodes is None  # no admin key given
+
+
+def test_http_where_every_request_fails_says_why_and_exits_1(server: ServerProcess, tmp_path: Path) -> None:
+    """No gate asked for: a benchmark that measured nothing still fails, with the first error body."""
+    done = bench("http", server.url, "--concurrency", "1", "--requests", "2", "--size", "7x7", "--out",
+                 str(tmp_path))
+    assert done.returncode == 1, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench: 2 requests were not answered 200 (none was); the first answer was 400: ")
+    error = json.loads(last.split("400: ", 1)[1])["error"]  # the server's own body, as it sent it
+    assert error["param"] == "size" and error["code"] == "invalid_size"
+    result = msgspec.json.decode(check_files(tmp_path, "http"), type=HttpResult)
+    assert result.levels[0].first_error.startswith("400: ") and "invalid_size" in done.stdout  # the table says it too
 
 
 def test_route_cycle_interleaves_by_weight() -> None:

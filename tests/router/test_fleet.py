@@ -335,3 +335,28 @@ def test_standalone_accepts_remote_nodes(models_dir: Path, tmp_path: Path) -> No
     finally:
         helper.kill()
         standalone.kill()
+
+
+def test_a_router_without_a_default_takes_its_fleets_only_model(models_dir: Path, tmp_path: Path) -> None:
+    """No --default-model: while the nodes serve one model, a request naming none gets it; once they serve
+    several, it is 400 `model_required` saying which models there are and how to pick."""
+    fleet = Fleet(models_dir, tmp_path)
+    fleet.add_node("only-sd15", "tiny-sd15")
+    fleet.start()
+    try:
+        body = {"prompt": "p", "size": "64x64", "steps": 1}
+        one = httpx.post(fleet.router.url + GEN, json=body, timeout=60)
+        assert one.status_code == 200 and one.json()["model"] == "tiny-sd15", one.text
+        options = httpx.get(fleet.router.url + "/sdapi/v1/options", timeout=10).json()
+        assert options["sd_model_checkpoint"] == "tiny-sd15"
+        fleet.add_node("only-sdxl", "tiny-sdxl").start(ready=False)
+        fleet.wait_nodes({"only-sd15", "only-sdxl"})
+        several = httpx.post(fleet.router.url + GEN, json=body, timeout=60)
+        assert several.status_code == 400, several.text
+        error = several.json()["error"]
+        assert error["code"] == "model_required" and error["param"] == "model"
+        assert "tiny-sd15, tiny-sdxl" in error["message"] and "--default-model" in error["message"]
+        named = httpx.post(fleet.router.url + GEN, json={**body, "model": "tiny-sdxl"}, timeout=60)
+        assert named.status_code == 200 and named.json()["model"] == "tiny-sdxl"
+    finally:
+        fleet.stop()
