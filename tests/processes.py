@@ -102,3 +102,46 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+class StepGate:
+    """Pauses the renders of the server processes started with `env` between two steps (see
+    `tests/stepgate/sitecustomize.py`), so that a test can act while a render is known to be running."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        paths = [str(ROOT / "tests" / "stepgate"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+        return {"STEP_GATE_DIR": str(self.folder), "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+    def hold(self, after_steps: int = 1) -> None:
+        """Renders wait once they have done `after_steps` steps, until `release` (`paused` starts afresh)."""
+        (self.folder / "paused").unlink(missing_ok=True)
+        (self.folder / "hold").write_text(str(after_steps))
+
+    def release(self) -> None:
+        (self.folder / "hold").unlink(missing_ok=True)
+
+    def slow(self, seconds: float) -> None:
+        """Every step lasts at least `seconds` (0: as long as it takes)."""
+        (self.folder / "step-seconds").write_text(str(seconds))
+
+    def collect_garbage(self) -> None:
+        """Each step first collects garbage, so that what a server leaves unreferenced is reported at once."""
+        (self.folder / "collect").touch()
+
+    def paused(self) -> list[str]:
+        """One "done/total" per render that has started waiting."""
+        path = self.folder / "paused"
+        return path.read_text().split() if path.exists() else []
+
+    def wait_paused(self, count: int = 1, timeout: float = 120.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while len(self.paused()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} renders not paused after {timeout} s: {self.paused()}")
+            time.sleep(0.02)
+        return self.paused()
