@@ -7,15 +7,19 @@ It wraps the whole app, not a route, so unknown routes and early errors are logg
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
 import time
 import uuid
 
+import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import error_type
 from server.metrics import Metrics
+from server.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("sdserve.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -45,7 +49,7 @@ class AccessLog:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
-        status = 500
+        status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -56,7 +60,13 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if status:
+                raise
+            # uvicorn cancels what still runs when its shutdown grace ends, and would answer a bare 500
+            await _shutting_down(send_with_id)
         finally:
+            status = status or 500
             route = scope.get("path_template") or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
             fields = {"request_id": request_id, "method": scope["method"], "path": _printable(scope["path"]),
@@ -64,3 +74,14 @@ class AccessLog:
                       "ms": round((time.perf_counter() - started) * 1000)}
             log.info("%(request_id)s %(method)s %(path)s %(status)d model=%(model)s user=%(user)s %(ms)dms", fields,
                      extra=fields)
+
+
+async def _shutting_down(send: Send) -> None:
+    """503 with the OpenAI error body, which a router re-dispatches."""
+    body = msgspec.json.encode(ErrorResponse(ErrorDetail(
+        message="the server shut down before this request finished; retry", type=error_type(503), param=None,
+        code="shutting_down")))
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

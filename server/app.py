@@ -144,7 +144,11 @@ def on_terminate(app: Litestar) -> None:
     if state.pool is not None:
         state.pool.draining = True
     loop = getattr(app.state, "loop", None)
-    if state.agent is not None and loop is not None:
+    if loop is None:
+        return
+    if state.pool is not None:  # the drain timeout counts from the signal
+        loop.call_soon_threadsafe(state.pool.drain, state.settings.drain_timeout)
+    if state.agent is not None:
         loop.call_soon_threadsafe(state.agent.beat_now)
 
 

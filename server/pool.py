@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -23,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 import engines
-from server import images
+from server import estimate, images
 from server.batcher import Batcher, Batching
 from server.errors import ApiError
 from server.metrics import Metrics
@@ -42,6 +43,7 @@ class Work:
     started: float = 0.0  # when a render slot took it
     cancel: threading.Event = field(default_factory=threading.Event)
     on_partial: Callable[[engines.Partial], None] | None = None  # streaming: called on the render thread
+    progress: estimate.Progress = field(default_factory=estimate.Progress)
 
 
 class ModelQueue:
@@ -58,7 +60,7 @@ class ModelQueue:
         self._ready = threading.Condition()
         self._running = 0
         self._running_work = 0
-        self._last_seconds = 5.0  # the latest render's duration, for Retry-After
+        self._step_seconds = estimate.FIRST_STEP_GUESS  # the latest step timed, of any render of this model
         self._closed = False
         self._current: set[Work] = set()  # running now
         self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
@@ -96,8 +98,7 @@ class ModelQueue:
                                headers={"Retry-After": "5"})
             # full at capacity + depth jobs, counting one a free slot has not picked up yet as that slot's
             if self._running + len(self._waiting) >= self.capacity + self.depth:
-                raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
-                               code="queue_full", headers={"Retry-After": str(self.retry_after())})
+                raise self.full_error()
             self._waiting.append(work)
             self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
             self._ready.notify()
@@ -111,16 +112,27 @@ class ModelQueue:
             raise
 
     def abandon(self, work: Work) -> None:
-        """Nobody waits for this work any more: drop it from the queue, or stop it at its next step."""
+        """Nobody waits for this work any more (from the event loop): drop it from the queue, or stop it at its
+        next step. Its future is cancelled, so the outcome that comes later is dropped, not left unread."""
         work.cancel.set()
+        work.future.cancel()
         with self._ready:
             if work in self._waiting:
                 self._waiting.remove(work)
                 self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
 
+    def full_error(self) -> ApiError:
+        """The 429 of a full queue, with the wait until a place frees."""
+        seconds = self.retry_after()
+        return ApiError(429, f"the queue for model '{self.id}' is full ({self.capacity} rendering, {self.depth} "
+                        f"waiting); retry in about {seconds} s", code="queue_full",
+                        headers={"Retry-After": str(seconds)})
+
     def retry_after(self) -> int:
-        """A rough wait: the queue ahead times the last render's duration, over the renders run at once."""
-        return max(1, int(self._last_seconds * (len(self._waiting) + 1) / self.capacity))
+        with self._ready:  # a reentrant lock: enqueue holds it too
+            chunk = self.pipeline.max_batch
+            return estimate.seconds_until_room([(w.progress, math.ceil(w.job.n / chunk), w.job.steps)
+                                                for w in self._current], self._step_seconds)
 
     def _serve(self) -> None:
         if self.batching is not None:
@@ -168,10 +180,7 @@ class ModelQueue:
             self._current.discard(work)
             self._running_work -= work.job.work
             self._ready.notify_all()
-        try:
-            work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
-        except RuntimeError:  # its event loop is closed: nobody is left to answer
-            log.info("request %s: its event loop closed before its outcome", work.job.request_id)
+        _answer(work, outcome)
 
     def render_request(self, job: RenderJob) -> engines.RenderRequest:
         return engines.RenderRequest(
@@ -181,10 +190,12 @@ class ModelQueue:
             lora=[(ref.name, ref.scale) for ref in job.lora],
         )
 
-    @staticmethod
-    def on_step(work: Work) -> Callable[[int, int], None]:
-        """The render's progress callback: stops it at its next step once nobody waits for it."""
+    def on_step(self, work: Work) -> Callable[[int, int], None]:
+        """The render's progress callback: times its steps, and stops it at its next step once nobody waits."""
         def on_step(done: int, total: int) -> None:
+            seconds = work.progress.step(done, total)
+            if seconds is not None:
+                self._step_seconds = seconds
             if work.cancel.is_set():
                 raise engines.RenderCancelled(f"request {work.job.request_id} cancelled at step {done}/{total}")
         return on_step
@@ -201,7 +212,6 @@ class ModelQueue:
         encoded = [images.encode(image, job.output_format, job.output_compression) for image in result.images]
         queued = work.started - work.enqueued
         timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
-        self._last_seconds = timings.get("total", 0.0)
         self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
         self.metrics.images.labels(self.id).inc(len(encoded))
         return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
@@ -214,18 +224,26 @@ class ModelQueue:
             return 0
         return sum(tokenizer.tokens(text) for text in (job.prompt, job.negative_prompt or ""))
 
+    def give_up(self, error: ApiError) -> int:
+        """Answer every accepted request with `error` now: what waits leaves the queue, what runs stops at its
+        next step (its outcome is then dropped). How many there were."""
+        with self._ready:
+            works = [*self._current, *self._waiting]
+            for work in works:
+                work.cancel.set()
+                _answer(work, error)
+            self._waiting.clear()
+            self.metrics.queue_depth.labels(self.id).set(0)
+            self._ready.notify_all()
+        return len(works)
+
     def close(self, wait: float) -> None:
-        """Stop: what waits is dropped, what runs stops at its next step; wait up to `wait` s for the threads
-        (a process must not exit while a thread is inside ONNX Runtime)."""
+        """Stop: what waits is answered 503, what runs stops at its next step; wait up to `wait` s for the
+        threads (a process must not exit while a thread is inside ONNX Runtime)."""
         with self._ready:
             self._closed = True
-            for work in self._current:
-                work.cancel.set()
-            for work in self._waiting:
-                work.loop.call_soon_threadsafe(_deliver, work.future, ApiError(
-                    503, f"model {self.id} is shutting down", code="draining", headers={"Retry-After": "5"}))
-            self._waiting.clear()
-            self._ready.notify_all()
+        self.give_up(ApiError(503, f"model {self.id} is shutting down", code="draining",
+                              headers={"Retry-After": "5"}))
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -239,8 +257,18 @@ def _open(data: bytes | None) -> Image.Image | None:
     return None if data is None else Image.open(io.BytesIO(data))
 
 
+def _answer(work: Work, outcome: RenderedImages | BaseException) -> None:
+    """Deliver `outcome` to the request waiting for `work`, from any thread."""
+    try:
+        work.loop.call_soon_threadsafe(_deliver, work.future, outcome)
+    except RuntimeError:  # its event loop is closed: nobody is left to answer
+        log.info("request %s: its event loop closed before its outcome", work.job.request_id)
+
+
 def _deliver(future: asyncio.Future[RenderedImages], outcome: RenderedImages | BaseException) -> None:
-    if future.done():
+    if future.done():  # abandoned, or already answered (drain timeout): nobody reads this outcome
+        if isinstance(outcome, BaseException) and not isinstance(outcome, engines.RenderCancelled | ApiError):
+            log.warning("a render failed after its request was answered: %s: %s", type(outcome).__name__, outcome)
         return
     if isinstance(outcome, BaseException):
         future.set_exception(outcome)
@@ -269,6 +297,7 @@ class EnginePool:
         self.queues: dict[str, ModelQueue] = {}
         self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
         self.draining = False
+        self._drain: asyncio.Task[None] | None = None
         self._loader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -352,12 +381,32 @@ class EnginePool:
     def idle(self) -> bool:
         return all(q.idle() for q in self.queues.values())
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work, then wait (up to `timeout`) for what was accepted to finish."""
+    def drain(self, timeout: float) -> asyncio.Task[None]:
+        """Refuse new work from now on, and give what was accepted up to `timeout` seconds to finish (from the
+        event loop; SIGTERM starts it, the shutdown awaits the same drain)."""
         self.draining = True
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._drain_within(timeout))
+        return self._drain
+
+    async def _drain_within(self, timeout: float) -> None:
+        """What is unfinished at the deadline is answered 503 `draining`, which a router sends to another node:
+        an honest answer before the HTTP server gives up on the request (`server.__main__` waits longer)."""
+        running = sum(q.running for q in self.queues.values())
+        waiting = sum(q.waiting for q in self.queues.values())
+        log.info("draining: taking no new work; waiting up to %g s for %d running and %d waiting renders", timeout,
+                 running, waiting)
         deadline = time.monotonic() + timeout
         while not self.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if self.idle():
+            log.info("drained: every accepted render has finished")
+            return
+        error = ApiError(503, f"this node shut down before the render finished (--drain-timeout {timeout:g} s); "
+                         "retry on another node", code="draining", headers={"Retry-After": "5"})
+        unfinished = sum(q.give_up(error) for q in self.queues.values())
+        log.warning("drain timeout (%g s): %d render(s) unfinished, answered 503 so that a router sends them to "
+                    "another node", timeout, unfinished)
 
     def close(self, wait: float = 30.0) -> None:
         for queue in self.queues.values():

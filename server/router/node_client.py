@@ -153,5 +153,9 @@ class LocalNode:
                 raise NodeFull(error) from error
             raise
 
+    def full_error(self, model: str) -> ApiError:
+        """The 429 of the model's full queue, as the pool words it."""
+        return self.pool.queues[model].full_error()
+
     async def close(self) -> None:
         return None

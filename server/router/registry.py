@@ -55,6 +55,11 @@ class NodeRecord:
         load = self.report.load.get(model, ModelLoad())
         return self.in_flight.get(model, 0) < load.capacity
 
+    def retry_after(self, model: str) -> int:
+        """The node's wait estimate for `model` from its last report, less the time since it was sent."""
+        reported = self.report.load.get(model, ModelLoad()).retry_after
+        return reported if self.local else max(1, reported - int(time.monotonic() - self.last_seen))
+
     def score(self) -> int:
         """Outstanding work: what this router has sent, or what the node last reported when that is more
         (other routers send it work too)."""
