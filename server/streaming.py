@@ -35,7 +35,6 @@ from server.errors import ApiError, to_response
 from server.protocol import (
     CompletedImageEvent,
     ErrorEvent,
-    InputTokensDetails,
     PartialImageEvent,
     RenderedImages,
     RenderJob,
@@ -131,9 +130,7 @@ def _partial_event(job: RenderJob, created: int, partial: engines.Partial, encod
 
 
 def completed_events(job: RenderJob, created: int, rendered: RenderedImages) -> list[bytes]:
-    tokens = rendered.input_tokens
-    usage = Usage(input_tokens=tokens, input_tokens_details=InputTokensDetails(text_tokens=tokens),
-                  output_tokens=0, total_tokens=tokens)
+    usage = Usage.of_text(rendered.input_tokens)
     return [frame(f"{job.events}.completed", CompletedImageEvent(
         type=f"{job.events}.completed", b64_json=base64.b64encode(image).decode("ascii"), created_at=created,
         size=f"{job.width}x{job.height}", quality=job.quality, background="opaque", output_format=job.output_format,

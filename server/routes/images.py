@@ -25,6 +25,7 @@ from server.protocol import (
     ImageVariationRequest,
     RenderedImages,
     RenderJob,
+    Usage,
 )
 from server.routes import edit_json
 from server.routes.guards import edit_body, json_body, multipart_body
@@ -137,7 +138,8 @@ async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
             name = await anyio.to_thread.run_sync(state.store.put, image, job.output_format)
             data.append(ImageData(seed=seed, url=f"{state.base_url(request)}/v1/images/files/{name}"))
     body = ImagesResponse(created=int(time.time()), data=data, model=job.model, size=f"{job.width}x{job.height}",
-                          output_format=job.output_format, quality=job.quality)
+                          output_format=job.output_format, quality=job.quality,
+                          usage=Usage.of_text(rendered.input_tokens))
     return Response(body, headers={"server-timing": _server_timing(rendered)})
 
 
