@@ -32,3 +32,8 @@ def configure(level: str, log_format: LogFormat) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # httpx logs every request at INFO: a router's probes and a node's heartbeats, several a second. Our own
+    # lines say what matters about them (a node out of rotation, a router unreachable); --log-level debug shows all.
+    root = logging.getLogger().level
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(root if root <= logging.DEBUG else max(root, logging.WARNING))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from litestar import Request, delete, get, post
 
 from server.errors import documented
@@ -10,6 +12,8 @@ from server.protocol import NodeList, NodeReport, Registered
 from server.router import admission
 from server.routes.guards import admin_key, node_token
 from server.state import AppState
+
+log = logging.getLogger("sdserve.router")
 
 
 @post("/nodes/register", status_code=200, guards=[node_token], responses=documented(400, 401, 409),
@@ -39,6 +43,7 @@ async def deregister(node_id: str, request: Request) -> dict[str, str]:
     state = AppState.of(request)
     record = state.registry.authenticate(node_id, request.headers.get("x-node-lease", ""))
     await state.registry.remove(record)
+    log.info("node %s (%s) deregistered: it is shutting down", node_id, record.report.url)
     return {"status": "removed"}
 
 
