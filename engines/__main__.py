@@ -27,7 +27,10 @@ def parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check this host: onnxruntime, providers, GPU, TensorRT (and a "
                                  "model's plans and a small render per backend); exit 1 on a problem")
     doctor.add_argument("model_dir", nargs="?", help="also check this model directory")
-    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    shown = doctor.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the report as JSON")
+    shown.add_argument("--summary", action="store_true", help="print one line per backend: with MODEL_DIR where each "
+                       "component really ran (ONNX Runtime's providers, TensorRT plans or their fallback)")
     render = commands.add_parser("render", help="render images and print per-stage timings")
     render.add_argument("model_dir", help="a model directory written by `python -m export`, or an ONNX folder "
                         "in optimum's layout (optimum-cli export onnx; its manifest is inferred)")
@@ -107,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from engines import doctor
 
         report = doctor.run(args.model_dir)
-        print(msgspec.json.format(msgspec.json.encode(report)).decode() if args.json else doctor.text(report))
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(report)).decode())
+        else:
+            print(doctor.summary(report) if args.summary else doctor.text(report))
         return 0 if report.ok else 1
     try:
         if args.command == "info":

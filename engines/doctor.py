@@ -2,9 +2,12 @@
 for bug reports.
 
 Each check says ok, problem (with the fix) or absent (not installed and not needed, e.g. no GPU on a CPU
-host). Providers are tried by creating a real one-node session, never trusted from
-`get_available_providers()`. With a model directory it also checks the TensorRT plans against this GPU
-and renders a small image on every backend that loads, comparing each with the CPU's render.
+host, or ONNX Runtime's TensorRT EP beside a TensorRT of another major). Providers are tried by creating
+a real one-node session, never trusted from `get_available_providers()`. With a model directory it also
+checks the TensorRT plans against this GPU and renders a small image on every backend that loads, at a size
+the plans cover (else the model's smallest), comparing each with the reference render (CUDA's where it
+works, else the CPU's) and saying where each component really ran. `summary` boils a report down to one
+line per backend, the block to paste into an issue.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +24,8 @@ import numpy as np
 
 from engines import gpu, libraries, plans
 from engines import manifest as mf
+from engines.backends.base import Session
+from engines.backends.tensorrt import FALLBACK
 from engines.errors import EngineError
 
 Status = Literal["ok", "problem", "absent"]
@@ -29,6 +35,7 @@ PROBE_GRAPH = (b'\x08\x08\x12\x07sdserve:F\n\x13\n\x01x\n\x01x\x12\x01y\x1a\x03a
                b'\n\x02\x08\x01\n\x02\x08\x04B\x04\n\x00\x10\x11')
 RENDER_TOLERANCE = 0.02  # mean |backend - CPU| of 0-1 pixels: fp16 rounding, not a different image
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt-ep": "TensorrtExecutionProvider"}
+SUMMARY_BACKENDS = ("cpu", "cuda", "tensorrt-ep", "tensorrt")
 
 
 class Check(msgspec.Struct):
@@ -44,9 +51,12 @@ class Report(msgspec.Struct):
     seconds: float
 
 
-def run(model_dir: str | None = None) -> Report:
+def run(model_dir: str | None = None, stack: libraries.TensorRtStack | None = None) -> Report:
+    """Every check; `stack` (default: this environment's) says which TensorRT the EP links and which is here."""
     started = time.perf_counter()
-    checks = [package(), *[provider(name) for name in PROVIDERS], cuda_libraries(), device(), tensorrt()]
+    checks = [package(), provider("cpu"), provider("cuda")]
+    stack = stack or libraries.tensorrt_stack()  # after the cuda check: TensorRT loads beside CUDA's libraries
+    checks += [tensorrt_ep(stack), cuda_libraries(), device(), tensorrt(stack)]
     if model_dir is not None:
         usable = [c.name.split(" ")[1] for c in checks if c.name.startswith("provider ") and c.status == "ok"]
         checks += model(Path(model_dir), usable)
@@ -76,7 +86,7 @@ def provider(name: str) -> Check:
     try:
         if name != "cpu":
             libraries.prepare(name)
-        session = ort.InferenceSession(PROBE_GRAPH, providers=[PROVIDERS[name]])
+        session = ort.InferenceSession(PROBE_GRAPH, providers=[PROVIDERS[name]], enable_fallback=0)
         result = session.run(None, {"x": np.ones((1, 4), np.float32)})[0]
     except Exception as exc:  # a failing provider says why in its exception
         return Check(label, "problem", f"cannot create a session: {_one_line(exc)}", _fix(name))
@@ -84,6 +94,15 @@ def provider(name: str) -> Check:
         return Check(label, "problem", f"a session asked for {PROVIDERS[name]} runs on {session.get_providers()[0]}",
                      _fix(name))
     return Check(label, "ok", "a one-node graph runs on it")
+
+
+def tensorrt_ep(stack: libraries.TensorRtStack) -> Check:
+    """ONNX Runtime's TensorRT EP: absent, not a problem, beside a TensorRT of another major (the supported
+    setup: TensorRT 11 for the native backend, while onnxruntime-gpu's EP links TensorRT 10)."""
+    reason = libraries.ep_unavailable(stack)
+    if reason is None:
+        return provider("tensorrt-ep")
+    return Check("provider tensorrt-ep", "absent", reason, libraries.ep_fix(stack) if stack.linked_major else None)
 
 
 def _fix(name: str) -> str:
@@ -128,25 +147,24 @@ def device() -> Check:
                  " (name | memory | compute capability | driver)")
 
 
-def tensorrt() -> Check:
-    linked = libraries.linked_tensorrt_major()
-    cuda_python = libraries.installed("cuda-python")
-    try:
-        version = libraries.tensorrt_version()
-    except EngineError as exc:
-        return Check("tensorrt", "problem", str(exc), "pip install --force-reinstall 'sdserve[tensorrt]'")
-    if version is None:
-        detail = "TensorRT is not installed (the tensorrt and tensorrt-ep backends need it)"
-        linked_note = f"; onnxruntime-gpu's EP links TensorRT {linked}" if linked else ""
-        return Check("tensorrt", "absent", detail + linked_note)
-    detail = f"TensorRT {version}, cuda-python {cuda_python or 'not installed'}"
-    if linked is not None and int(version.split(".")[0]) != linked:
-        return Check("tensorrt", "problem", f"{detail}; onnxruntime-gpu's TensorRT EP links TensorRT {linked}",
-                     f"tensorrt-ep needs TensorRT {linked}.x; the native tensorrt backend works with {version}")
-    if cuda_python is None:
+def tensorrt(stack: libraries.TensorRtStack) -> Check:
+    """The TensorRT package: the native backend's (with cuda-python), and what the EP makes of it."""
+    cuda_python = stack.cuda_python
+    if stack.error is not None:
+        return Check("tensorrt", "problem", stack.error, "pip install --force-reinstall 'sdserve[tensorrt]'")
+    if stack.tensorrt is None:
+        linked_note = f"; onnxruntime-gpu's EP links TensorRT {stack.linked_major}" if stack.linked_major else ""
+        return Check("tensorrt", "absent",
+                     "TensorRT is not installed (the tensorrt and tensorrt-ep backends need it)" + linked_note)
+    detail = f"TensorRT {stack.tensorrt}, cuda-python {cuda_python or 'not installed'}"
+    ep_works = stack.linked_major is not None and libraries.ep_unavailable(stack) is None
+    if stack.linked_major is not None:
+        detail += (f"; matches onnxruntime-gpu's EP (TensorRT {stack.linked_major})" if ep_works
+                   else f"; {libraries.ep_unavailable(stack)}")
+    if cuda_python is None and not ep_works:  # installed, and nothing here can use it
         return Check("tensorrt", "problem", detail,
                      "pip install 'sdserve[tensorrt]' (the native backend needs cuda-python)")
-    return Check("tensorrt", "ok", detail + (f"; matches onnxruntime-gpu's EP (TensorRT {linked})" if linked else ""))
+    return Check("tensorrt", "ok", detail)
 
 
 def model(root: Path, usable: list[str]) -> list[Check]:
@@ -154,57 +172,107 @@ def model(root: Path, usable: list[str]) -> list[Check]:
         manifest = mf.read(root)
     except EngineError as exc:
         return [Check("model", "problem", str(exc), f"re-export it: python -m export PRESET --output {root} --force")]
+    plans_check, plan_set = _plans(root, manifest)
     checks = [Check("model", "ok", f"{manifest.name} ({manifest.family}), components "
-                    + ", ".join(f"{k} {c.precision}" for k, c in manifest.components.items()))]
-    checks.append(_plans(root, manifest))
-    backends = [*usable, *(["tensorrt"] if checks[-1].status == "ok" else [])]
+                    + ", ".join(f"{k} {c.precision}" for k, c in manifest.components.items())), plans_check]
+    size = render_size(manifest, plan_set)
+    backends = [*usable, *(["tensorrt"] if plans_check.status == "ok" else [])]
+    judge = "cuda" if "cuda" in backends else "cpu"  # the reference: CUDA's fp32-accumulating kernels, else the CPU
     reference = None
-    for backend in backends:
-        check, pixels = _render(root, manifest, backend, reference)
-        reference = pixels if backend == "cpu" else reference
+    for backend in sorted(backends, key=lambda b: b != judge):
+        if backend == "cpu" and judge != "cpu" and max(size) > manifest.sizes.min:
+            checks.append(Check("render cpu", "absent", f"not rendered at {size[0]}x{size[1]} (minutes on a CPU); "
+                                "the cuda render is the reference"))
+            continue
+        check, pixels = _render(root, backend, size, reference, judge)
+        reference = pixels if backend == judge else reference
         checks.append(check)
     return checks
 
 
-def _plans(root: Path, manifest: mf.Manifest) -> Check:
+def render_size(manifest: mf.Manifest, plan_set: mf.PlanSet | None) -> tuple[int, int]:
+    """(width, height) to render at: one the plans cover, so that "render tensorrt" runs on them (the
+    first profile's opt size of the set for this GPU, else of the newest set); without plans the model's
+    smallest size, the cheapest."""
+    chosen = plan_set or (manifest.tensorrt[-1] if manifest.tensorrt else None)
+    if chosen is None:
+        return manifest.sizes.min, manifest.sizes.min
+    return chosen.profiles[0].width[1], chosen.profiles[0].height[1]
+
+
+def _plans(root: Path, manifest: mf.Manifest) -> tuple[Check, mf.PlanSet | None]:
     if not manifest.tensorrt:
-        return Check("tensorrt plans", "absent", "none built (python -m export PRESET --tensorrt builds them)")
+        return Check("tensorrt plans", "absent", "none built (python -m export PRESET --tensorrt builds them)"), None
     try:
         found = gpu.probe()
         plan_set = plans.select(root, manifest, found.tensorrt_version, found.compute_capability)
     except EngineError as exc:
         return Check("tensorrt plans", "problem", str(exc),
-                     f"python -m export {manifest.name} --tensorrt --output {root}")
+                     f"python -m export {manifest.name} --tensorrt --output {root}"), None
     return Check("tensorrt plans", "ok", f"{plan_set.key} for {found.name}: "
-                 + ", ".join(p.label for p in plan_set.profiles))
+                 + ", ".join(p.label for p in plan_set.profiles)), plan_set
 
 
-def _render(root: Path, manifest: mf.Manifest, backend: str, reference: np.ndarray | None
+def _render(root: Path, backend: str, size: tuple[int, int], reference: np.ndarray | None, judge: str
             ) -> tuple[Check, np.ndarray | None]:
     from engines.pipeline import load
     from engines.render import RenderRequest
 
-    label = f"render {backend}"
-    size = manifest.sizes.min
+    label, (width, height) = f"render {backend}", size
     try:
         pipe = load(root, backend=backend, verify=False)
         try:
-            pixels = pipe.render(RenderRequest(prompt="a red cube on a table", width=size, height=size, steps=2,
+            pixels = pipe.render(RenderRequest(prompt="a red cube on a table", width=width, height=height, steps=2,
                                                seed=0)).pixels
+            ran, off_plan = _ran(pipe.sessions)
         finally:
             pipe.close()
     except EngineError as exc:
         return Check(label, "problem", _one_line(exc), "see the provider checks above"), None
+    where = f"{width}x{height}, 2 steps; {ran}"
     if not np.isfinite(pixels).all():
-        return Check(label, "problem", "the image has NaN or infinite pixels (fp16 overflow?)",
+        return Check(label, "problem", f"{where}: the image has NaN or infinite pixels (fp16 overflow?)",
                      "re-export with --precision fp32 or report it"), None
+    if backend == "tensorrt" and off_plan:
+        return Check(label, "problem", f"{where}: calls left the plans for ONNX Runtime",
+                     "rebuild the plans for the sizes and batches you render (python -m export … --tensorrt)"), pixels
     if reference is None:
-        return Check(label, "ok", f"{size}x{size}, 2 steps, finite"), pixels
+        return Check(label, "ok", f"{where}; finite"), pixels
     difference = float(np.abs(pixels - reference).mean())
     if difference > RENDER_TOLERANCE:
-        return Check(label, "problem", f"differs from the CPU render by {difference:.3g} on average (tolerance "
-                     f"{RENDER_TOLERANCE})", "report it with this output"), pixels
-    return Check(label, "ok", f"{size}x{size}, 2 steps, mean difference to CPU {difference:.2g}"), pixels
+        return Check(label, "problem", f"{where}; differs from the {judge} render by {difference:.3g} on average "
+                     f"(tolerance {RENDER_TOLERANCE})", "report it with this output"), pixels
+    return Check(label, "ok", f"{where}; mean difference to {judge} {difference:.2g}"), pixels
+
+
+def _ran(sessions: Mapping[str, Session]) -> tuple[str, bool]:
+    """Where each component's calls ran ("text_encoder, unet on TensorRT plan; vae_decoder on fallback:
+    ONNX Runtime [CUDA, CPU]"), and whether any call of a TensorRT session left its plans."""
+    places: dict[str, list[str]] = {}
+    for name, session in sessions.items():
+        for place in session.ran_on:
+            places.setdefault(place, []).append(name)
+    text = "; ".join(f"{', '.join(names)} on {place}" for place, names in places.items())
+    return text or "no component ran", any(place.startswith(FALLBACK) for place in places)
+
+
+def summary(report: Report) -> str:
+    """One line per backend: with a model its render (size, where each component ran, the comparison),
+    else whether it can run here. What the GPU workflow prints first, for pasting into an issue."""
+    checks = {c.name: c for c in report.checks}
+    lines = []
+    for backend in SUMMARY_BACKENDS:
+        check = checks.get(f"render {backend}") or _readiness(checks, backend)
+        fix = f" (fix: {check.fix})" if check.fix and check.status == "problem" else ""
+        lines.append(f"{backend:<12} {check.status:<8} {check.detail}{fix}")
+    return "\n".join(lines)
+
+
+def _readiness(checks: dict[str, Check], backend: str) -> Check:
+    if backend != "tensorrt":
+        return checks[f"provider {backend}"]
+    plans_check = checks.get("tensorrt plans")
+    return checks["tensorrt"] if plans_check is None or checks["tensorrt"].status != "ok" else plans_check
 
 
 def text(report: Report) -> str:

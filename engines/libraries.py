@@ -5,6 +5,10 @@
 does at serve time). Its TensorRT provider needs `libnvinfer` loaded too, of the major version the
 provider library was linked against (`import tensorrt` loads the `tensorrt_libs` wheel's copy); a
 TensorRT of another major makes the provider fail to load deep inside session creation.
+
+onnxruntime-gpu 1.31's CUDA 13 wheels link the EP against TensorRT 10 (`libnvinfer.so.10`; onnxruntime
+issue #32278), while the native backend uses TensorRT 11: one environment holds one TensorRT, so the EP
+works only where its major matches (`ep_unavailable` says why not, for loading and for the doctor alike).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import mmap
 import re
 import threading
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -79,20 +84,56 @@ def tensorrt_version() -> str | None:
     return str(tensorrt.__version__)
 
 
+@dataclass(frozen=True)
+class TensorRtStack:
+    """Which TensorRT backends can run here: the libnvinfer major ONNX Runtime's TensorRT EP links (None:
+    this onnxruntime has no such EP), the installed TensorRT Python package's version (None: not installed),
+    why that package cannot load (if it cannot), and cuda-python's version (the native backend's other half)."""
+
+    linked_major: int | None
+    tensorrt: str | None
+    error: str | None = None
+    cuda_python: str | None = None
+
+    @property
+    def tensorrt_major(self) -> int | None:
+        return int(self.tensorrt.split(".")[0]) if self.tensorrt else None
+
+
+def tensorrt_stack() -> TensorRtStack:
+    """This environment's TensorRT stack (imports TensorRT where it is installed, loading libnvinfer)."""
+    cuda_python = installed("cuda-python")
+    try:
+        return TensorRtStack(linked_tensorrt_major(), tensorrt_version(), cuda_python=cuda_python)
+    except EngineFailure as exc:
+        return TensorRtStack(linked_tensorrt_major(), None, str(exc), cuda_python)
+
+
+def ep_unavailable(stack: TensorRtStack) -> str | None:
+    """Why the TensorRT EP cannot run with `stack`, in one line; None when it can (the majors match)."""
+    if stack.linked_major is None:
+        package = installed("onnxruntime-gpu")
+        return (f"this onnxruntime ({package or 'the CPU package ' + ort.__version__}) has no TensorRT execution "
+                "provider; install sdserve[gpu] for tensorrt-ep")
+    if stack.error is not None:
+        return f"TensorRT EP unavailable: {stack.error}"
+    if stack.tensorrt_major != stack.linked_major:
+        installed_text = f"TensorRT {stack.tensorrt_major} installed" if stack.tensorrt else "no TensorRT installed"
+        return f"TensorRT EP unavailable: links TensorRT {stack.linked_major}, {installed_text}"
+    return None
+
+
+def ep_fix(stack: TensorRtStack) -> str:
+    return (f"the EP needs TensorRT {stack.linked_major}.x loaded, in an environment without sdserve[tensorrt] (one "
+            "TensorRT per environment; sdserve[gpu,tensorrt-ep] pins TensorRT 10 for onnxruntime-gpu 1.31); or use "
+            "the native `tensorrt` backend (plans from `python -m export … --tensorrt`) or `cuda`")
+
+
 def check_tensorrt() -> None:
-    expected = linked_tensorrt_major()
-    package = installed("onnxruntime-gpu")
-    if expected is None:
-        raise EngineFailure(f"this onnxruntime ({package or 'the CPU package ' + ort.__version__}) has no TensorRT "
-                            "execution provider; install sdserve[gpu] for tensorrt-ep")
-    version = tensorrt_version()
-    if version is None:
-        raise EngineFailure(f"tensorrt-ep needs TensorRT {expected}.x loaded (onnxruntime-gpu {package} links "
-                            f"libnvinfer.so.{expected}); install it: pip install 'tensorrt-cu13=={expected}.*'")
-    if int(version.split(".")[0]) != expected:
-        raise EngineFailure(f"tensorrt-ep: onnxruntime-gpu {package} was built for TensorRT {expected}.x, "
-                            f"TensorRT {version} is installed; install TensorRT {expected}.x or use the native "
-                            "`tensorrt` backend (plans built by `python -m export … --tensorrt`)")
+    stack = tensorrt_stack()
+    reason = ep_unavailable(stack)
+    if reason is not None:
+        raise EngineFailure(reason if stack.linked_major is None else f"{reason}; {ep_fix(stack)}")
 
 
 def installed(distribution: str) -> str | None:

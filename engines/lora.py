@@ -161,6 +161,7 @@ class LoraSession(Session):
     def __init__(self, inner: Session, zeros: dict[str, np.ndarray]) -> None:
         super().__init__(inner.name, inner.component)
         self.inner, self.zeros, self.max_rows = inner, zeros, inner.max_rows
+        self.ran_on = inner.ran_on  # the calls run where the inner session runs them
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         active = _ACTIVE.get()

@@ -2,9 +2,9 @@
 component, the key that says when a plan is valid, which profile fits a call, and which plan set (if
 any) this GPU may load.
 
-Everything here is pure (msgspec and the manifest), so the exporter (which builds plans) and the
-TensorRT backend (which runs them) derive the same shapes from the same rules, and the tests check
-those rules on a machine without a GPU.
+Everything here is pure (msgspec, numpy and the manifest), so the exporter (which builds plans) and the
+TensorRT backend (which runs them) derive the same shapes and padding from the same rules, and the tests
+check those rules on a machine without a GPU.
 
 Shapes come from the graphs' own signatures in the manifest: fixed dimensions are kept, and each named
 dynamic axis ("batch", "height", "width", "sequence") gets a (min, opt, max) range per component:
@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 from engines import manifest as mf
 from engines.errors import EngineFailure
@@ -35,6 +36,7 @@ PLANS_DIR = "tensorrt"  # under the model directory: tensorrt/<key>/<component>.
 PLAN_FORMAT = 1
 MAX_PROMPT_WINDOWS = 3  # prompts up to 3 × 77 tokens run on the plans; longer ones on ONNX Runtime
 PAD_LIMIT = 0.25  # pad a batch up to its bucket when that adds at most this share of rows
+BATCH_AXIS = "batch"  # the manifest's name of the rows axis
 
 Range = tuple[int, int, int]
 Shapes = Mapping[str, Sequence[int]]
@@ -194,6 +196,28 @@ def padded_batch(rows: int, profile: ShapeProfile) -> int:
         raise ValueError(f"batch {rows} is outside the profile's {low}-{high}")
     bucket = next(b for b in batch_buckets(profile) if b >= rows)
     return bucket if bucket - rows <= PAD_LIMIT * rows else rows
+
+
+def batch_inputs(component: mf.Component) -> frozenset[str]:
+    """The inputs whose first axis is the batch. The others (LoRA's rank-shaped matrices, a scalar
+    timestep) are the same for every row: padding must leave them alone."""
+    return frozenset(t.name for t in component.inputs if t.shape and t.shape[0] == BATCH_AXIS)
+
+
+def call_rows(feeds: Mapping[str, np.ndarray], batched: frozenset[str]) -> int:
+    """The rows of one call: the first axis of its batch inputs (1 when it has none)."""
+    return next((feeds[name].shape[0] for name in feeds if name in batched), 1)
+
+
+def pad_rows(feeds: Mapping[str, np.ndarray], batched: frozenset[str], rows: int) -> dict[str, np.ndarray]:
+    """`feeds` with every batch input padded to `rows` by repeating its last row (their outputs are
+    dropped afterwards); every other input as it is, 0-d ones included."""
+    padded = {}
+    for name, array in feeds.items():
+        if name in batched and array.shape[0] < rows:
+            array = np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])
+        padded[name] = array
+    return padded
 
 
 # -- validity --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import uvicorn
 
 from server import logs
 from server.app import asgi, create_app, on_terminate
-from server.pool import discover
+from server.node.pool import discover
 from server.router.admission import allowed_networks
 from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 

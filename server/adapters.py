@@ -1,5 +1,5 @@
 """LoRA adapters at the HTTP edge: a request's `lora` field and `<lora:name:weight>` prompt tags into one
-list, checked against the limits; which nodes offer a job's adapters, and the error when none does.
+list, checked against the limits; which nodes offer an order's adapters, and the error when none does.
 
 Both forms add up: `lora: [{"name": "a", "scale": 0.5}]` with the prompt "a cat <lora:b:0.8>" renders
 with a at 0.5 and b at 0.8, and the encoders see "a cat". On multipart routes the field is JSON text.

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 
 from litestar import Litestar, Router
@@ -20,19 +21,24 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from server import errors, node
-from server.access import AccessLog
+from server import errors, health, version
+from server.a1111 import routes as sdapi
+from server.guards import api_key
+from server.logs import AccessLog
 from server.metrics import Metrics
-from server.pool import EnginePool, discover
+from server.node.agent import NodeAgent, node_report
+from server.node.local import LocalNode
+from server.node.pool import EnginePool, discover
+from server.node.routes import NODE_ROUTES, POOL_ROUTES
+from server.openai import models, playground
+from server.openai import routes as images
+from server.openai.store import ImageStore
 from server.router.dispatch import Dispatcher
-from server.router.node_client import LocalNode
 from server.router.prober import Prober
 from server.router.registry import Registry
-from server.routes import adapters, files, fleet, health, images, models, node_api, playground, sdapi
-from server.routes.guards import api_key
+from server.router.routes import FLEET_ROUTES
 from server.settings import Settings
 from server.state import AppState
-from server.store import ImageStore
 from server.supervisor import supervise
 
 log = logging.getLogger("sdserve.server")
@@ -40,85 +46,102 @@ SWEEP_SECONDS = 60.0
 LOCAL_NODE = "local"
 
 
-def build_state(settings: Settings, metrics: Metrics) -> AppState:
+@dataclass
+class Parts:
+    """What one process runs, by role: an engine pool (node, standalone), its agent (node), a registry and
+    dispatcher with the image store (front doors: standalone, router)."""
+
+    state: AppState
+    pool: EnginePool | None = None
+    agent: NodeAgent | None = None
+    registry: Registry | None = None
+    dispatcher: Dispatcher | None = None
+    store: ImageStore | None = None
+
+
+def build(settings: Settings, metrics: Metrics) -> Parts:
     role = settings.role
     pool = EnginePool(settings, metrics) if role in ("standalone", "node") else None
     if role == "node":
         assert pool is not None
-        state = AppState(settings=settings, renderer=pool, metrics=metrics, pool=pool)
-        state.agent = node.NodeAgent(settings, pool)
-        return state
+        state = AppState(settings=settings, renderer=pool, metrics=metrics, problem_sources=(pool.problems,))
+        return Parts(state, pool=pool, agent=NodeAgent(settings, pool))
     registry = Registry(settings.heartbeat_timeout)
     # Standalone answers 429 from its own pool's queue; a router queues when every node is full.
     dispatcher = Dispatcher(registry, metrics, settings.retries,
                             wait_limit=0 if role == "standalone" else settings.queue_depth,
                             default_model=default_model(settings))
     if pool is not None:
-        local = LocalNode(pool, lambda: node.report(pool, settings, LOCAL_NODE, "in-process"),
-                          settings.request_timeout, settings.keepalive_interval)
-        registry.register(local.report(), local, local=True)
+        local = LocalNode(pool, partial(node_report, pool, settings, LOCAL_NODE, "in-process"))
+        registry.register(local.report(), local, refresh=local.report)
+    sources = (pool.problems, dispatcher.problems) if pool is not None else (dispatcher.problems,)
+    state = AppState(settings=settings, renderer=dispatcher, metrics=metrics, default_model=dispatcher.default_model,
+                     capacity=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()))
     store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)
-    return AppState(settings=settings, renderer=dispatcher, metrics=metrics, pool=pool, registry=registry,
-                    dispatcher=dispatcher, store=store, api_keys=tuple(settings.keys()))
+    return Parts(state, pool=pool, registry=registry, dispatcher=dispatcher, store=store)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
-    state = build_state(settings, metrics or Metrics())
+    parts = build(settings, metrics or Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()
         background = []
-        if state.pool is not None:
-            state.pool.start()
-        if state.dispatcher is not None:
-            prober = Prober(state.registry, state.dispatcher, settings.probe_timeout)
-            background += [supervise("prober", prober.run), supervise("image sweeper", partial(_sweep, state))]
-        if state.agent is not None:
-            state.agent.start()
+        if parts.pool is not None:
+            parts.pool.start()
+        if parts.dispatcher is not None and parts.registry is not None and parts.store is not None:
+            prober = Prober(parts.registry, parts.dispatcher, settings.probe_timeout)
+            background += [supervise("prober", prober.run), supervise("image sweeper", partial(_sweep, parts.store))]
+        if parts.agent is not None:
+            parts.agent.start()
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
-            if state.pool is not None:
-                await state.pool.drain(timeout=settings.drain_timeout)
-            if state.agent is not None:
-                await state.agent.stop()
-            if state.pool is not None:
-                await asyncio.to_thread(state.pool.close)
-            if state.registry is not None:
-                for record in list(state.registry.nodes.values()):
-                    await record.client.close()
+            if parts.pool is not None:
+                await parts.pool.drain(timeout=settings.drain_timeout)
+            if parts.agent is not None:
+                await parts.agent.stop()
+            if parts.pool is not None:
+                await asyncio.to_thread(parts.pool.close)
+            if parts.registry is not None:
+                for record in list(parts.registry.nodes.values()):
+                    await record.transport.close()
 
     handlers: list = [health.healthz, health.readyz, health.metrics]
-    if state.dispatcher is not None:
+    if parts.dispatcher is not None:
         handlers += [
             Router("/v1", route_handlers=[images.generations, images.edits, images.variations, models.list_models,
                                           models.retrieve_model], guards=[api_key]),
-            Router("/v1", route_handlers=[files.image_file]),
-            Router("/v0", route_handlers=[fleet.register, fleet.heartbeat, fleet.deregister, fleet.list_nodes]),
+            Router("/v1", route_handlers=[images.image_file]),
+            Router("/v0", route_handlers=FLEET_ROUTES),
             sdapi.router(),  # AUTOMATIC1111's API
         ]
         if settings.playground:
             handlers += playground.handlers()
-    if state.agent is not None:
-        handlers.append(Router("/v0", route_handlers=[node_api.render, node_api.stream, node_api.status]))
-    if state.pool is not None:
-        handlers.append(Router("/v0", route_handlers=[adapters.reload]))
+    if parts.agent is not None:
+        handlers.append(Router("/v0", route_handlers=NODE_ROUTES))
+    if parts.pool is not None:
+        handlers.append(Router("/v0", route_handlers=POOL_ROUTES))
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: errors.handle},
         lifespan=[lifespan],
         # two files at the upload limit (image and mask), as base64 data URLs in a JSON edit a third larger
         request_max_body_size=2 * (settings.max_upload_bytes * 4 // 3 + 4) + 1024 * 1024,
-        openapi_config=OpenAPIConfig(title="sdserve", version=node.version(),
+        openapi_config=OpenAPIConfig(title="sdserve", version=version(),
                                      description="OpenAI-compatible image generation: Stable Diffusion on ONNX "
                                      "Runtime and TensorRT"),
         logging_config=None,
         cors_config=_cors(settings),
     )
-    app.state.sdserve = state
+    # the wings' routes find their parts here (`server.node.routes.pool_of`, `server.router.routes.fleet_of`…)
+    app.state.sdserve = parts.state
+    app.state.parts = parts
+    app.state.pool, app.state.agent, app.state.store = parts.pool, parts.agent, parts.store
+    app.state.registry, app.state.dispatcher = parts.registry, parts.dispatcher
     app.state.started = time.time()
     return app
 
@@ -140,23 +163,23 @@ def asgi(app: Litestar) -> ASGIApp:
 def on_terminate(app: Litestar) -> None:
     """SIGTERM: a node stops taking work at once and tells its routers, before the server stops
     accepting connections and waits for what is in flight."""
-    state: AppState = app.state.sdserve
-    if state.pool is not None:
-        state.pool.draining = True
+    parts: Parts = app.state.parts
+    if parts.pool is not None:
+        parts.pool.draining = True
     loop = getattr(app.state, "loop", None)
     if loop is None:
         return
-    if state.pool is not None:  # the drain timeout counts from the signal
-        loop.call_soon_threadsafe(state.pool.drain, state.settings.drain_timeout)
-    if state.agent is not None:
-        loop.call_soon_threadsafe(state.agent.beat_now)
+    if parts.pool is not None:  # the drain timeout counts from the signal
+        loop.call_soon_threadsafe(parts.pool.drain, parts.state.settings.drain_timeout)
+    if parts.agent is not None:
+        loop.call_soon_threadsafe(parts.agent.beat_now)
 
 
-async def _sweep(state: AppState) -> None:
+async def _sweep(store: ImageStore) -> None:
     while True:
         await asyncio.sleep(SWEEP_SECONDS)
         try:
-            await asyncio.to_thread(state.store.sweep)
+            await asyncio.to_thread(store.sweep)
         except OSError as exc:  # a full or vanished disk must not end the sweeper
             log.warning("image store sweep failed: %s", exc)
 

@@ -79,7 +79,7 @@ def edit_mask(alpha_source: Image.Image) -> Image.Image | None:
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Center-crop to the target aspect ratio, then resize: exactly what the engines do to their inputs, done
-    here so that a job carries the pixels it renders from (a node's own fit is then a no-op) instead of a
+    here so that an order carries the pixels it renders from (a node's own fit is then a no-op) instead of a
     16-megapixel upload re-encoded as PNG, which could outgrow a node's body limit."""
     if image.size == (width, height):
         return image

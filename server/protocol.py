@@ -1,5 +1,5 @@
-"""Every body that crosses the wire, as msgspec Structs: the public OpenAI Images API (`/v1`), and the
-internal router ↔ node protocol (`/v0`). No framework or ML imports here.
+"""The public OpenAI Images API (`/v1`) as msgspec Structs: request bodies, responses, stream events, errors
+and model cards. No framework or ML imports here; the router ↔ node protocol is `server.wire`.
 
 Optional fields accept `null` as "absent", since OpenAI clients and proxies (LiteLLM) send either.
 Unknown fields are ignored: OpenAI clients add fields over time.
@@ -12,14 +12,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from engines.info import ModelInfo
-
 Quality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max", "auto"]
 Background = Literal["auto", "opaque", "transparent"]
 Style = Literal["vivid", "natural"]
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
+
+MAX_PROMPT = 4000  # characters; tokens (what a render costs) are checked by the node before its queue
 
 # `extra_json_schema={"extra": …}` is copied into the OpenAPI schema as it is: Litestar drops a bound of 0
 # (falsy) and cannot tell that an `Any` part is a file.
@@ -229,106 +229,4 @@ class ModelCard(msgspec.Struct):
 
 class ModelList(msgspec.Struct):
     data: list[ModelCard]
-    object: str = "list"
-
-
-# -- internal: the front door → the node that renders ---------------------------------------------
-
-PROTOCOL_VERSION = 1
-
-
-class RenderJob(msgspec.Struct, kw_only=True):
-    """A request with every parameter resolved against the model: what a node renders, unchanged on a
-    retry (the seed is drawn before dispatch, so a retried request gives the same images)."""
-
-    request_id: str
-    model: str
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    sampler: str
-    seed: int
-    n: int
-    strength: float
-    image: bytes | None = None  # PNG
-    mask: bytes | None = None  # PNG, 8-bit gray, white = repaint
-    output_format: OutputFormat = "png"
-    output_compression: int | None = None
-    quality: str = "medium"  # in responses and events: low, medium or high, as OpenAI reports it
-    partial_images: int = 0  # streaming: previews per image
-    events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
-    lora: list[LoraRef] = msgspec.field(default_factory=list)
-
-    @property
-    def work(self) -> int:
-        """Relative cost, for balancing: steps × pixels × images."""
-        return self.steps * self.width * self.height * self.n
-
-
-class RenderedImages(msgspec.Struct):
-    images: list[bytes]  # encoded in the job's output_format
-    seeds: list[int]
-    timings: dict[str, float]  # seconds per stage, including "queue"
-    steps_run: int
-    input_tokens: int = 0  # prompt tokens the text encoders read
-
-
-
-class ModelLoad(msgspec.Struct):
-    """A node's load for one model: what dispatch balances on."""
-
-    running: int = 0
-    waiting: int = 0
-    work: int = 0  # outstanding steps × pixels × images
-    capacity: int = 1  # renders at once (slots, × --max-batch when batching) + queue depth: beyond → 429
-    retry_after: int = 1  # seconds the node estimates until it has room again (its 429's Retry-After)
-
-
-class NodeReport(msgspec.Struct, kw_only=True):
-    """What a node tells a router at registration and every heartbeat: enough to dispatch on."""
-
-    protocol: int = PROTOCOL_VERSION
-    node_id: str
-    url: str
-    version: str
-    models: list[ModelInfo]  # models that can render now
-    loading: list[str] = msgspec.field(default_factory=list)  # models still loading (known, not ready)
-    backend: str
-    device: str
-    render_slots: int
-    load: dict[str, ModelLoad] = msgspec.field(default_factory=dict)
-    draining: bool = False
-
-
-class Registered(msgspec.Struct):
-    """The router's answer: a lease that later heartbeats and the deregistration must present."""
-
-    node_id: str
-    lease: str
-    heartbeat_interval: float
-
-
-class NodeView(msgspec.Struct):
-    """One node as `/v0/nodes` lists it."""
-
-    node_id: str
-    url: str
-    state: Literal["healthy", "unhealthy", "draining"]
-    models: list[str]
-    backend: str  # the first model's, for a glance; model_backends has each
-    device: str
-    model_backends: dict[str, str]  # model id → backend it renders on ("tensorrt", "cuda", "cpu"…)
-    in_flight: int  # requests this router has sent and not yet had answered
-    load: dict[str, ModelLoad]
-    requests: int
-    failures: int
-    last_heartbeat_seconds: float | None
-    last_error: str | None
-
-
-class NodeList(msgspec.Struct):
-    data: list[NodeView]
     object: str = "list"

@@ -1,38 +1,31 @@
-"""What route handlers share: settings, the renderer, the image store, metrics, and the fleet parts of
-the role (registry and dispatcher on routers, the agent on nodes)."""
+"""What route handlers share: settings, metrics, the renderer orders go to, the API keys, and which model a
+request gets. The wings' own parts (engine pool, registry, image store…) are kept beside it by `app.py`;
+here they are seen only through the Protocols below, so that the floor knows no wing."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from litestar import Request
 from litestar.connection import ASGIConnection
 
 from engines.errors import RenderCancelled
 from engines.info import ModelInfo
-from server import jobs
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.protocol import RenderedImages, RenderJob
-from server.settings import Settings
-from server.store import ImageStore
+from server.settings import OPENAI_MODEL_NAMES, Settings
+from server.wire import RenderedImages, RenderOrder, StreamEvent
 
 T = TypeVar("T")
 
-if TYPE_CHECKING:
-    from server.node import NodeAgent
-    from server.pool import EnginePool
-    from server.router.dispatch import Dispatcher
-    from server.router.registry import Registry
-
 
 class Renderer(Protocol):
-    """Where jobs go: the dispatcher over nodes (standalone, router) or the engine pool (node)."""
+    """Where orders go: the dispatcher over nodes (standalone, router) or the engine pool (node)."""
 
     def ready_models(self) -> dict[str, ModelInfo]: ...
 
@@ -40,9 +33,21 @@ class Renderer(Protocol):
 
     def ready(self) -> bool: ...
 
-    async def render(self, job: RenderJob) -> RenderedImages: ...
+    def problems(self) -> dict[str, object]: ...
 
-    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]: ...
+    async def render(self, order: RenderOrder) -> RenderedImages: ...
+
+    async def open_stream(self, order: RenderOrder) -> AsyncIterator[bytes]: ...
+
+    async def open_events(self, order: RenderOrder) -> AsyncIterator[StreamEvent]: ...
+
+
+class Capacity(Protocol):
+    """A front door's room for more orders of a model (the dispatcher's)."""
+
+    def room(self, model: str) -> int | None: ...
+
+    def full_error(self, model: str) -> ApiError: ...
 
 
 @dataclass
@@ -50,11 +55,9 @@ class AppState:
     settings: Settings
     renderer: Renderer
     metrics: Metrics
-    store: ImageStore | None = None
-    pool: EnginePool | None = None
-    registry: Registry | None = None
-    dispatcher: Dispatcher | None = None
-    agent: NodeAgent | None = None
+    default_model: str | None = None  # decided once at start-up (`server.app.default_model`); front doors only
+    capacity: Capacity | None = None  # front doors: room before a 429
+    problem_sources: tuple[Callable[[], dict[str, object]], ...] = ()  # what /readyz reports beside readiness
     api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
     admitting: Counter[str] = field(default_factory=Counter)  # requests decoding uploads, per model
 
@@ -62,14 +65,31 @@ class AppState:
     def of(connection: ASGIConnection) -> AppState:
         return connection.app.state.sdserve
 
-    @property
-    def default_model(self) -> str | None:
-        """The model a request naming none gets (decided once at start-up; see server.app.default_model)."""
-        return self.dispatcher.default_model if self.dispatcher is not None else None
+    def model(self, name: str | None) -> ModelInfo:
+        """A request's `model` → a model that can render now. No model and OpenAI's names mean the default
+        model; configured aliases map to their model; unknown names are 404; known models that cannot
+        render now (loading, no healthy node) are 503."""
+        ready, known = self.renderer.ready_models(), self.renderer.known_models()
+        target = self.default_model if name is None or name in OPENAI_MODEL_NAMES else name
+        target = self.settings.model_aliases.get(name or "", target)
+        if target is None:
+            raise ApiError(400, "this server has no default model: name one in 'model' (see /v1/models), or "
+                           "start it with --default-model", param="model", code="model_required")
+        if target in ready:
+            return ready[target]
+        if target in known:
+            raise ApiError(503, f"model '{target}' cannot render right now (still loading, failed, or no healthy "
+                           "node)", code="model_unavailable", headers={"Retry-After": "10"})
+        if target != name:
+            raise ApiError(503, f"the default model '{target}' (--default-model) is not served by any node now",
+                           code="model_unavailable", headers={"Retry-After": "10"})
+        available = ", ".join(sorted(known | set(ready))) or "none"
+        raise ApiError(404, f"the model '{name}' does not exist; available: {available}", param="model",
+                       code="model_not_found")
 
     def resolve_model(self, name: str | None, connection: ASGIConnection) -> ModelInfo:
-        info = jobs.resolve_model(name, self.renderer.ready_models(), self.renderer.known_models(), self.settings,
-                                  self.default_model)
+        """`model(name)`, noted on the request for the access log."""
+        info = self.model(name)
         connection.state.model = info.id
         return info
 
@@ -77,9 +97,9 @@ class AppState:
     def admission(self, model: str) -> Iterator[None]:
         """Room in the queue is reserved before uploads are decoded (the costly part of an edit): a full
         queue answers 429 at once, and no more uploads are decoded at a time than could be queued."""
-        room = self.dispatcher.room(model) if self.dispatcher is not None else None
-        if room is not None and self.admitting[model] >= room:
-            raise self.dispatcher.full_error(model)
+        room = self.capacity.room(model) if self.capacity is not None else None
+        if self.capacity is not None and room is not None and self.admitting[model] >= room:
+            raise self.capacity.full_error(model)
         self.admitting[model] += 1
         try:
             yield
@@ -89,11 +109,8 @@ class AppState:
     def problems(self) -> dict[str, object]:
         """What /readyz reports beside readiness: models that failed to load, a default model no node has."""
         found: dict[str, object] = {}
-        if self.pool is not None and self.pool.failed():
-            found["failed_models"] = self.pool.failed()
-        problem = self.dispatcher.default_model_problem() if self.dispatcher is not None else None
-        if problem:
-            found["default_model"] = problem
+        for source in self.problem_sources:
+            found |= source()
         return found
 
     @staticmethod
@@ -103,13 +120,13 @@ class AppState:
     def base_url(self, connection: ASGIConnection) -> str:
         return (self.settings.public_url or str(connection.base_url)).rstrip("/")
 
-    async def render_while_connected(self, request: Request, job: RenderJob) -> RenderedImages:
+    async def render_while_connected(self, request: Request, order: RenderOrder) -> RenderedImages:
         """Render within the request timeout; a client that disconnects cancels its render (which stops at
         its next step, or leaves the queue)."""
-        return await self.while_connected(request, job, self.renderer.render(job))
+        return await self.while_connected(request, order, self.renderer.render(order))
 
-    async def while_connected(self, request: Request, job: RenderJob, work: Awaitable[T]) -> T:
-        """`work` for `job` within the request timeout (504), cancelled when the client disconnects: a render,
+    async def while_connected(self, request: Request, order: RenderOrder, work: Awaitable[T]) -> T:
+        """`work` for `order` within the request timeout (504), cancelled when the client disconnects: a render,
         or a stream's wait for a node to accept it."""
         render = asyncio.ensure_future(asyncio.wait_for(work, self.settings.request_timeout))
         gone = asyncio.ensure_future(client_gone(request))
@@ -121,7 +138,7 @@ class AppState:
                 render.cancel()
                 render.add_done_callback(_read)  # whatever it ends with, nobody else reads it
         if render not in done:
-            raise RenderCancelled(f"client disconnected; request {job.request_id} cancelled")
+            raise RenderCancelled(f"client disconnected; request {order.request_id} cancelled")
         try:
             return render.result()
         except TimeoutError:

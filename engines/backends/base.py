@@ -4,6 +4,7 @@ runs on (ONNX Runtime on CPU, CUDA or its TensorRT EP; native TensorRT plans).""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 
 import numpy as np
 
@@ -13,7 +14,8 @@ from engines import manifest as mf
 class Session(ABC):
     """One loaded component graph. `run` takes and returns named arrays; it casts the feeds to the
     graph's declared dtypes and returns float outputs as float32. `max_rows`: the most batch rows one call
-    runs at its best (TensorRT: its largest profile); None for no limit."""
+    runs at its best (TensorRT: its largest profile); None for no limit. `ran_on` counts the calls per
+    engine that really ran them ("TensorRT plan", "ONNX Runtime [CUDA, CPU]"), for the doctor's report."""
 
     max_rows: int | None = None
 
@@ -21,6 +23,7 @@ class Session(ABC):
         self.name = name
         self.component = component
         self._dtypes = {t.name: np.dtype(t.dtype) for t in component.inputs}
+        self.ran_on: Counter[str] = Counter()
 
     @property
     def input_names(self) -> list[str]:

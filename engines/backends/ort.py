@@ -37,12 +37,15 @@ class OrtSession(Session):
     def __init__(self, name: str, component: mf.Component, session: ort.InferenceSession) -> None:
         super().__init__(name, component)
         self._session = session
+        providers = [p.removesuffix("ExecutionProvider") for p in session.get_providers()]
+        self.engine = f"ONNX Runtime [{', '.join(providers)}]"  # the providers it really got, best first
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         try:
             values = self._session.run(outputs, self.cast(feeds))
-        except Exception as exc:  # onnxruntime's pybind errors (shape mismatch, allocation failure…)
+        except Exception as exc:  # onnxruntime's pybind errors (shape mismatch, allocation failure, EPFail…)
             raise EngineFailure(f"{self.name} failed in ONNX Runtime: {exc}") from exc
+        self.ran_on[self.engine] += 1
         return {k: v.astype(np.float32, copy=False) if v.dtype == np.float16 else v
                 for k, v in zip(outputs, values, strict=True)}
 
@@ -65,7 +68,7 @@ class OrtBackend(Backend):
         return [(PROVIDER[n], options[n]) if n in options else PROVIDER[n] for n in chain]
 
     def tensorrt_options(self, key: str, component: mf.Component) -> dict[str, object]:
-        cache = str(cache_dir(self.manifest, key, component))
+        cache = str(_make_cache_dir(self.manifest, key, component))
         options: dict[str, object] = {
             "device_id": self.device_id,
             "trt_fp16_enable": component.precision == "fp16",
@@ -77,9 +80,10 @@ class OrtBackend(Backend):
         if component.external_data is not None:  # over 2 GB: the EP hands TensorRT the weights itself
             options["trt_load_user_initializer"] = True
         shaped = plans.component_profiles(self.manifest, key, self.profiles)
-        for bound in ("min", "opt", "max"):
-            options[f"trt_profile_{bound}_shapes"] = ",".join(
-                f"{r.name}:{'x'.join(str(d) for d in getattr(r, bound))}" for profile in shaped for r in profile.inputs)
+        for bound in ("min", "opt", "max"):  # a 0-d input (a scalar timestep) has no shape to give: "timestep:"
+            options[f"trt_profile_{bound}_shapes"] = ",".join(  # would make the EP drop every profile
+                f"{r.name}:{'x'.join(str(d) for d in getattr(r, bound))}" for profile in shaped for r in profile.inputs
+                if r.min)
         return options
 
     def session_options(self, name: str) -> ort.SessionOptions:
@@ -106,11 +110,12 @@ class OrtBackend(Backend):
         if self.name == "cpu" and component.optimized_for == "cuda":
             raise EngineFailure(f"{name}: exported with --optimize cuda (fused operators that only CUDA runs); the cpu "
                                 "backend cannot run it: use a CUDA backend, or re-export with --optimize cpu or none")
-        try:
+        try:  # no fallback: the wrapper would retry a failed provider on the next one, silently and for good
             session = ort.InferenceSession(str(path), self.session_options(name),
-                                           providers=self.providers(name, component))
+                                           providers=self.providers(name, component), enable_fallback=0)
         except Exception as exc:
             raise EngineFailure(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        session.disable_fallback()  # at run time too: an EPFail is an EngineFailure, never a switch to CUDA or CPU
         actual = session.get_providers()[0]
         if actual != PROVIDER[self.name]:
             raise EngineFailure(f"{name}: asked ONNX Runtime for {PROVIDER[self.name]}, it runs on {actual}")
@@ -149,6 +154,18 @@ def _check_tensorrt_ep(name: str, component: mf.Component) -> None:
         raise EngineFailure(f"{name}: the graph is over 2 GB; tensorrt-ep runs it only with onnxruntime 1.23+ and "
                             f"TensorRT 10.13+ (here {ort.__version__} and {tensorrt}); use the cuda or native "
                             "tensorrt backend")
+
+
+def _make_cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) -> Path:
+    """The cache folder, created with its parents: the EP creates only the last level and throws when the
+    parent is missing (a fresh host has no ~/.cache/sdserve/tensorrt-ep)."""
+    path = cache_dir(manifest, key, component)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineFailure(f"{key}: cannot create the TensorRT EP's engine cache {path} ({exc}); point "
+                            "$SDSERVE_CACHE_DIR at a writable folder") from exc
+    return path
 
 
 def cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) -> Path:

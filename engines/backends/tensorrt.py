@@ -32,6 +32,7 @@ from engines.errors import EngineFailure
 log = logging.getLogger("sdserve.engines")
 
 Fallback = Callable[[], Session]
+PLAN, FALLBACK = "TensorRT plan", "fallback:"  # where a call ran, as `Session.ran_on` counts it
 
 
 class TensorRtSession(Session):
@@ -44,6 +45,7 @@ class TensorRtSession(Session):
         self._cuda, self._engine, self._profiles, self._make_fallback = gpu.cudart(), engine, profiles, fallback
         self._fallback: Session | None = None
         self.max_rows = max((p.batch[2] for p in profiles), default=None)  # beyond: ONNX Runtime, slower
+        self._batched = plans.batch_inputs(component)  # the inputs a padded call pads; never LoRA's nor 0-d ones
         self._memory = memory
         self._lock = memory.lock  # the contexts of one model share their activation memory: one call at a time
         self._buffers: dict[str, int] = {}
@@ -110,11 +112,16 @@ class TensorRtSession(Session):
 
     def _run_plan(self, index: int, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         profile = self._profiles[index]
-        rows = next(iter(feeds.values())).shape[0]
+        rows = plans.call_rows(feeds, self._batched)
         padded = plans.padded_batch(rows, profile)
         if index != self._active:
             self._select_profile(index)
-        host = {name: self._host_input(name, feeds, padded) for name in self._inputs}
+        missing = [name for name in self._inputs if name not in feeds]
+        if missing:
+            raise EngineFailure(f"{self.name}: the plan needs inputs the pipeline does not feed: {', '.join(missing)}")
+        # asarray, not ascontiguousarray: that one turns a 0-d input (a scalar timestep) into shape (1,)
+        host = {name: np.asarray(array, dtype=self._plan_dtypes[name], order="C")
+                for name, array in plans.pad_rows({n: feeds[n] for n in self._inputs}, self._batched, padded).items()}
         for name, array in host.items():
             if not self._context.set_input_shape(name, array.shape):
                 raise EngineFailure(f"{self.name}: TensorRT rejects {name} of shape {array.shape}")
@@ -130,16 +137,9 @@ class TensorRtSession(Session):
             self._copy(out.ctypes.data, self._buffers[name], out.nbytes, "cudaMemcpyDeviceToHost")
             results[name] = out
         gpu.call(self._cuda.cudaStreamSynchronize(self._stream))
+        self.ran_on[PLAN] += 1
         return {name: (out[:rows].astype(np.float32) if out.dtype == np.float16 else out[:rows])
                 for name, out in results.items()}
-
-    def _host_input(self, name: str, feeds: dict[str, np.ndarray], rows: int) -> np.ndarray:
-        if name not in feeds:
-            raise EngineFailure(f"{self.name}: the plan needs an input {name!r} the pipeline does not feed")
-        array = feeds[name]
-        if rows > array.shape[0]:  # pad with copies of the last row; their outputs are dropped
-            array = np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])
-        return np.ascontiguousarray(array, dtype=self._plan_dtypes[name])
 
     def _copy(self, destination: int, source: int, size: int, kind: str) -> None:
         direction = getattr(self._cuda.cudaMemcpyKind, kind)
@@ -166,19 +166,23 @@ class TensorRtSession(Session):
 
     def _capture(self) -> Any:
         """The graph of one run, or None (graphs then stay off for this session: some plans cannot be
-        captured, and they still run launch by launch)."""
+        captured, and they still run launch by launch). Whatever fails on the way, capture ends and the
+        captured graph is destroyed; the call's outputs come from the plain run before."""
         cuda = self._cuda
         begun = cuda.cudaStreamBeginCapture(self._stream, cuda.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         begun = begun[0] if isinstance(begun, tuple) else begun  # cuda-python answers (error,)
         if begun != cuda.cudaError_t.cudaSuccess:
             return self._no_graphs(begun)
+        failure = None
         try:
-            captured = self._context.execute_async_v3(int(self._stream))
-        finally:
-            error, graph = cuda.cudaStreamEndCapture(self._stream)
+            if not self._context.execute_async_v3(int(self._stream)):
+                failure = "TensorRT's enqueue failed while capturing"
+        except Exception as exc:  # capture is an optimization: any failure turns it off, none fails the call
+            failure = f"{type(exc).__name__}: {exc}"
+        ended, graph = cuda.cudaStreamEndCapture(self._stream)  # always: never leave the stream capturing
         try:
-            if not captured or error != cuda.cudaError_t.cudaSuccess or graph is None:
-                return self._no_graphs(error)
+            if failure is not None or ended != cuda.cudaError_t.cudaSuccess or graph is None:
+                return self._no_graphs(failure or ended)
             instantiated, executable = cuda.cudaGraphInstantiate(graph, 0)
             return executable if instantiated == cuda.cudaError_t.cudaSuccess else self._no_graphs(instantiated)
         finally:
@@ -198,7 +202,9 @@ class TensorRtSession(Session):
                      ", ".join(f"{n} {list(s)}" for n, s in shapes.items()))
         if self._fallback is None:
             self._fallback = self._make_fallback()
-        return self._fallback.run(feeds, outputs)
+        results = self._fallback.run(feeds, outputs)
+        self.ran_on[f"{FALLBACK} {getattr(self._fallback, 'engine', 'ONNX Runtime')}"] += 1
+        return results
 
     def close(self) -> None:
         cuda = self._cuda

@@ -21,10 +21,10 @@ from functools import cache
 from urllib.parse import urlsplit
 
 from server.errors import ApiError
-from server.protocol import NodeReport
-from server.router.node_client import NodeClient, NodeUnavailable
+from server.router.node_client import NodeClient
 from server.router.registry import NodeRecord, Registry, check_protocol
 from server.settings import Settings
+from server.wire import NodeReport, NodeUnavailable
 
 log = logging.getLogger("sdserve.router")
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -69,7 +69,7 @@ async def _call_back(client: NodeClient, report: NodeReport, timeout: float) -> 
 async def _still_there(previous: NodeRecord, settings: Settings) -> bool:
     """Whether the id's current holder still answers as itself at its own URL."""
     try:
-        answer = await previous.client.status(settings.probe_timeout)
+        answer = await previous.transport.status(settings.probe_timeout)
     except NodeUnavailable:
         return False
     return answer.node_id == previous.id

@@ -1,13 +1,13 @@
-"""Dispatch: each job to the healthy node hosting its model with the least outstanding work.
+"""Dispatch: each order to the healthy node hosting its model with the least outstanding work.
 
 Work is weighted by steps × pixels × images; ties are broken at random. A node that cannot be reached,
-refuses before starting, or is lost while the job waits on it (its lease expired, a probe failed, it was
-replaced) is taken out of rotation and the job is sent to another node (at most `retries` times): the
+refuses before starting, or is lost while the order waits on it (its lease expired, a probe failed, it was
+replaced) is taken out of rotation and the order is sent to another node (at most `retries` times): the
 router answers a client only once a node has answered it, so nothing was sent yet. When every node is
-full, the job waits at the router for room (up to `wait_limit` waiting jobs per model, then 429 with the
+full, the order waits at the router for room (up to `wait_limit` waiting orders per model, then 429 with the
 nodes' own estimate in `Retry-After`) until the request's own timeout. The prober (`prober.py`) puts
 nodes back when they answer again. Streams are dispatched the same way; once a node has sent a stream's
-first event, its failure ends the stream with an error event instead (`streaming.relay`).
+first event, its failure ends the stream with an error event instead (`relay`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,27 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import NoReturn, TypeVar
 
 from engines.info import ModelInfo
-from server import adapters
-from server.errors import ApiError
+from server import adapters, sse
+from server.errors import ApiError, queue_full
 from server.metrics import Metrics
-from server.protocol import ModelLoad, RenderedImages, RenderJob
-from server.router.node_client import NodeFull, NodeRefused, NodeUnavailable
 from server.router.registry import NodeRecord, Registry
-from server.streaming import NodeGone, NodeStream, relay
+from server.router.relay import NodeStream, relay
+from server.wire import (
+    ModelLoad,
+    NodeFull,
+    NodeGone,
+    NodeRefused,
+    NodeTransport,
+    NodeUnavailable,
+    RenderedImages,
+    RenderOrder,
+    StreamCut,
+    StreamEvent,
+)
 
 log = logging.getLogger("sdserve.router")
 T = TypeVar("T")
@@ -57,57 +67,75 @@ class Dispatcher:
     def ready(self) -> bool:
         return bool(self.ready_models())
 
-    async def render(self, job: RenderJob) -> RenderedImages:
-        return await self._dispatch(job, self._send, set())
+    def problems(self) -> dict[str, object]:
+        """What /readyz reports beside readiness: a default model no node has."""
+        problem = self.default_model_problem()
+        return {"default_model": problem} if problem else {}
 
-    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
-        """A streamed job: returns once a node accepted it (errors before that are the usual HTTP ones),
+    async def render(self, order: RenderOrder) -> RenderedImages:
+        return await self._dispatch(order, self._send, set())
+
+    async def open_stream(self, order: RenderOrder) -> AsyncIterator[bytes]:
+        """A streamed order: returns once a node accepted it (errors before that are the usual HTTP ones),
         then its frames; a node failing before its first event is replaced, as `render` retries."""
-        first = await self._dispatch(job, self._open, set())
+        return await self._relayed(order, lambda transport: transport.open_stream(order),
+                                   lambda exc: sse.error_frame(exc, order.request_id),
+                                   lambda frame: not frame.startswith(b":"))
 
-        def reopen(job: RenderJob, failed: set[str]) -> Awaitable[NodeStream]:
-            return self._dispatch(job, self._open, {n for n in self.registry.nodes.values() if n.id in failed})
+    async def open_events(self, order: RenderOrder) -> AsyncIterator[StreamEvent]:
+        """The same, as events (a failure after the first one raises)."""
+        return await self._relayed(order, lambda transport: transport.open_events(order), _raise)
 
-        return relay(job, first, reopen)
+    async def _relayed(self, order: RenderOrder, opening: Callable[[NodeTransport], Awaitable[AsyncGenerator[T, None]]],
+                       last_word: Callable[[Exception], T], counts: Callable[[T], bool] = lambda _: True
+                       ) -> AsyncIterator[T]:
+        def attempt(node: NodeRecord, order: RenderOrder, retry: bool) -> Awaitable[NodeStream[T]]:
+            return self._open(node, order, retry, opening)
 
-    async def _dispatch(self, job: RenderJob, attempt: Callable[[NodeRecord, RenderJob, bool], Awaitable[T]],
+        def reopen(order: RenderOrder, failed: set[str]) -> Awaitable[NodeStream[T]]:
+            return self._dispatch(order, attempt, {n for n in self.registry.nodes.values() if n.id in failed})
+
+        first = await self._dispatch(order, attempt, set())
+        return relay(order, first, reopen, last_word, counts)
+
+    async def _dispatch(self, order: RenderOrder, attempt: Callable[[NodeRecord, RenderOrder, bool], Awaitable[T]],
                         failures: set[NodeRecord]) -> T:
         full: dict[NodeRecord, int] = {}  # node → its Retry-After
         waiting = False
-        wanted = frozenset(ref.name for ref in job.lora)  # only nodes offering every named adapter
-        self._check_adapters(job.model, wanted)
+        wanted = frozenset(ref.name for ref in order.lora)  # only nodes offering every named adapter
+        self._check_adapters(order.model, wanted)
         try:
             while True:
-                node = self._choose(job.model, exclude=failures | set(full), wanted=wanted)
+                node = self._choose(order.model, exclude=failures | set(full), wanted=wanted)
                 if node is None:
-                    if not self._hosting(job.model, exclude=failures, wanted=wanted):
-                        raise ApiError(503, f"no healthy node can render model '{job.model}' right now",
+                    if not self._hosting(order.model, exclude=failures, wanted=wanted):
+                        raise ApiError(503, f"no healthy node can render model '{order.model}' right now",
                                        code="no_node_available", headers={"Retry-After": "5"})
                     if not waiting:
-                        if self._waiting[job.model] >= self.wait_limit:
-                            raise self._full_error(job.model, full)
-                        self._waiting[job.model] += 1
+                        if self._waiting[order.model] >= self.wait_limit:
+                            raise self._full_error(order.model, full)
+                        self._waiting[order.model] += 1
                         waiting = True
                     await self._wait_for_room()
                     full.clear()
                     continue
                 try:
-                    return await attempt(node, job, bool(failures))
+                    return await attempt(node, order, bool(failures))
                 except NodeFull as exc:
                     full[node] = _seconds(exc.error.headers.get("Retry-After"))
                 except NodeUnavailable as exc:
                     failures.add(node)
-                    log.warning("request %s: node %s failed (%s); %s", job.request_id, node.id, exc,
+                    log.warning("request %s: node %s failed (%s); %s", order.request_id, node.id, exc,
                                 "retrying" if len(failures) <= self.retries else "giving up")
                     if len(failures) > self.retries:
                         raise ApiError(503, f"{len(failures)} nodes failed this request; try again",
                                        code="nodes_failed", headers={"Retry-After": "5"}) from exc
         finally:
             if waiting:
-                self._waiting[job.model] -= 1
+                self._waiting[order.model] -= 1
 
     def room(self, model: str) -> int | None:
-        """How many more jobs for `model` would be taken now (sent to a node, or waiting here) before a 429;
+        """How many more orders for `model` would be taken now (sent to a node, or waiting here) before a 429;
         None when no node hosts it (render answers 503 then)."""
         nodes = self.registry.candidates(model)
         if not nodes:
@@ -120,63 +148,65 @@ class Dispatcher:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    async def _send(self, node: NodeRecord, job: RenderJob, retry: bool) -> RenderedImages:
-        self._begin(node, job, retry)
+    async def _send(self, node: NodeRecord, order: RenderOrder, retry: bool) -> RenderedImages:
+        self._begin(node, order, retry)
         started = time.perf_counter()
         try:
-            result = await _unless_lost(node, node.client.render(job))
+            result = await _unless_lost(node, node.transport.render(order))
             self.metrics.node_latency.labels(node.id).observe(time.perf_counter() - started)
             return result
         except NodeUnavailable as exc:
             self._node_failed(node, exc)
             raise
         finally:
-            await self._end(node, job)
+            await self._end(node, order)
 
-    async def _open(self, node: NodeRecord, job: RenderJob, retry: bool) -> NodeStream:
+    async def _open(self, node: NodeRecord, order: RenderOrder, retry: bool,
+                    opening: Callable[[NodeTransport], Awaitable[AsyncGenerator[T, None]]]) -> NodeStream[T]:
         """Start a stream on `node`; it counts as in flight there until the stream ends. A node lost while
         the stream runs (lease expired, probe failed, replaced) ends it as a dead connection would."""
-        self._begin(node, job, retry)
+        self._begin(node, order, retry)
         try:
-            chunks = await _unless_lost(node, node.client.open_stream(job))
+            pieces = await _unless_lost(node, opening(node.transport))
         except NodeUnavailable as exc:
             self._node_failed(node, exc)
-            await self._end(node, job)
+            await self._end(node, order)
             raise
         except BaseException:
-            await self._end(node, job)
+            await self._end(node, order)
             raise
 
-        async def tracked() -> AsyncIterator[bytes]:
+        async def tracked() -> AsyncGenerator[T, None]:
             try:
                 while True:
                     try:
-                        chunk = await _unless_lost(node, anext(chunks))
+                        piece = await _unless_lost(node, anext(pieces))
                     except StopAsyncIteration:
                         return
                     except NodeUnavailable as exc:
                         raise NodeGone(str(exc)) from exc
-                    yield chunk
+                    yield piece
             except NodeGone as exc:
-                self._node_failed(node, exc)
+                if not isinstance(exc, StreamCut):  # a cut stream is this request's loss, not the node's
+                    self._node_failed(node, exc)
                 raise
             finally:
-                await chunks.aclose()
-                await self._end(node, job)
+                await pieces.aclose()
+                await self._end(node, order)
 
         return NodeStream(node.id, tracked())
 
-    def _begin(self, node: NodeRecord, job: RenderJob, retry: bool) -> None:
-        node.in_flight[job.model] = node.in_flight.get(job.model, 0) + 1
-        node.in_flight_work += job.work
+    def _begin(self, node: NodeRecord, order: RenderOrder, retry: bool) -> None:
+        node.in_flight[order.model] = node.in_flight.get(order.model, 0) + 1
+        node.in_flight_work += order.work
         node.requests += 1
         self.metrics.node_requests.labels(node.id).inc()
         if retry:
             self.metrics.retries.inc()
 
-    async def _end(self, node: NodeRecord, job: RenderJob) -> None:
-        node.in_flight[job.model] -= 1
-        node.in_flight_work -= job.work
+    async def _end(self, node: NodeRecord, order: RenderOrder) -> None:
+        node.in_flight[order.model] -= 1
+        node.in_flight_work -= order.work
         await node.close_if_retired()
         async with self._room:
             self._room.notify_all()
@@ -211,9 +241,11 @@ class Dispatcher:
     def _full_error(self, model: str, full: dict[NodeRecord, int]) -> ApiError:
         """429, with the soonest wait any node estimates (from its refusal, else its last report). A standalone
         server with no other node answers as its own queue does."""
+        self._refresh_local()
         nodes = self.registry.candidates(model)
         if nodes and all(n.local for n in nodes):
-            return nodes[0].client.full_error(model)
+            load = nodes[0].report.load.get(model, ModelLoad())
+            return queue_full(model, load.running, load.waiting, load.retry_after)
         seconds = max(1, min(list(full.values()) or [n.retry_after(model) for n in nodes], default=1))
         queued = f" and {self.wait_limit} requests are waiting here" if self.wait_limit else ""
         return ApiError(429, f"every node serving '{model}' is busy{queued}; retry in about {seconds} s",
@@ -230,9 +262,7 @@ class Dispatcher:
             self._room.notify_all()
 
     def _refresh_local(self) -> None:
-        for record in self.registry.nodes.values():
-            if record.local:
-                record.report = record.client.report()
+        self.registry.refresh_local()
 
     def default_model_problem(self) -> str | None:
         """Why the configured default model cannot serve, once the fleet knows some models."""
@@ -269,6 +299,10 @@ async def _unless_lost(node: NodeRecord, render: Awaitable[T]) -> T:
     if answer.cancelled():
         raise NodeUnavailable(f"node lost while rendering ({node.last_error or 'replaced'})")
     return answer.result()
+
+
+def _raise(exc: Exception) -> NoReturn:
+    raise exc
 
 
 def _seconds(value: str | None) -> int:

@@ -1,40 +1,28 @@
-"""How a router talks to a node: over HTTP (`NodeClient`) or in-process (`LocalNode`, standalone role).
-
-Both raise the same two signals for dispatch: `NodeFull` (the node refused for lack of room: try
-another node or wait) and `NodeUnavailable` (it could not be reached, went away, or refused before
-starting: take it out of rotation and retry elsewhere). Any other error is the request's own and final.
-Renders are idempotent (the seed is fixed before dispatch), so retrying one a dead node had started is safe.
+"""How a front door talks to a remote node: `NodeClient`, the HTTP `server.wire.NodeTransport` (orders
+as msgpack, streams as OpenAI's frames), with the transport signals of `server.wire` for its failures.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import httpx
 import msgspec
 
-from server import streaming
+from server import sse
 from server.errors import ApiError, decode_error_body
-from server.protocol import NodeReport, RenderedImages, RenderJob
-
-MSGPACK = "application/msgpack"
-
-
-class NodeFull(Exception):
-    def __init__(self, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-class NodeUnavailable(Exception):
-    pass
-
-
-class NodeRefused(NodeUnavailable):
-    """The node will not take this job: it answered 503 (draining, its model unavailable) or refused the
-    connection (its listener is closed: shutting down). The job goes elsewhere; what the node already has
-    is left to finish there."""
+from server.wire import (
+    MSGPACK,
+    NodeFull,
+    NodeGone,
+    NodeRefused,
+    NodeReport,
+    NodeUnavailable,
+    RenderedImages,
+    RenderOrder,
+    StreamEvent,
+)
 
 
 class NodeClient:
@@ -45,8 +33,8 @@ class NodeClient:
                                       timeout=httpx.Timeout(render_timeout, connect=connect_timeout),
                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
-    async def render(self, job: RenderJob) -> RenderedImages:
-        response = await self._post("/v0/render", job, stream=False)
+    async def render(self, order: RenderOrder) -> RenderedImages:
+        response = await self._post("/v0/render", order, stream=False)
         if response.status_code == 200:
             try:
                 return msgspec.msgpack.decode(response.content, type=RenderedImages)
@@ -54,9 +42,10 @@ class NodeClient:
                 raise NodeUnavailable(f"the answer is not a render: {exc}") from exc
         raise _refusal(response)
 
-    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
-        """POST /v0/stream; returns the event stream once the node answered 200 (its refusals raise here)."""
-        response = await self._post("/v0/stream", job, stream=True)
+    async def open_stream(self, order: RenderOrder) -> AsyncGenerator[bytes, None]:
+        """POST /v0/stream; returns the stream's whole frames once the node answered 200 (its refusals raise
+        here); a stream cut off before its last event raises `NodeGone`."""
+        response = await self._post("/v0/stream", order, stream=True)
         if response.status_code != 200:
             try:
                 await response.aread()
@@ -65,13 +54,17 @@ class NodeClient:
             finally:
                 await response.aclose()
             raise _refusal(response)
-        return _chunks(response)
+        return sse.whole_frames(_chunks(response), order.n)
 
-    async def _post(self, path: str, job: RenderJob, stream: bool) -> httpx.Response:
-        """The node's answer to `job`; a node that cannot take it raises NodeRefused / NodeUnavailable. A render
+    async def open_events(self, order: RenderOrder) -> AsyncGenerator[StreamEvent, None]:
+        """The stream's frames read back into events."""
+        return sse.events(await self.open_stream(order))
+
+    async def _post(self, path: str, order: RenderOrder, stream: bool) -> httpx.Response:
+        """The node's answer to `order`; a node that cannot take it raises NodeRefused / NodeUnavailable. A render
         that outlives the request timeout is a 504 (a stream's answer is only its start: a timeout is the node's)."""
-        request = self.http.build_request("POST", path, content=msgspec.msgpack.encode(job),
-                                          headers={"content-type": MSGPACK, "x-request-id": job.request_id})
+        request = self.http.build_request("POST", path, content=msgspec.msgpack.encode(order),
+                                          headers={"content-type": MSGPACK, "x-request-id": order.request_id})
         try:
             return await self.http.send(request, stream=stream)
         except httpx.TimeoutException as exc:
@@ -118,44 +111,12 @@ def _refusal(response: httpx.Response) -> Exception:
     return error
 
 
-async def _chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
     """The body as it arrives; a connection lost midway is the node's failure."""
     try:
         async for chunk in response.aiter_raw():
             yield chunk
     except httpx.HTTPError as exc:
-        raise streaming.NodeGone(f"{type(exc).__name__}: {exc}") from exc
+        raise NodeGone(f"{type(exc).__name__}: {exc}") from exc
     finally:
         await response.aclose()
-
-
-class LocalNode:
-    """The standalone role's own engine pool, called in-process."""
-
-    def __init__(self, pool: object, report: object, timeout: float = 600.0, keepalive: float = 10.0) -> None:
-        self.pool = pool
-        self.report = report  # () -> NodeReport, read fresh each time
-        self.timeout, self.keepalive = timeout, keepalive
-
-    async def render(self, job: RenderJob) -> RenderedImages:
-        try:
-            return await self.pool.render(job)
-        except ApiError as error:
-            if error.status == 429:
-                raise NodeFull(error) from error
-            raise
-
-    async def open_stream(self, job: RenderJob) -> AsyncIterator[bytes]:
-        try:
-            return streaming.open_local(self.pool, job, self.timeout, self.keepalive)
-        except ApiError as error:
-            if error.status == 429:
-                raise NodeFull(error) from error
-            raise
-
-    def full_error(self, model: str) -> ApiError:
-        """The 429 of the model's full queue, as the pool words it."""
-        return self.pool.queues[model].full_error()
-
-    async def close(self) -> None:
-        return None

@@ -14,8 +14,8 @@ import logging
 import time
 
 from server.router.dispatch import Dispatcher
-from server.router.node_client import NodeClient, NodeUnavailable
 from server.router.registry import NodeRecord, Registry
+from server.wire import NodeUnavailable
 
 log = logging.getLogger("sdserve.router")
 PROBE_SECONDS = 1.0
@@ -37,8 +37,7 @@ class Prober:
         for record in self.registry.expire_leases():
             log.warning("node %s: %s; its waiting requests go to other nodes", record.id, record.last_error)
         await self._forget_silent()
-        remote = [r for r in self.registry.nodes.values()
-                  if isinstance(r.client, NodeClient) and self.registry.alive(r)]
+        remote = [r for r in self.registry.nodes.values() if not r.local and self.registry.alive(r)]
         outcomes = await asyncio.gather(*(self._probe(r) for r in remote), return_exceptions=True)
         for record, outcome in zip(remote, outcomes, strict=True):
             if isinstance(outcome, Exception):
@@ -51,7 +50,7 @@ class Prober:
     async def _probe(self, record: NodeRecord) -> bool:
         """True when the node came back into rotation."""
         try:
-            report = await record.client.status(self.timeout)
+            report = await record.transport.status(self.timeout)
         except NodeUnavailable as exc:
             if record.healthy:
                 log.warning("node %s does not answer its probe (%s): out of rotation", record.id, exc)

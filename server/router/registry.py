@@ -6,7 +6,7 @@ sets its `lost` event, which re-dispatches the requests still waiting on it; onl
 node call (registration or probe) puts it back: a heartbeat proves the node can reach us, not that we
 can reach it. Each registration gets a lease that heartbeats and deregistration must present, so a node
 cannot speak for another node's identity. A record replaced or removed is retired: its waiting requests
-go elsewhere and its client is closed once none is using it.
+go elsewhere and its transport is closed once none is using it.
 """
 
 from __future__ import annotations
@@ -14,34 +14,66 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
 
 from engines.info import ModelInfo
 from server.adapters import merged, offers
 from server.errors import ApiError
-from server.protocol import PROTOCOL_VERSION, ModelLoad, NodeReport, NodeView
+from server.wire import PROTOCOL_VERSION, ModelLoad, NodeReport, NodeTransport
+
+
+class NodeView(msgspec.Struct):
+    """One node as `/v0/nodes` lists it."""
+
+    node_id: str
+    url: str
+    state: Literal["healthy", "unhealthy", "draining"]
+    models: list[str]
+    backend: str  # the first model's, for a glance; model_backends has each
+    device: str
+    model_backends: dict[str, str]  # model id → backend it renders on ("tensorrt", "cuda", "cpu"…)
+    in_flight: int  # requests this router has sent and not yet had answered
+    load: dict[str, ModelLoad]
+    requests: int
+    failures: int
+    last_heartbeat_seconds: float | None
+    last_error: str | None
+
+
+class NodeList(msgspec.Struct):
+    data: list[NodeView]
+    object: str = "list"
 
 
 @dataclass(eq=False)
 class NodeRecord:
     report: NodeReport
     lease: str
-    client: object  # the NodeClient (remote) or LocalNode (in-process) that renders for it
+    transport: NodeTransport  # how orders reach it: over HTTP, or in-process
     last_seen: float = field(default_factory=time.monotonic)
     healthy: bool = True
-    local: bool = False
+    refresh: Callable[[], NodeReport] | None = None  # the in-process node's report, read fresh (no heartbeats)
     last_error: str | None = None
     requests: int = 0
     failures: int = 0
     in_flight: dict[str, int] = field(default_factory=dict)  # model → requests this router has outstanding
     in_flight_work: int = 0
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when requests on it should go elsewhere
-    retired: bool = False  # replaced or removed: close the client once idle
+    retired: bool = False  # replaced or removed: close the transport once idle
     closed: bool = False
 
     @property
     def id(self) -> str:
         return self.report.node_id
+
+    @property
+    def local(self) -> bool:
+        """This process's own engine pool (standalone): always alive, never probed or forgotten."""
+        return self.refresh is not None
 
     @property
     def draining(self) -> bool:
@@ -72,7 +104,7 @@ class NodeRecord:
     async def close_if_retired(self) -> None:
         if self.retired and self.idle() and not self.closed:
             self.closed = True
-            await self.client.close()
+            await self.transport.close()
 
     def state(self) -> str:
         if self.draining:
@@ -94,10 +126,12 @@ class Registry:
         self.heartbeat_timeout = heartbeat_timeout
         self.nodes: dict[str, NodeRecord] = {}
 
-    def register(self, report: NodeReport, client: object, local: bool = False) -> NodeRecord:
-        """A new record for the node (replacing any record of the same id: `retire` that one)."""
+    def register(self, report: NodeReport, transport: NodeTransport,
+                 refresh: Callable[[], NodeReport] | None = None) -> NodeRecord:
+        """A new record for the node (replacing any record of the same id: `retire` that one); `refresh` for
+        the in-process node."""
         check_protocol(report)
-        record = NodeRecord(report=report, lease=secrets.token_urlsafe(24), client=client, local=local)
+        record = NodeRecord(report=report, lease=secrets.token_urlsafe(24), transport=transport, refresh=refresh)
         self.nodes[report.node_id] = record
         return record
 
@@ -146,6 +180,12 @@ class Registry:
 
     def candidates(self, model: str, adapters: frozenset[str] = frozenset()) -> list[NodeRecord]:
         return [r for r in self.nodes.values() if r.hosts(model, adapters) and self.in_rotation(r)]
+
+    def refresh_local(self) -> None:
+        """The in-process node's report, read fresh (it sends no heartbeats)."""
+        for record in self.nodes.values():
+            if record.refresh is not None:
+                record.report = record.refresh()
 
     def ready_models(self) -> dict[str, ModelInfo]:
         models: dict[str, ModelInfo] = {}

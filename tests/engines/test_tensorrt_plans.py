@@ -191,6 +191,38 @@ def test_padding_outside_the_profile_is_an_error() -> None:
         plans.padded_batch(9, _batch_profile(1, 2, 8))
 
 
+def _feeds(component: mf.Component, axes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Distinct values per row, in the shapes the manifest declares (named axes from `axes`)."""
+    rng = np.random.default_rng(0)
+    return {t.name: rng.standard_normal([d if isinstance(d, int) else axes[d] for d in t.shape]).astype(np.float32)
+            for t in component.inputs}
+
+
+def test_padding_pads_only_the_inputs_whose_first_axis_is_the_batch(lora_model: Model) -> None:
+    """7 rows run as 8: the batch inputs get a copy of their last row; LoRA's matrices (whose first axis
+    is the rank, or a layer's width) and a scalar timestep are the same for every row and stay as they are."""
+    unet = mf.read(lora_model("tiny-sd15")).components["unet"]
+    scalar = msgspec.structs.replace(unet, inputs=[msgspec.structs.replace(t, shape=[]) if t.name == "timestep" else t
+                                                   for t in unet.inputs])
+    axes = {"batch": 7, "height": 8, "width": 8, "sequence": 77, "lora_rank": 2}
+    for component in (unet, scalar):
+        feeds = _feeds(component, axes)
+        batched = plans.batch_inputs(component)
+        ranked = [t.name for t in component.inputs if t.shape and t.shape[0] == "lora_rank"]
+        assert {"sample", "encoder_hidden_states"} <= batched and ranked and not batched & set(ranked)
+        reordered = dict(sorted(feeds.items(), key=lambda item: item[1].ndim))  # a 0-d input first
+        assert plans.call_rows(reordered, batched) == 7
+        padded = plans.pad_rows(feeds, batched, 8)
+        for name, array in feeds.items():
+            if name in batched:
+                assert padded[name].shape == (8, *array.shape[1:])
+                np.testing.assert_array_equal(padded[name][:7], array)
+                np.testing.assert_array_equal(padded[name][7], array[6])
+            else:
+                assert padded[name] is array, name
+        assert padded["timestep"].shape == (() if component is scalar else (8,))
+
+
 # -- the key ---------------------------------------------------------------------------------------
 
 

@@ -299,3 +299,100 @@ def test_batched_renders_on_plans_split_at_the_profiles_rows(model: Path) -> Non
     assert rows and max(rows) <= 4 and sum(rows[:2]) == 6  # 6 rows per step: 4 + 2
     for rendering, alone in zip(renderings, mix, strict=True):
         assert np.abs(rendering.result().pixels - pipeline.render(alone).pixels).max() < 0.02
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_tensorrt
+def test_a_padded_lora_batch_keeps_its_rank_shaped_inputs(tmp_path: Path) -> None:
+    """7 rows run as 8 on a LoRA-capable UNet: only the batch inputs are padded; the LoRA matrices (a 1×1
+    convolution's `down` is (rank, in, 1, 1)) keep their shapes, and the result is ONNX Runtime's."""
+    from engines.backends.ort import OrtBackend
+    from engines.backends.tensorrt import TensorRtBackend
+
+    root = tmp_path / "tiny-sd15-lora"
+    export_model(ExportSettings(preset="tiny-sd15", precision="fp16", output=str(root), lora_rank=8))
+    trt_export.build_plans(trt_export.PlanSettings(model_dir=str(root), sizes=[(64, 64)], batch=(1, 4),
+                                                   optimization_level=0))
+    manifest = mf.read(root)
+    unet = manifest.components["unet"]
+    (profile,) = plans.component_profiles(manifest, "unet", manifest.tensorrt[0].profiles)
+    assert plans.padded_batch(7, profile) == 8
+    rng = np.random.default_rng(0)
+    axes = {"batch": 7, "height": 8, "width": 8, "sequence": 77, "lora_rank": 2}
+    feeds = {t.name: rng.standard_normal([d if isinstance(d, int) else axes[d] for d in t.shape])
+             * (0.05 if "lora" in t.name else 1.0) for t in unet.inputs}
+    feeds["timestep"] = np.linspace(50, 950, 7)
+    session = TensorRtBackend(root, manifest).open("unet", unet)
+    try:
+        got = session.run(feeds, ["out_sample"])["out_sample"]
+    finally:
+        session.close()
+    assert session.ran_on == {"TensorRT plan": 1}
+    expected = OrtBackend(root, "cpu", manifest).open("unet", unet).run(feeds, ["out_sample"])["out_sample"]
+    assert got.shape == expected.shape == (7, 4, 8, 8)
+    assert np.abs(got - expected).max() < 0.05
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_tensorrt
+def test_a_failed_cuda_graph_capture_ends_capture_and_the_call_still_answers(model: Path) -> None:
+    """A run that fails while being captured must end the capture (else every later call on the stream
+    fails), free what was captured and turn graphs off; the call's outputs come from the plain run."""
+    from engines.backends.ort import OrtBackend
+    from engines.backends.tensorrt import TensorRtBackend
+
+    trt_export.build_plans(trt_export.PlanSettings(model_dir=str(model), sizes=[(64, 64)], batch=(1, 2),
+                                                   optimization_level=0))
+    manifest = mf.read(model)
+    unet, cuda = manifest.components["unet"], gpu.cudart()
+    capturing = cuda.cudaStreamCaptureStatus.cudaStreamCaptureStatusActive
+
+    class RefusingCapture:  # TensorRT's context, except that it raises when its stream is being captured
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def execute_async_v3(self, stream: int) -> bool:
+            if cuda.cudaStreamIsCapturing(stream)[1] == capturing:
+                raise RuntimeError("refused under capture")
+            return self.inner.execute_async_v3(stream)
+
+    rng = np.random.default_rng(0)
+    hidden = unet.inputs[2].shape[2]
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8)), "timestep": np.array([500.0, 500.0]),
+             "encoder_hidden_states": rng.standard_normal((2, 77, hidden))}
+    session = TensorRtBackend(model, manifest).open("unet", unet)
+    try:
+        session._context = RefusingCapture(session._context)
+        first = session.run(feeds, ["out_sample"])["out_sample"]  # a plain run, then the capture fails
+        assert not session._graphs_work and session._graphs == {next(iter(session._graphs)): None}
+        assert cuda.cudaStreamIsCapturing(session._stream)[1] != capturing
+        second = session.run(feeds, ["out_sample"])["out_sample"]
+    finally:
+        session.close()
+    np.testing.assert_array_equal(first, second)
+    expected = OrtBackend(model, "cpu", manifest).open("unet", unet).run(feeds, ["out_sample"])["out_sample"]
+    assert np.abs(first - expected).max() < 0.05
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_tensorrt
+def test_doctor_renders_tensorrt_on_its_plans(model: Path) -> None:
+    """Plans for 64x64 only: the doctor renders there, and says every component ran on its plan (at the
+    model's smallest size a render could pass on the ONNX Runtime fallback)."""
+    import json
+
+    trt_export.build_plans(trt_export.PlanSettings(model_dir=str(model), sizes=[(64, 64)], batch=(1, 2),
+                                                   optimization_level=0))
+    done = subprocess.run([sys.executable, "-m", "engines", "doctor", str(model), "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    render = checks["render tensorrt"]
+    assert render["status"] == "ok", render
+    assert render["detail"].startswith("64x64") and "on TensorRT plan" in render["detail"]
+    assert "fallback" not in render["detail"]

@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from server.protocol import PROTOCOL_VERSION, NodeReport
+from server.wire import PROTOCOL_VERSION, NodeReport
 from tests.processes import ServerProcess, free_port
 from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
 from tests.server.test_openai_client import assert_usage, opaque_png, prompt_tokens

@@ -15,16 +15,16 @@ import pytest
 
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.protocol import RenderJob
 from server.router.dispatch import Dispatcher
 from server.router.node_client import NodeClient
 from server.router.registry import Registry
+from server.wire import RenderOrder
 from tests.processes import ServerProcess, StepGate, free_port
 from tests.router.fleet import GEN, TOKEN, Fleet
 
 
-def job(request_id: str, steps: int, size: int, n: int = 1) -> RenderJob:
-    return RenderJob(request_id=request_id, model="tiny-sd15", prompt="p", negative_prompt=None, width=size,
+def order(request_id: str, steps: int, size: int, n: int = 1) -> RenderOrder:
+    return RenderOrder(request_id=request_id, model="tiny-sd15", prompt="p", negative_prompt=None, width=size,
                      height=size, steps=steps, guidance_scale=7.5, sampler="euler", seed=1, n=n, strength=1.0)
 
 
@@ -62,7 +62,7 @@ async def _held(node: ServerProcess, gate: StepGate, request_id: str) -> tuple[D
     await _registered(registry, node)
     dispatcher = Dispatcher(registry, Metrics(), retries=2, wait_limit=0)
     gate.hold()
-    running = asyncio.create_task(dispatcher.render(job(request_id, 4, 64, n=2)))
+    running = asyncio.create_task(dispatcher.render(order(request_id, 4, 64, n=2)))
     await asyncio.to_thread(gate.wait_paused)
     return dispatcher, running
 
@@ -80,7 +80,7 @@ def test_a_draining_nodes_refusal_does_not_abandon_its_running_request(models_di
         await asyncio.to_thread(_wait_refusing, node)
         refused: object
         try:
-            refused = await dispatcher.render(job("late-1", 2, 64))
+            refused = await dispatcher.render(order("late-1", 2, 64))
         except ApiError as exc:
             refused = exc
         gate.release()

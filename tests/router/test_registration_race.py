@@ -54,7 +54,7 @@ def test_concurrent_registrations_retire_the_one_replaced(twin: tuple[ServerProc
         assert current in (a, b) and holder.retired
         replaced = a if current is b else b
         assert replaced.retired and replaced.lost.is_set() and not current.retired
-        assert replaced.client.http.is_closed and not current.client.http.is_closed
-        await current.client.close()
+        assert replaced.transport.http.is_closed and not current.transport.http.is_closed
+        await current.transport.close()
 
     asyncio.run(main())

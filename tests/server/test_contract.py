@@ -12,7 +12,8 @@ from PIL import Image
 
 from engines import manifest as mf
 from engines.info import ModelInfo
-from server import jobs
+from server.openai import requests as orders
+from server.openai.uploads import Upload
 from server.protocol import ImageGenerationRequest
 from server.settings import Settings
 from tests.processes import ServerProcess
@@ -33,15 +34,15 @@ def info(variant: str = "base", steps: int = 20, guidance: float = 7.5) -> Model
 ])
 def test_quality_maps_to_steps(quality: str | None, variant: str, default: int, expected: int) -> None:
     request = ImageGenerationRequest(prompt="p", quality=quality)
-    assert jobs.resolve_steps(request, info(variant, default)) == expected
+    assert orders.resolve_steps(request, info(variant, default)) == expected
 
 
 def test_style_maps_to_guidance_and_explicit_values_win() -> None:
     model = info(guidance=7.5)
-    assert jobs.resolve_guidance(ImageGenerationRequest(prompt="p", style="vivid"), model) == 7.5
-    assert jobs.resolve_guidance(ImageGenerationRequest(prompt="p", style="natural"), model) == 5.25
+    assert orders.resolve_guidance(ImageGenerationRequest(prompt="p", style="vivid"), model) == 7.5
+    assert orders.resolve_guidance(ImageGenerationRequest(prompt="p", style="natural"), model) == 5.25
     explicit = ImageGenerationRequest(prompt="p", quality="hd", style="natural", steps=3, guidance_scale=9.0)
-    assert (jobs.resolve_steps(explicit, model), jobs.resolve_guidance(explicit, model)) == (3, 9.0)
+    assert (orders.resolve_steps(explicit, model), orders.resolve_guidance(explicit, model)) == (3, 9.0)
 
 
 def _image(server: ServerProcess, **fields: object) -> str:
@@ -118,15 +119,15 @@ def _png(size: tuple[int, int], mode: str = "RGB", alpha_box: tuple[int, int, in
 
 
 def test_inputs_are_fitted_to_the_render_size_before_they_travel() -> None:
-    """A job carries the pixels it renders from, not the upload's: a node (behind a router) receives at most
+    """An order carries the pixels it renders from, not the upload's: a node (behind a router) receives at most
     the target size, never a 16-megapixel PNG over its body limit."""
     settings = Settings()
-    image = jobs.Upload(_png((800, 400), "RGBA", alpha_box=(0, 0, 400, 400)), "image")
-    picture, mask = jobs.edit_inputs(image, None, settings, (64, 96))
+    image = Upload(_png((800, 400), "RGBA", alpha_box=(0, 0, 400, 400)), "image")
+    picture, mask = orders.edit_inputs(image, None, settings, (64, 96))
     assert Image.open(io.BytesIO(picture)).size == (64, 96)
     fitted_mask = Image.open(io.BytesIO(mask))
     assert fitted_mask.size == (64, 96) and fitted_mask.mode == "L"
     # Center crop of the 400-wide transparent left half: the crop's left part repaints, the right keeps.
     assert fitted_mask.getpixel((2, 48)) == 255 and fitted_mask.getpixel((61, 48)) == 0
-    variation = jobs.variation_input(jobs.Upload(_png((300, 500)), "image"), settings, (128, 64))
+    variation = orders.variation_input(Upload(_png((300, 500)), "image"), settings, (128, 64))
     assert Image.open(io.BytesIO(variation)).size == (128, 64)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.store import ImageStore
+from server.openai.store import ImageStore
 from tests.processes import ROOT, ServerProcess
 
 FIXTURES = ROOT / "tests" / "fixtures" / "optimum"

@@ -1,9 +1,9 @@
-"""Retry-After's arithmetic (`server.estimate`), on a given clock: a full queue has room when its first running
+"""Retry-After's arithmetic (`server.node.estimate`), on a given clock: a full queue has room when its first running
 render ends, after its remaining steps at its own measured pace."""
 
 from __future__ import annotations
 
-from server.estimate import Progress, seconds_until_room
+from server.node.estimate import Progress, seconds_until_room
 
 
 def stepped(times: list[float], total: int) -> Progress:

@@ -18,8 +18,8 @@ import anyio
 import httpx
 import pytest
 
-from server import fetch
 from server.errors import ApiError
+from server.openai import fetch
 from server.settings import Settings
 from tests.processes import ServerProcess
 from tests.server.test_streaming import image_and_mask

@@ -19,7 +19,8 @@ from PIL import Image
 
 from server import images
 from server.errors import ApiError
-from server.routes.images import JSON_BODY_LIMIT, upload
+from server.openai.routes import JSON_BODY_LIMIT
+from server.openai.uploads import upload
 from tests.processes import ServerProcess
 from tests.server.test_operations import metric, wait_until_idle
 

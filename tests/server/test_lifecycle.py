@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from server.metrics import Metrics
-from server.pool import EnginePool
+from server.node.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
 from tests.processes import ROOT, ServerProcess, StepGate

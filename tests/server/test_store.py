@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from server.store import ImageStore
+from server.openai.store import ImageStore
 
 
 def _age(path: Path, seconds: float) -> None:

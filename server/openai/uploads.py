@@ -1,6 +1,7 @@
-"""`/v1/images/edits` as application/json: `images: [{image_url}]` and `mask: {image_url}` → uploads.
+"""Uploaded images, read and size-checked: multipart file parts (`upload`), and the image URLs of
+`/v1/images/edits` as application/json (`read_image`: `images: [{image_url}]` and `mask: {image_url}`).
 
-`data:` URLs are always read (with the upload size limit). `http(s)` URLs are fetched (server/fetch.py) only
+`data:` URLs are always read (with the upload size limit). `http(s)` URLs are fetched (`fetch.py`) only
 where the operator enabled it: fetching lets a client make this server request addresses on its network.
 `file_id` is refused: there is no Files API here. Refusals answer 400 naming the field.
 """
@@ -9,12 +10,38 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
+from typing import Any
 
-from server import fetch
+from litestar.datastructures import UploadFile
+
 from server.errors import ApiError
-from server.jobs import Upload
+from server.openai import fetch
 from server.protocol import ImageRef
 from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file part, already read: its bytes and the field it came in."""
+
+    data: bytes
+    param: str
+
+
+async def upload(part: Any, param: str, limit: int) -> Upload:
+    """A multipart file part (or the first of several), read and size-checked."""
+    if isinstance(part, list):
+        part = part[0] if part else None
+    if part is None:
+        raise ApiError(400, f"missing required parameter '{param}' (a file)", param=param,
+                       code="missing_required_parameter")
+    if not isinstance(part, UploadFile):
+        raise ApiError(400, f"'{param}' must be a file upload, not a form field", param=param, code=f"invalid_{param}")
+    data = await part.read(limit + 1)  # enough to know it is too large
+    if len(data) > limit:
+        raise ApiError(413, f"'{param}' is over the limit of {limit} bytes", param=param, code="file_too_large")
+    return Upload(data, param)
 
 
 async def read_image(ref: ImageRef | None, param: str, settings: Settings) -> Upload | None:

@@ -1,4 +1,4 @@
-"""A1111 requests → RenderJobs, resolved exactly as the OpenAI routes resolve theirs (same size checks,
+"""A1111 requests → render orders, resolved exactly as the OpenAI routes resolve theirs (same size checks,
 seeds, prompt trimming, model defaults), so that the same settings render the same pixels; and the
 `info` text and `parameters` echo A1111 answers with.
 
@@ -30,11 +30,14 @@ import msgspec
 from PIL import Image, ImageOps
 
 from engines.info import ModelInfo
-from server import a1111, adapters, images, jobs
-from server.a1111 import GenerationRequest, Img2ImgRequest, Info, Kind, Txt2ImgRequest
+from server import adapters, images
+from server.a1111 import protocol as a1111
+from server.a1111.protocol import GenerationRequest, Img2ImgRequest, Info, Kind, Txt2ImgRequest
 from server.errors import ApiError
-from server.protocol import OutputFormat, RenderJob
+from server.protocol import MAX_PROMPT, OutputFormat
 from server.settings import Settings
+from server.state import AppState
+from server.wire import RenderOrder
 
 MAX_IMAGES = 10  # batch_size × n_iter, as OpenAI's n
 MAX_SEED = 2**53
@@ -68,13 +71,12 @@ def checkpoint_name(name: str | None) -> str | None:
     return name
 
 
-def resolve_model(request: GenerationRequest, options: dict[str, Any], ready: dict[str, ModelInfo],
-                  known: set[str], settings: Settings, default: str | None) -> ModelInfo:
+def resolve_model(request: GenerationRequest, options: dict[str, Any], state: AppState) -> ModelInfo:
     override = request.override_settings.sd_model_checkpoint if request.override_settings else None
     param = "override_settings.sd_model_checkpoint" if override else "sd_model_checkpoint"
     name = checkpoint_name(override or options.get("sd_model_checkpoint"))
     try:
-        return jobs.resolve_model(name, ready, known, settings, default)
+        return state.model(name)
     except ApiError as exc:
         if exc.status == 404:
             raise invalid(param, exc.message) from None
@@ -126,12 +128,12 @@ def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]
 
 
 def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: dict[str, Any], request_id: str,
-          strength: float = 1.0, image: bytes | None = None, mask: bytes | None = None) -> RenderJob:
+          strength: float = 1.0, image: bytes | None = None, mask: bytes | None = None) -> RenderOrder:
     if isinstance(request, Txt2ImgRequest) and request.enable_hr:
         raise invalid("enable_hr", "the hires fix (enable_hr) is not available here; render at the final size")
     prompt = request.prompt.strip()
-    if len(prompt) > jobs.MAX_PROMPT:
-        raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is {jobs.MAX_PROMPT}")
+    if len(prompt) > MAX_PROMPT:
+        raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT}")
     try:  # <lora:name:weight> tags, as on the OpenAI routes
         prompt, lora = adapters.resolve(None, prompt)
     except ApiError as exc:
@@ -153,7 +155,7 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
                       f"is {MAX_IMAGES} images")
     output_format = FORMATS.get(str(options.get("samples_format", "png")).lower(), "png")
     quality = options.get("jpeg_quality")
-    return RenderJob(
+    return RenderOrder(
         request_id=request_id, model=info.id, prompt=prompt, negative_prompt=(request.negative_prompt or "").strip()
         or None, width=width, height=height, steps=steps, guidance_scale=float(cfg),
         sampler=resolve_sampler(request, info),
@@ -211,45 +213,45 @@ def _resize(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Image
 # -- what the answer carries -----------------------------------------------------------------------
 
 
-def parameters(request: Txt2ImgRequest | Img2ImgRequest, job: RenderJob) -> dict[str, Any]:
+def parameters(request: Txt2ImgRequest | Img2ImgRequest, order: RenderOrder) -> dict[str, Any]:
     """The request as rendered: A1111 echoes its parsed request with the defaults filled in."""
     echoed = msgspec.to_builtins(request)
-    sampler, schedule = a1111_sampler(job.sampler)
-    echoed.update(width=job.width, height=job.height, steps=job.steps, cfg_scale=job.guidance_scale,
+    sampler, schedule = a1111_sampler(order.sampler)
+    echoed.update(width=order.width, height=order.height, steps=order.steps, cfg_scale=order.guidance_scale,
                   sampler_name=sampler, scheduler=schedule)
     if isinstance(request, Img2ImgRequest) and not request.include_init_images:
         echoed.update(init_images=None, mask=None)
     return echoed
 
 
-def info(request: Txt2ImgRequest | Img2ImgRequest, job: RenderJob, seeds: list[int], version: str,
+def info(request: Txt2ImgRequest | Img2ImgRequest, order: RenderOrder, seeds: list[int], version: str,
          interrupted: bool = False) -> str:
-    sampler, schedule = a1111_sampler(job.sampler)
-    negative = job.negative_prompt or ""
+    sampler, schedule = a1111_sampler(order.sampler)
+    negative = order.negative_prompt or ""
     count = len(seeds)
-    texts = [_infotext(job, seed, sampler, schedule) for seed in seeds]
+    texts = [_infotext(order, seed, sampler, schedule) for seed in seeds]
     body = Info(
-        prompt=job.prompt, all_prompts=[job.prompt] * count, negative_prompt=negative,
-        all_negative_prompts=[negative] * count, seed=seeds[0] if seeds else job.seed, all_seeds=seeds,
+        prompt=order.prompt, all_prompts=[order.prompt] * count, negative_prompt=negative,
+        all_negative_prompts=[negative] * count, seed=seeds[0] if seeds else order.seed, all_seeds=seeds,
         subseed=request.subseed, all_subseeds=[request.subseed] * count, subseed_strength=request.subseed_strength,
-        width=job.width, height=job.height, sampler_name=sampler, cfg_scale=job.guidance_scale, steps=job.steps,
-        batch_size=request.batch_size, restore_faces=False, face_restoration_model=None, sd_model_name=job.model,
+        width=order.width, height=order.height, sampler_name=sampler, cfg_scale=order.guidance_scale, steps=order.steps,
+        batch_size=request.batch_size, restore_faces=False, face_restoration_model=None, sd_model_name=order.model,
         sd_model_hash=None, sd_vae_name=None, sd_vae_hash=None, seed_resize_from_w=-1, seed_resize_from_h=-1,
-        denoising_strength=job.strength if job.image is not None else None,
+        denoising_strength=order.strength if order.image is not None else None,
         extra_generation_params={"Schedule type": schedule}, index_of_first_image=0, infotexts=texts,
         styles=request.styles or [], job_timestamp=time.strftime("%Y%m%d%H%M%S"), clip_skip=1,
-        is_using_inpainting_conditioning=job.mask is not None, version=version, interrupted=interrupted,
+        is_using_inpainting_conditioning=order.mask is not None, version=version, interrupted=interrupted,
     )
     return json.dumps(msgspec.to_builtins(body))
 
 
-def _infotext(job: RenderJob, seed: int, sampler: str, schedule: str) -> str:
-    lines = [job.prompt]
-    if job.negative_prompt:
-        lines.append(f"Negative prompt: {job.negative_prompt}")
-    settings = [f"Steps: {job.steps}", f"Sampler: {sampler}", f"Schedule type: {schedule}",
-                f"CFG scale: {job.guidance_scale:g}", f"Seed: {seed}", f"Size: {job.width}x{job.height}",
-                f"Model: {job.model}"]
-    if job.image is not None:
-        settings.append(f"Denoising strength: {job.strength:g}")
+def _infotext(order: RenderOrder, seed: int, sampler: str, schedule: str) -> str:
+    lines = [order.prompt]
+    if order.negative_prompt:
+        lines.append(f"Negative prompt: {order.negative_prompt}")
+    settings = [f"Steps: {order.steps}", f"Sampler: {sampler}", f"Schedule type: {schedule}",
+                f"CFG scale: {order.guidance_scale:g}", f"Seed: {seed}", f"Size: {order.width}x{order.height}",
+                f"Model: {order.model}"]
+    if order.image is not None:
+        settings.append(f"Denoising strength: {order.strength:g}")
     return "\n".join([*lines, ", ".join(settings)])

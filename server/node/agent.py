@@ -8,24 +8,17 @@ import contextlib
 import hashlib
 import logging
 from functools import partial
-from importlib import metadata
 
 import httpx
 import msgspec
 
-from server.pool import EnginePool
-from server.protocol import ModelLoad, NodeReport, Registered
+from server import version
+from server.node.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
+from server.wire import ModelLoad, NodeReport, Registered
 
 log = logging.getLogger("sdserve.node")
-
-
-def version() -> str:
-    try:
-        return metadata.version("sdserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def advertise_url(settings: Settings) -> str:
@@ -39,7 +32,7 @@ def node_id(settings: Settings) -> str:
     return "node-" + hashlib.sha256(advertise_url(settings).encode()).hexdigest()[:10]
 
 
-def report(pool: EnginePool, settings: Settings, identity: str, url: str) -> NodeReport:
+def node_report(pool: EnginePool, settings: Settings, identity: str, url: str) -> NodeReport:
     ready = pool.ready_models()
     load = {name: ModelLoad(**numbers) for name, numbers in pool.load().items()}
     first = next(iter(ready.values()), None)
@@ -69,7 +62,7 @@ class NodeAgent:
                        for router in self.settings.routers]
 
     def report(self) -> NodeReport:
-        return report(self.pool, self.settings, self.id, self.url)
+        return node_report(self.pool, self.settings, self.id, self.url)
 
     def beat_now(self) -> None:
         """Send the next heartbeats at once (e.g. to announce draining)."""

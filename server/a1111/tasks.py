@@ -1,8 +1,9 @@
 """A1111 renders in progress, per client: what `/sdapi/v1/progress` reports and `/interrupt` stops.
 
-A render runs as a stream (the OpenAI streaming machinery, through the router as well), so the front
-door sees its partial images as they come: each is the denoiser's estimate of the final image (x0) at an
-evenly spaced step, and the latest one is `current_image`. How many there are follows A1111's options:
+A render runs as a stream of events (`Renderer.open_events`: in-process, images as they are; from a remote
+node, its frames read back), so the front door sees its partial images as they come: each is the
+denoiser's estimate of the final image (x0) at an evenly spaced step, and the latest one is
+`current_image`. How many there are follows A1111's options:
 `live_previews_enable`, and `show_progress_every_n_steps` (N: about one every N steps; 0: every step;
 -1: none while rendering). Progress moves with them: with previews off it jumps from 0 to 1.
 
@@ -22,12 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
-from server.a1111 import ProgressResponse, ProgressState
+from server.a1111.protocol import ProgressResponse, ProgressState
 from server.errors import ApiError
-from server.protocol import CompletedImageEvent, ErrorEvent, PartialImageEvent, RenderJob
 from server.state import Renderer
+from server.wire import PartialImage, RenderOrder, StreamEvent
 
 
 def preview_count(options: dict[str, Any], steps: int, strength: float) -> int:
@@ -44,7 +43,7 @@ class Task:
     """One A1111 request's render, as its stream reports it."""
 
     client: str
-    job: RenderJob
+    order: RenderOrder
     kind: str
     previews: int  # partial images per image
     started: float = field(default_factory=time.time)
@@ -57,21 +56,20 @@ class Task:
     consumer: asyncio.Task[None] | None = None
 
     def progress(self) -> float:
-        return sum(self.done.values()) / self.job.n
+        return sum(self.done.values()) / self.order.n
 
-    def on_partial(self, event: PartialImageEvent) -> None:
-        image = base64.b64decode(event.b64_json)
-        self.latest[event.index] = self.current = image
-        self.done[event.index] = (event.partial_image_index + 1) / (self.previews + 1)
+    def on_partial(self, event: PartialImage) -> None:
+        self.latest[event.index] = self.current = event.image
+        self.done[event.index] = (event.partial_index + 1) / (self.previews + 1)
 
     def report(self, with_image: bool) -> ProgressResponse:
         """A1111's progress: at least 0.01 once started, and its eta formula."""
         fraction = min(1.0, 0.01 + self.progress())
         elapsed = time.time() - self.started
-        steps = self.job.steps
-        image_no = min(self.job.n - 1, sum(1 for v in self.done.values() if v >= 1.0))
+        steps = self.order.steps
+        image_no = min(self.order.n - 1, sum(1 for v in self.done.values() if v >= 1.0))
         step = round(self.done.get(image_no, 0.0) * steps)
-        state = ProgressState(interrupted=self.interrupted, job=f"scripts_{self.kind}", job_count=self.job.n,
+        state = ProgressState(interrupted=self.interrupted, job=f"scripts_{self.kind}", job_count=self.order.n,
                               job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(self.started)),
                               job_no=image_no, sampling_step=step, sampling_steps=steps)
         image = base64.b64encode(self.current).decode("ascii") if with_image and self.current else None
@@ -86,10 +84,10 @@ class Tasks:
         self.running: list[Task] = []
 
     async def run(self, renderer: Renderer, task: Task, gone: asyncio.Future[Any]) -> Task:
-        """Render `task.job` as a stream, recording its progress, until it completes, is interrupted, or the
+        """Render `task.order` as a stream, recording its progress, until it completes, is interrupted, or the
         client goes away (`gone`). Errors before or during the render raise, as the OpenAI routes'."""
-        chunks = await renderer.open_stream(task.job)  # refusals (429, 503…) raise here
-        task.consumer = asyncio.ensure_future(self._consume(task, chunks))
+        events = await renderer.open_events(task.order)  # refusals (429, 503…) raise here
+        task.consumer = asyncio.ensure_future(self._consume(task, events))
         self.running.append(task)
         try:
             await asyncio.wait({task.consumer, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -105,23 +103,17 @@ class Tasks:
         return task
 
     @staticmethod
-    async def _consume(task: Task, chunks: AsyncIterator[bytes]) -> None:
-        images: list[bytes] = []
+    async def _consume(task: Task, events: AsyncIterator[StreamEvent]) -> None:
         try:
-            async for frame in chunks:
-                kind, data = _parse(frame)
-                if kind.endswith(".partial_image"):
-                    task.on_partial(msgspec.json.decode(data, type=PartialImageEvent))
-                elif kind.endswith(".completed"):
-                    event = msgspec.json.decode(data, type=CompletedImageEvent)
-                    images.append(base64.b64decode(event.b64_json))
-                    task.seeds.append(event.seed)
-                    task.done[event.index] = 1.0
-                elif kind == "error":
-                    raise _error(msgspec.json.decode(data, type=ErrorEvent))
-            task.finished = images
+            async for event in events:  # errors (a failed render, a node lost mid-render) raise here
+                if isinstance(event, PartialImage):
+                    task.on_partial(event)
+                else:
+                    task.seeds = event.seeds
+                    task.done = dict.fromkeys(range(len(event.images)), 1.0)
+                    task.finished = event.images
         finally:
-            closing = getattr(chunks, "aclose", None)
+            closing = getattr(events, "aclose", None)
             if closing is not None:  # closing the stream stops the render (or takes it off the queue)
                 await closing()
 
@@ -144,30 +136,4 @@ def idle() -> ProgressResponse:
 def interrupted_images(task: Task) -> tuple[list[bytes], list[int]]:
     """The latest estimate of each image that has one, in order, with its seed."""
     indices = sorted(task.latest)
-    return [task.latest[i] for i in indices], [task.job.seed + i for i in indices]
-
-
-def _parse(frame: bytes) -> tuple[str, bytes]:
-    """An SSE frame → (event type, data); comments (keep-alives) have no type."""
-    kind, data = "", b""
-    for line in frame.split(b"\n"):
-        if line.startswith(b"event: "):
-            kind = line[7:].decode()
-        elif line.startswith(b"data: "):
-            data = line[6:]
-    return kind, data
-
-
-def _error(event: ErrorEvent) -> ApiError:
-    """An error event → the status the OpenAI routes would have answered."""
-    detail = event.error
-    if detail.type == "invalid_request_error":
-        status = 400
-    elif detail.code == "timeout":
-        status = 504
-    elif detail.type == "rate_limit_error":
-        status = 429
-    else:
-        status = 502 if detail.code in ("node_failed", "bad_gateway") else 500
-    return ApiError(status, detail.message, param=detail.param, code=detail.code)
-
+    return [task.latest[i] for i in indices], [task.order.seed + i for i in indices]

@@ -1,21 +1,27 @@
-"""POST /v1/images/generations, /edits, /variations."""
+"""POST /v1/images/generations, /edits, /variations, and GET /v1/images/files/{name}: parse, order, reply
+(as JSON, or as OpenAI's event stream for `stream: true`)."""
 
 from __future__ import annotations
 
 import base64
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 import msgspec
-from litestar import Request, Response, post
-from litestar.datastructures import UploadFile
+from litestar import Request, Response, get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
+from litestar.response import File, Stream
 
-from server import forms, jobs, streaming
-from server.access import user_hash
+from server import sse
 from server.errors import IMAGE_ERRORS, ApiError, documented
+from server.guards import edit_body, json_body, multipart_body
+from server.logs import user_hash
+from server.openai import forms
+from server.openai import requests as orders
+from server.openai.store import ImageStore
+from server.openai.uploads import Upload, read_image, upload
 from server.protocol import (
     ImageData,
     ImageEditJsonRequest,
@@ -23,13 +29,10 @@ from server.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
     ImageVariationRequest,
-    RenderedImages,
-    RenderJob,
     Usage,
 )
-from server.routes import edit_json
-from server.routes.guards import edit_body, json_body, multipart_body
 from server.state import AppState
+from server.wire import RenderedImages, RenderOrder
 
 Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
 # A JSON body is prompts and numbers: two 4000-character prompts, every character escaped, take ~100 KB.
@@ -45,10 +48,10 @@ async def generations(data: ImageGenerationRequest, request: Request) -> Respons
     data = msgspec.json.decode(await request.body(), type=ImageGenerationRequest)
     state = AppState.of(request)
     request.state.user = user_hash(data.user)
-    prompt = jobs.resolve_prompt(data.prompt)
+    prompt = orders.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
-    job = jobs.build(data, info, state.request_id(request), prompt, strength=1.0)
-    return await _render_and_reply(state, request, job, data.response_format)
+    order = orders.build(data, info, state.request_id(request), prompt, strength=1.0)
+    return await _render_and_reply(state, request, order, data.response_format)
 
 
 async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
@@ -62,9 +65,9 @@ async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
     if not data.images:
         raise ApiError(400, "missing required parameter 'images' (a list of {image_url})", param="images",
                        code="missing_required_parameter")
-    image = await edit_json.read_image(data.images[0], "images", state.settings)
+    image = await read_image(data.images[0], "images", state.settings)
     assert image is not None
-    return await _edit(request, state, data, image, await edit_json.read_image(data.mask, "mask", state.settings))
+    return await _edit(request, state, data, image, await read_image(data.mask, "mask", state.settings))
 
 
 @post("/images/edits", status_code=200, guards=[edit_body], before_request=_json_edits,
@@ -80,17 +83,17 @@ async def edits(data: Annotated[ImageEditRequest, Multipart], request: Request) 
     return await _edit(request, state, data, image, mask)
 
 
-async def _edit(request: Request, state: AppState, data: ImageEditRequest | ImageEditJsonRequest, image: jobs.Upload,
-                mask: jobs.Upload | None) -> Response[ImagesResponse]:
+async def _edit(request: Request, state: AppState, data: ImageEditRequest | ImageEditJsonRequest, image: Upload,
+                mask: Upload | None) -> Response[ImagesResponse]:
     request.state.user = user_hash(data.user)
-    prompt = jobs.resolve_prompt(data.prompt)
+    prompt = orders.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
-    size = jobs.resolve_size(data.size, info)
+    size = orders.resolve_size(data.size, info)
     with state.admission(info.id):
-        image_png, mask_png = await anyio.to_thread.run_sync(jobs.edit_inputs, image, mask, state.settings, size)
+        image_png, mask_png = await anyio.to_thread.run_sync(orders.edit_inputs, image, mask, state.settings, size)
     strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
-    job = jobs.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
-    return await _render_and_reply(state, request, job, data.response_format)
+    order = orders.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
+    return await _render_and_reply(state, request, order, data.response_format)
 
 
 @post("/images/variations", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
@@ -100,48 +103,50 @@ async def variations(data: Annotated[ImageVariationRequest, Multipart], request:
     state = AppState.of(request)
     request.state.user = user_hash(data.user)
     info = state.resolve_model(data.model, request)
-    size = jobs.resolve_size(data.size, info)
+    size = orders.resolve_size(data.size, info)
     image = await upload(data.image, "image", state.settings.max_upload_bytes)
     with state.admission(info.id):
-        image_png = await anyio.to_thread.run_sync(jobs.variation_input, image, state.settings, size)
+        image_png = await anyio.to_thread.run_sync(orders.variation_input, image, state.settings, size)
     strength = 0.6 if data.strength is None else data.strength
-    job = jobs.build(data, info, state.request_id(request), "", strength, image_png)
-    return await _render_and_reply(state, request, job, data.response_format)
+    order = orders.build(data, info, state.request_id(request), "", strength, image_png)
+    return await _render_and_reply(state, request, order, data.response_format)
 
 
-async def upload(part: Any, param: str, limit: int) -> jobs.Upload:
-    """A multipart file part (or the first of several), read and size-checked."""
-    if isinstance(part, list):
-        part = part[0] if part else None
-    if part is None:
-        raise ApiError(400, f"missing required parameter '{param}' (a file)", param=param,
-                       code="missing_required_parameter")
-    if not isinstance(part, UploadFile):
-        raise ApiError(400, f"'{param}' must be a file upload, not a form field", param=param, code=f"invalid_{param}")
-    data = await part.read(limit + 1)  # enough to know it is too large
-    if len(data) > limit:
-        raise ApiError(413, f"'{param}' is over the limit of {limit} bytes", param=param, code="file_too_large")
-    return jobs.Upload(data, param)
-
-
-async def _render_and_reply(state: AppState, request: Request, job: RenderJob,
-                            response_format: str | None) -> Response[ImagesResponse]:
-    if job.events is not None:  # stream: true
-        return await streaming.respond(state, request, job)
-    request.state.model = job.model
-    rendered = await state.render_while_connected(request, job)
+async def _render_and_reply(state: AppState, request: Request, order: RenderOrder,
+                            response_format: str | None) -> Response[ImagesResponse] | Stream:
+    request.state.model = order.model
+    if order.events is not None:  # stream: true; errors before a node accepted it are ordinary HTTP errors
+        frames = await state.while_connected(request, order, state.renderer.open_stream(order))
+        return Stream(frames, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    rendered = await state.render_while_connected(request, order)
     data = []
     for image, seed in zip(rendered.images, rendered.seeds, strict=True):
         if response_format == "b64_json":
             data.append(ImageData(seed=seed, b64_json=base64.b64encode(image).decode("ascii")))
         else:
-            name = await anyio.to_thread.run_sync(state.store.put, image, job.output_format)
+            name = await anyio.to_thread.run_sync(store_of(request).put, image, order.output_format)
             data.append(ImageData(seed=seed, url=f"{state.base_url(request)}/v1/images/files/{name}"))
-    body = ImagesResponse(created=int(time.time()), data=data, model=job.model, size=f"{job.width}x{job.height}",
-                          output_format=job.output_format, quality=job.quality,
+    body = ImagesResponse(created=int(time.time()), data=data, model=order.model, size=f"{order.width}x{order.height}",
+                          output_format=order.output_format, quality=order.quality,
                           usage=Usage.of_text(rendered.input_tokens))
     return Response(body, headers={"server-timing": _server_timing(rendered)})
 
 
 def _server_timing(rendered: RenderedImages) -> str:
     return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in rendered.timings.items())
+
+
+@get("/images/files/{name:str}", responses=documented(404),
+     summary="Download a generated image (expires after the image TTL)")
+async def image_file(name: str, request: Request) -> File:
+    """Not behind the API key: the name is a 192-bit capability, like OpenAI's pre-signed URLs, so that stock
+    clients can download the URLs they are given."""
+    found = store_of(request).get(name)
+    if found is None:
+        raise ApiError(404, "no such image, or it has expired", param="name", code="image_not_found")
+    path, content_type = found
+    return File(path=path, media_type=content_type, content_disposition_type="inline", filename=name)
+
+
+def store_of(request: Request) -> ImageStore:
+    return request.app.state.store

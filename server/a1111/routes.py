@@ -1,7 +1,7 @@
 """AUTOMATIC1111's web API under /sdapi/v1, on the standalone server and the router.
 
-Handlers parse (`server.a1111_jobs`), render through the same dispatcher as the OpenAI routes (as a
-stream, so that /progress can follow it: `server.a1111_tasks`), and shape A1111's answers. Errors keep
+Handlers parse (`server.a1111.requests`), render through the same dispatcher as the OpenAI routes (as a
+stream of events, so that /progress can follow it: `server.a1111.tasks`), and shape A1111's answers. Errors keep
 the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
 for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1).
 
@@ -22,8 +22,10 @@ import anyio
 import msgspec
 from litestar import Request, Response, Router, get, post
 
-from server import a1111, a1111_jobs, errors, jobs, node
-from server.a1111 import (
+from server import errors, version
+from server.a1111 import protocol as a1111
+from server.a1111 import requests as orders
+from server.a1111.protocol import (
     HTTPErrorBody,
     ImagesResponse,
     Kind,
@@ -35,9 +37,9 @@ from server.a1111 import (
     ValidationErrorBody,
     ValidationProblem,
 )
-from server.a1111_tasks import Task, Tasks, idle, interrupted_images, preview_count
+from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count
 from server.errors import ApiError
-from server.routes.guards import credential, sdapi_key
+from server.guards import credential, sdapi_key
 from server.state import AppState, client_gone
 
 MAX_OPTIONS = 1024  # A1111 has about 600
@@ -68,30 +70,28 @@ async def img2img(request: Request) -> Response[ImagesResponse]:
 
 async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     state, front = AppState.of(request), Front.of(request)
-    body = a1111_jobs.decode(await request.body(), kind)
-    renderer = state.renderer
-    info = a1111_jobs.resolve_model(body, front.options, renderer.ready_models(), renderer.known_models(),
-                                    state.settings, state.default_model)
+    body = orders.decode(await request.body(), kind)
+    info = orders.resolve_model(body, front.options, state)
     request.state.model = info.id
     strength, image, mask = 1.0, None, None
     if isinstance(body, a1111.Img2ImgRequest):
-        size = a1111_jobs.resolve_size(body, info)
-        image, mask = await anyio.to_thread.run_sync(a1111_jobs.img2img_inputs, body, size, state.settings)
+        size = orders.resolve_size(body, info)
+        image, mask = await anyio.to_thread.run_sync(orders.img2img_inputs, body, size, state.settings)
         strength = body.denoising_strength
-    job = a1111_jobs.build(body, info, front.options, state.request_id(request), strength, image, mask)
-    previews = preview_count(front.options, job.steps, job.strength)
-    job = msgspec.structs.replace(job, partial_images=previews,
+    order = orders.build(body, info, front.options, state.request_id(request), strength, image, mask)
+    previews = preview_count(front.options, order.steps, order.strength)
+    order = msgspec.structs.replace(order, partial_images=previews,
                                   events="image_edit" if kind == "img2img" else "image_generation")
-    task = Task(client=_client(request), job=job, kind=kind, previews=previews)
+    task = Task(client=_client(request), order=order, kind=kind, previews=previews)
     gone = asyncio.ensure_future(client_gone(request))
     try:
-        await front.tasks.run(renderer, task, gone)
+        await front.tasks.run(state.renderer, task, gone)
     finally:
         gone.cancel()
     pictures, seeds = (task.finished, task.seeds) if task.finished is not None else interrupted_images(task)
     encoded = [base64.b64encode(p).decode("ascii") for p in pictures] if body.send_images else []
-    answer = ImagesResponse(images=encoded, parameters=a1111_jobs.parameters(body, job),
-                            info=a1111_jobs.info(body, job, seeds, node.version(), task.finished is None))
+    answer = ImagesResponse(images=encoded, parameters=orders.parameters(body, order),
+                            info=orders.info(body, order, seeds, version(), task.finished is None))
     return Response(answer)
 
 
@@ -121,16 +121,16 @@ async def set_options(request: Request) -> Response[None]:
     try:
         update = msgspec.json.decode(await request.body() or b"{}", type=dict[str, Any])
     except msgspec.MsgspecError as exc:
-        raise a1111_jobs.invalid("body", f"options must be a JSON object: {exc}") from None
+        raise orders.invalid("body", f"options must be a JSON object: {exc}") from None
     if "sd_model_checkpoint" in update:
         update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
     _check_options(update)
     options = Front.of(request).options
     for name, value in update.items():  # options live in memory: bounded, as A1111's own set is
         if len(msgspec.json.encode(value)) > MAX_OPTION_BYTES:
-            raise a1111_jobs.invalid(name, f"option values are at most {MAX_OPTION_BYTES} bytes of JSON")
+            raise orders.invalid(name, f"option values are at most {MAX_OPTION_BYTES} bytes of JSON")
     if len(options.keys() | update.keys()) > MAX_OPTIONS:
-        raise a1111_jobs.invalid("body", f"at most {MAX_OPTIONS} options are kept")
+        raise orders.invalid("body", f"at most {MAX_OPTIONS} options are kept")
     options.update(update)
     return Response(None, media_type="application/json")
 
@@ -195,19 +195,17 @@ def _client(request: Request) -> str:
 
 
 def _default_model(state: AppState) -> str:
-    renderer = state.renderer
     try:
-        return jobs.resolve_model(None, renderer.ready_models(), renderer.known_models(), state.settings,
-                                  state.default_model).id
+        return state.model(None).id
     except ApiError:
         return state.settings.default_model or ""
 
 
 def _known_model(state: AppState, name: object) -> str:
-    model = a1111_jobs.checkpoint_name(name) if isinstance(name, str) else None
+    model = orders.checkpoint_name(name) if isinstance(name, str) else None
     known = state.renderer.known_models() | set(state.renderer.ready_models())
     if model not in known:
-        raise a1111_jobs.invalid("sd_model_checkpoint", f"model {name!r} not found; available: "
+        raise orders.invalid("sd_model_checkpoint", f"model {name!r} not found; available: "
                                  f"{', '.join(sorted(known)) or 'none'}")
     return model
 
@@ -215,8 +213,8 @@ def _known_model(state: AppState, name: object) -> str:
 def _check_options(update: dict[str, Any]) -> None:
     every = update.get("show_progress_every_n_steps", 10)
     if not isinstance(every, int) or isinstance(every, bool) or every < -1:
-        raise a1111_jobs.invalid("show_progress_every_n_steps", "show_progress_every_n_steps must be an integer ≥ -1")
+        raise orders.invalid("show_progress_every_n_steps", "show_progress_every_n_steps must be an integer ≥ -1")
     if not isinstance(update.get("live_previews_enable", True), bool):
-        raise a1111_jobs.invalid("live_previews_enable", "live_previews_enable must be true or false")
-    if str(update.get("samples_format", "png")).lower() not in a1111_jobs.FORMATS:
-        raise a1111_jobs.invalid("samples_format", "samples_format must be png, jpg, jpeg or webp")
+        raise orders.invalid("live_previews_enable", "live_previews_enable must be true or false")
+    if str(update.get("samples_format", "png")).lower() not in orders.FORMATS:
+        raise orders.invalid("samples_format", "samples_format must be png, jpg, jpeg or webp")

@@ -1,4 +1,4 @@
-"""API requests → RenderJobs: the model, size, steps, guidance, sampler, seed and images resolved
+"""OpenAI image requests → render orders: the size, steps, guidance, sampler, seed and images resolved
 against what the model supports, so that everything a node receives is already valid.
 
 The quality and style mapping (documented in the README):
@@ -14,56 +14,25 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass
 
 from PIL import Image
 
 from engines.info import ModelInfo
 from server import adapters, images
 from server.errors import ApiError
+from server.openai.uploads import Upload
 from server.protocol import (
+    MAX_PROMPT,
     ImageEditJsonRequest,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageVariationRequest,
-    RenderJob,
 )
-from server.settings import OPENAI_MODEL_NAMES, Settings
+from server.settings import Settings
+from server.wire import RenderOrder
 
-MAX_PROMPT = 4000
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 Request = ImageGenerationRequest | ImageEditRequest | ImageEditJsonRequest | ImageVariationRequest
-
-
-@dataclass(frozen=True)
-class Upload:
-    """An uploaded file part, already read: its bytes and the field it came in."""
-
-    data: bytes
-    param: str
-
-
-def resolve_model(name: str | None, ready: dict[str, ModelInfo], known: set[str], settings: Settings,
-                  default: str | None) -> ModelInfo:
-    """A request's `model` → a model that can render now. No model and OpenAI's names mean `default`
-    (decided once at start-up); configured aliases map to their model; unknown names are 404; known
-    models that cannot render now (loading, no healthy node) are 503."""
-    target = default if name is None or name in OPENAI_MODEL_NAMES else name
-    target = settings.model_aliases.get(name or "", target)
-    if target is None:
-        raise ApiError(400, "this server has no default model: name one in 'model' (see /v1/models), or start "
-                       "it with --default-model", param="model", code="model_required")
-    if target in ready:
-        return ready[target]
-    if target in known:
-        raise ApiError(503, f"model '{target}' cannot render right now (still loading, failed, or no healthy "
-                       "node)", code="model_unavailable", headers={"Retry-After": "10"})
-    if target != name:
-        raise ApiError(503, f"the default model '{target}' (--default-model) is not served by any node now",
-                       code="model_unavailable", headers={"Retry-After": "10"})
-    available = ", ".join(sorted(known | set(ready))) or "none"
-    raise ApiError(404, f"the model '{name}' does not exist; available: {available}", param="model",
-                   code="model_not_found")
 
 
 def resolve_size(size: str | None, info: ModelInfo) -> tuple[int, int]:
@@ -131,13 +100,13 @@ def resolve_background(request: Request) -> None:
 
 
 def build(request: Request, info: ModelInfo, request_id: str, prompt: str, strength: float,
-          image: bytes | None = None, mask: bytes | None = None) -> RenderJob:
+          image: bytes | None = None, mask: bytes | None = None) -> RenderOrder:
     width, height = resolve_size(request.size, info)
     resolve_background(request)
     streamed = bool(getattr(request, "stream", None))
     events = "image_edit" if isinstance(request, ImageEditRequest | ImageEditJsonRequest) else "image_generation"
     prompt, lora = adapters.resolve(request.lora, prompt)
-    return RenderJob(
+    return RenderOrder(
         request_id=request_id,
         model=info.id,
         prompt=prompt,

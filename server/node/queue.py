@@ -1,0 +1,267 @@
+"""One model's queue on this node: its pipeline, the tickets waiting, and its render threads.
+
+Renders run on threads (ONNX Runtime releases the GIL), so the event loop keeps answering health checks,
+metrics and other requests while they run. A model takes `render_slots` renders at once and keeps at most
+`queue_depth` more waiting; beyond that a request is refused at once (429), before any work. A request
+whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already running, stopped
+at its next step. With `--batch-window` above 0 each render slot is a step-level batcher
+(`server.node.batcher`) that interleaves up to `--max-batch` requests and shares UNet calls among them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from PIL import Image
+
+import engines
+from engines.rendering import Rendering
+from server import images
+from server.errors import ApiError, queue_full
+from server.metrics import Metrics
+from server.node import estimate
+from server.node.batcher import Batcher, Batching
+from server.node.ticket import Ticket
+from server.wire import RenderedImages, RenderOrder
+
+log = logging.getLogger("sdserve.server")
+
+
+class ModelQueue:
+    """One model: its pipeline, its waiting tickets and its render threads (each a `batcher.Slot` user)."""
+
+    def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics,
+                 preview: str = "full", batching: Batching | None = None) -> None:
+        self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
+        self.batching = batching
+        # renders at once: one per slot, or as many as a batching slot interleaves
+        self.capacity = slots * (batching.max_rows if batching else 1)
+        self.id = pipeline.info.id
+        self._waiting: deque[Ticket] = deque()
+        self._ready = threading.Condition()
+        self._running = 0
+        self._running_work = 0
+        self._step_seconds = estimate.FIRST_STEP_GUESS  # the latest step timed, of any render of this model
+        self._closed = False
+        self._current: set[Ticket] = set()  # running now
+        self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
+                         for i in range(slots)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def rows(self, order: RenderOrder) -> int:
+        """UNet rows an order's calls take: its images (up to a chunk), twice when guided."""
+        return min(order.n, self.pipeline.max_batch) * (2 if order.guidance_scale > 1.0 else 1)
+
+    def outstanding_work(self) -> int:
+        with self._ready:
+            return sum(t.order.work for t in self._waiting) + self._running_work
+
+    async def submit(self, order: RenderOrder) -> RenderedImages:
+        return await self.outcome(self.enqueue(order))
+
+    def enqueue(self, order: RenderOrder, on_partial: Callable[[engines.Partial], None] | None = None) -> Ticket:
+        """Queue an order (from the event loop), or refuse it at once: 429 when full, 503 when closing."""
+        self.pipeline.check_prompt_lengths(order.prompt, order.negative_prompt)  # before it takes a place in the queue
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(order, loop, loop.create_future(), on_partial=on_partial)
+        with self._ready:
+            if self._closed:
+                raise ApiError(503, f"model {self.id} is shutting down", code="draining",
+                               headers={"Retry-After": "5"})
+            # full at capacity + depth tickets, counting one a free slot has not picked up yet as that slot's
+            if self._running + len(self._waiting) >= self.capacity + self.depth:
+                raise queue_full(self.id, self._running, len(self._waiting), self.retry_after())
+            self._waiting.append(ticket)
+            self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+            self._ready.notify()
+        return ticket
+
+    async def outcome(self, ticket: Ticket) -> RenderedImages:
+        try:
+            return await asyncio.shield(ticket.future)
+        except asyncio.CancelledError:  # timeout or client gone: drop it, or stop it at its next step
+            self.abandon(ticket)
+            raise
+
+    def abandon(self, ticket: Ticket) -> None:
+        """Nobody waits for this ticket any more (from the event loop): drop it from the queue, or stop it at
+        its next step. Its future is cancelled, so the outcome that comes later is dropped, not left unread."""
+        ticket.cancel.set()
+        ticket.future.cancel()
+        with self._ready:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room again (`server.node.estimate`)."""
+        with self._ready:  # a reentrant lock: enqueue holds it too
+            chunk = self.pipeline.max_batch
+            return estimate.seconds_until_room([(t.progress, math.ceil(t.order.n / chunk), t.order.steps)
+                                                for t in self._current], self._step_seconds)
+
+    def _serve(self) -> None:
+        if self.batching is not None:
+            Batcher(self, self.batching).run()
+            return
+        while (ticket := self.take()) is not None:
+            try:
+                outcome: RenderedImages | BaseException = self._render(ticket)
+            except BaseException as exc:  # delivered to the waiting request, never lost
+                outcome = exc
+            self.finish(ticket, outcome)
+
+    def take(self, wait: bool = True) -> Ticket | None:
+        """The next waiting ticket, now counted as running; None when closed (or, not `wait`ing, when none
+        waits)."""
+        with self._ready:
+            while True:
+                while wait and not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:
+                    return None
+                ticket = self._waiting.popleft()
+                self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
+                if not ticket.cancel.is_set():
+                    break
+            self._running += 1
+            self._current.add(ticket)
+            self._running_work += ticket.order.work
+        self.metrics.in_flight.labels(self.id).inc()
+        ticket.started = time.perf_counter()
+        return ticket
+
+    def wait_for_more(self, count: int, deadline: float) -> None:
+        """Until `count` tickets wait (or the queue closes), at most until `deadline` (time.monotonic)."""
+        with self._ready:
+            while len(self._waiting) < count and not self._closed and (left := deadline - time.monotonic()) > 0:
+                self._ready.wait(left)
+
+    def finish(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+        """A taken ticket's outcome, delivered to its request."""
+        if isinstance(outcome, engines.RenderCancelled):
+            log.info("%s", outcome)
+        self.metrics.in_flight.labels(self.id).dec()
+        with self._ready:
+            self._running -= 1
+            self._current.discard(ticket)
+            self._running_work -= ticket.order.work
+            self._ready.notify_all()
+        _answer(ticket, outcome)
+
+    def render_request(self, order: RenderOrder) -> engines.RenderRequest:
+        return engines.RenderRequest(
+            prompt=order.prompt, negative_prompt=order.negative_prompt, width=order.width, height=order.height,
+            steps=order.steps, guidance_scale=order.guidance_scale, sampler=order.sampler, seed=order.seed,
+            n=order.n, image=_open(order.image), mask=_open(order.mask), strength=order.strength,
+            lora=[(ref.name, ref.scale) for ref in order.lora],
+        )
+
+    def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:
+        """The render's progress callback: times its steps, and stops it at its next step once nobody waits."""
+        def on_step(done: int, total: int) -> None:
+            seconds = ticket.progress.step(done, total)
+            if seconds is not None:
+                self._step_seconds = seconds
+            if ticket.cancel.is_set():
+                raise engines.RenderCancelled(f"request {ticket.order.request_id} cancelled at step {done}/{total}")
+        return on_step
+
+    def begin(self, ticket: Ticket) -> Rendering:
+        """The ticket's render, ready for its first step (`Pipeline.begin`: inputs checked, prompt encoded)."""
+        ticket.rendering = self.pipeline.begin(
+            self.render_request(ticket.order), on_step=self.on_step(ticket), on_partial=ticket.on_partial,
+            partial_images=ticket.order.partial_images, preview=self.preview)
+        return ticket.rendering
+
+    def _render(self, ticket: Ticket) -> RenderedImages:
+        order = ticket.order
+        result = self.pipeline.render(self.render_request(order), on_step=self.on_step(ticket),
+                                      on_partial=ticket.on_partial, partial_images=order.partial_images,
+                                      preview=self.preview)
+        return self.rendered(ticket, result)
+
+    def rendered(self, ticket: Ticket, result: engines.RenderResult) -> RenderedImages:
+        """A finished render, encoded as its order asked, counted in the metrics."""
+        order, started = ticket.order, time.perf_counter()
+        encoded = [images.encode(image, order.output_format, order.output_compression) for image in result.images]
+        queued = ticket.started - ticket.enqueued
+        timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
+        self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
+        self.metrics.images.labels(self.id).inc(len(encoded))
+        return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
+                              input_tokens=self._input_tokens(order))
+
+    def _input_tokens(self, order: RenderOrder) -> int:
+        """Prompt tokens (and negative prompt tokens) as the first text encoder's tokenizer counts them."""
+        tokenizer = next(iter(self.pipeline.tokenizers.values()), None)
+        if tokenizer is None:
+            return 0
+        return sum(tokenizer.tokens(text) for text in (order.prompt, order.negative_prompt or ""))
+
+    def give_up(self, error: ApiError) -> int:
+        """Answer every accepted request with `error` now: what waits leaves the queue, what runs stops at its
+        next step (its outcome is then dropped). How many there were."""
+        with self._ready:
+            tickets = [*self._current, *self._waiting]
+            for ticket in tickets:
+                ticket.cancel.set()
+                _answer(ticket, error)
+            self._waiting.clear()
+            self.metrics.queue_depth.labels(self.id).set(0)
+            self._ready.notify_all()
+        return len(tickets)
+
+    def close(self, wait: float) -> None:
+        """Stop: what waits is answered 503, what runs stops at its next step; wait up to `wait` s for the
+        threads (a process must not exit while a thread is inside ONNX Runtime)."""
+        with self._ready:
+            self._closed = True
+        self.give_up(ApiError(503, f"model {self.id} is shutting down", code="draining",
+                              headers={"Retry-After": "5"}))
+        deadline = time.monotonic() + wait
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def idle(self) -> bool:
+        with self._ready:
+            return not self._waiting and self._running == 0
+
+
+def _open(data: bytes | None) -> Image.Image | None:
+    return None if data is None else Image.open(io.BytesIO(data))
+
+
+def _answer(ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+    """Deliver `outcome` to the request waiting for `ticket`, from any thread."""
+    try:
+        ticket.loop.call_soon_threadsafe(_deliver, ticket.future, outcome)
+    except RuntimeError:  # its event loop is closed: nobody is left to answer
+        log.info("request %s: its event loop closed before its outcome", ticket.order.request_id)
+
+
+def _deliver(future: asyncio.Future[RenderedImages], outcome: RenderedImages | BaseException) -> None:
+    if future.done():  # abandoned, or already answered (drain timeout): nobody reads this outcome
+        if isinstance(outcome, BaseException) and not isinstance(outcome, engines.RenderCancelled | ApiError):
+            log.warning("a render failed after its request was answered: %s: %s", type(outcome).__name__, outcome)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

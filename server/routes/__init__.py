@@ -1,1 +1,0 @@
-"""Route handlers: parse, call, shape the reply."""
