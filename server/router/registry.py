@@ -125,6 +125,9 @@ class Registry:
     def __init__(self, heartbeat_timeout: float) -> None:
         self.heartbeat_timeout = heartbeat_timeout
         self.nodes: dict[str, NodeRecord] = {}
+        # False once this front door stops listening (SIGTERM): heartbeats cannot reach it any more, so leases
+        # stop expiring and the prober alone says whether a node that still renders for it is alive
+        self.listening = True
 
     def register(self, report: NodeReport, transport: NodeTransport,
                  refresh: Callable[[], NodeReport] | None = None) -> NodeRecord:
@@ -173,7 +176,7 @@ class Registry:
         await record.close_if_retired()
 
     def alive(self, record: NodeRecord) -> bool:
-        return record.local or time.monotonic() - record.last_seen <= self.heartbeat_timeout
+        return record.local or not self.listening or time.monotonic() - record.last_seen <= self.heartbeat_timeout
 
     def in_rotation(self, record: NodeRecord) -> bool:
         return record.healthy and not record.draining and self.alive(record)

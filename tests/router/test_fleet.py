@@ -18,16 +18,22 @@ from openai import OpenAI
 from PIL import Image
 
 from server.wire import PROTOCOL_VERSION, NodeReport
-from tests.processes import ServerProcess, free_port
+from tests.processes import ServerProcess, StepGate, free_port
 from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
 from tests.server.test_openai_client import assert_usage, opaque_png, prompt_tokens
 
 
 @pytest.fixture(scope="module")
-def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = Fleet(models_dir, tmp_path_factory.mktemp("fleet"), ["--default-model", "tiny-sd15"])
+def gate(tmp_path_factory: pytest.TempPathFactory) -> StepGate:
+    return StepGate(tmp_path_factory.mktemp("gate"))
+
+
+@pytest.fixture(scope="module")
+def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, gate: StepGate) -> Iterator[Fleet]:
+    fleet = Fleet(models_dir, tmp_path_factory.mktemp("fleet"), ["--default-model", "tiny-sd15",
+                                                                  "--drain-timeout", "120"])
     for name in ("node-a", "node-b", "node-c"):
-        fleet.add_node(name, "tiny-sd15")
+        fleet.add_node(name, "tiny-sd15").env.update(gate.env)
     yield fleet.start()
     fleet.stop()
 
@@ -263,19 +269,28 @@ def sent_to(fleet: Fleet, node: str) -> float:
     return 0.0
 
 
-def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fleet: Fleet) -> None:
+def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fleet: Fleet, gate: StepGate) -> None:
+    """Three renders held on the nodes while the router stops: its closed listener takes no heartbeats, yet
+    it waits for them past the nodes' 4 s leases (probes say they live) and answers all three."""
     fleet.wait_nodes({"node-a", "node-b", "node-c"})
-    slow = {"prompt": "in flight", "size": "256x256", "steps": 20, "response_format": "b64_json"}
+    body = {"prompt": "in flight", "size": "64x64", "steps": 4, "response_format": "b64_json"}
 
     async def scenario() -> list:
-        load = asyncio.ensure_future(generate_many(fleet.router.url, 3, slow))
+        load = asyncio.ensure_future(generate_many(fleet.router.url, 3, body))
+        await asyncio.to_thread(gate.wait_paused)
         deadline = time.monotonic() + 20
         while sum(v["in_flight"] for v in fleet.views().values()) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         fleet.router.signal(signal.SIGTERM)  # stops accepting, finishes what it has
+        await asyncio.sleep(6)  # past the heartbeat timeout (4 s) and a probe round: leases would have expired
+        gate.release()
         return await load
 
-    responses = asyncio.run(scenario())
+    gate.hold()
+    try:
+        responses = asyncio.run(scenario())
+    finally:
+        gate.release()
     assert [getattr(r, "status_code", repr(r)) for r in responses] == [200] * 3
     assert fleet.router.process.wait(60) == 0
     fleet.router.start(ready=False)
