@@ -64,7 +64,8 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
     pool = EnginePool(settings, metrics) if role in ("standalone", "node") else None
     if role == "node":
         assert pool is not None
-        state = AppState(settings=settings, renderer=pool, metrics=metrics, problem_sources=(pool.problems,))
+        state = AppState(settings=settings, renderer=pool, metrics=metrics, problem_sources=(pool.problems,),
+                         dead=pool.dead)
         return Parts(state, pool=pool, agent=NodeAgent(settings, pool))
     registry = Registry(settings.heartbeat_timeout)
     # Standalone answers 429 from its own pool's queue; a router queues when every node is full.
@@ -76,7 +77,9 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
         registry.register(local.report(), local, refresh=local.report)
     sources = (pool.problems, dispatcher.problems) if pool is not None else (dispatcher.problems,)
     state = AppState(settings=settings, renderer=dispatcher, metrics=metrics, default_model=dispatcher.default_model,
-                     capacity=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()))
+                     capacity=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()),
+                     tenants={tenant.key: tenant for tenant in settings.tenants()},
+                     dead=pool.dead if pool is not None else None)
     store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)
     return Parts(state, pool=pool, registry=registry, dispatcher=dispatcher, store=store)
 

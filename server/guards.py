@@ -1,16 +1,21 @@
-"""Route guards: content types (415) and API keys (401), checked before the body is read."""
+"""Route guards: content types (415), API keys (401) and each key's request rate (429), checked before the
+body is read; and the tenant (API key) a request's order is tagged with."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
+import math
 
+import msgspec
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from server.errors import ApiError
 from server.state import AppState
+from server.tenants import PERIOD_NAMES, Tenant
+from server.wire import RenderOrder
 
 
 def _content_type(connection: ASGIConnection) -> str:
@@ -59,6 +64,35 @@ def sdapi_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
                        "'Authorization: Bearer <key>'", code="missing_api_key", headers=challenge)
     if not _matches(given, keys):
         raise ApiError(401, "Incorrect username or password", code="invalid_api_key", headers=challenge)
+
+
+def tenant_of(connection: ASGIConnection) -> Tenant | None:
+    """The tenant a request authenticated as (its key's limits; after `api_key` or `sdapi_key`), None on an
+    open server."""
+    state = AppState.of(connection)
+    return state.tenants.get(credential(connection)) if state.tenants else None
+
+
+def rate_limit(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """A render request within its key's `rate=` (keys file), else 429 `rate_limit_exceeded` with the seconds
+    until the key's next token as Retry-After."""
+    tenant = tenant_of(connection)
+    if tenant is None or not tenant.rate:
+        return
+    wait = AppState.of(connection).limiter.admit(tenant)
+    if wait:
+        seconds = max(1, math.ceil(wait))
+        raise ApiError(429, f"rate limit reached for this API key ({tenant.rate:g} requests per "
+                       f"{PERIOD_NAMES[tenant.period]}); retry in {seconds} s", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(seconds)})
+
+
+def for_tenant(connection: ASGIConnection, order: RenderOrder) -> RenderOrder:
+    """The order tagged with who asked (a hash of the key) and the key's cap on renders at once."""
+    tenant = tenant_of(connection)
+    if tenant is None:
+        return order
+    return msgspec.structs.replace(order, tenant=tenant.id, tenant_cap=tenant.max_concurrent)
 
 
 def credential(connection: ASGIConnection) -> str:

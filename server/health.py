@@ -1,4 +1,5 @@
-"""GET /healthz (alive), /readyz (a model can render), /metrics (Prometheus)."""
+"""GET /healthz (alive: the process answers, and its engine pool has not been sick for --liveness-seconds),
+/readyz (a model can render, and the node is not sick), /metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from server.metrics import CONTENT_TYPE
 from server.state import AppState
 
 
-@get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
+@get("/healthz", responses=documented(503), summary="Liveness: the process answers and is not stuck sick")
+async def healthz(request: Request) -> dict[str, str]:
+    dead = AppState.of(request).dead
+    if dead is not None and (reason := dead()):
+        raise ApiError(503, f"not live: {reason}", code="not_live")
     return {"status": "ok"}
 
 
@@ -21,8 +25,8 @@ async def readyz(request: Request) -> dict[str, object]:
     problems = state.problems()
     if not state.renderer.ready():
         detail = f"; {problems}" if problems else ""
-        raise ApiError(503, f"not ready: no model can render yet (loading, draining, or no healthy node){detail}",
-                       code="not_ready", headers={"Retry-After": "5"})
+        raise ApiError(503, "not ready: no model can render now (loading, draining, unhealthy, or no healthy "
+                       f"node){detail}", code="not_ready", headers={"Retry-After": "5"})
     return {"status": "ready", "models": sorted(state.renderer.ready_models()), **problems}
 
 

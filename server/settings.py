@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+from server.tenants import Tenant, parse_line
 
 Role = Literal["standalone", "node", "router"]
 SECRETS = ("api_keys", "node_token", "admin_key")
@@ -50,6 +53,11 @@ class Settings(msgspec.Struct, kw_only=True):
     preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
     drain_timeout: Seconds = 25.0  # SIGTERM: seconds to finish accepted work (Kubernetes kills after 30 by default)
+    # a sick node (server.node.health): a render not stepping, or renders failing in the engine
+    stall_seconds: Seconds = 60.0  # least time a render may go without a step before the node is unhealthy
+    stall_factor: Annotated[float, Meta(ge=1)] = 20.0  # ... or this many times its model's median step, if longer
+    unhealthy_after_failures: Count = 3  # renders failing in a row with EngineFailure; 0: never
+    liveness_seconds: Seconds = 600.0  # unhealthy this long: /healthz fails too (an orchestrator restarts it)
     # uploads and outputs
     max_upload_bytes: Positive = 25 * 1024 * 1024
     max_pixels: Positive = 16_000_000
@@ -87,6 +95,7 @@ class Settings(msgspec.Struct, kw_only=True):
                              f"heartbeat_timeout ({self.heartbeat_timeout:g} s)")
         if self.api_keys_file and not os.access(self.api_keys_file, os.R_OK):
             raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist or cannot be read")
+        self.tenants()  # a keys-file line with a limit not understood stops the server here
         if self.role != "node" and not _writable(Path(self.images_dir)):
             raise ValueError(f"images_dir {self.images_dir!r} cannot be created or written")
         for network in self.fetch_allow_networks:
@@ -96,12 +105,19 @@ class Settings(msgspec.Struct, kw_only=True):
                 raise ValueError(f"fetch_allow_networks: {network!r} is not a network (CIDR)") from exc
 
     def keys(self) -> list[str]:
-        """API keys from the setting and the keys file (one per line, # comments)."""
-        keys = [k for k in self.api_keys if k]
+        """API keys from the setting and the keys file."""
+        return [tenant.key for tenant in self.tenants()]
+
+    def tenants(self) -> list[Tenant]:
+        """API keys with their limits: the setting's (none), then the keys file's (one per line, `# comments`,
+        optional limits after the key: `server.tenants`)."""
+        tenants = [Tenant(k) for k in self.api_keys if k]
         if self.api_keys_file:
             lines = Path(self.api_keys_file).read_text().splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        return keys
+            for number, line in enumerate(lines, 1):
+                if (tenant := parse_line(line, f"api_keys_file line {number}")) is not None:
+                    tenants.append(tenant)
+        return tenants
 
     def masked(self) -> dict[str, object]:
         shown = msgspec.structs.asdict(self)
@@ -175,6 +191,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--keepalive-interval", type=float, help="streaming: seconds between keep-alive comments (default 10)")
     flag("--drain-timeout", type=float, help="on SIGTERM, seconds to finish accepted requests before exiting "
          "(default 25: under Kubernetes' default terminationGracePeriodSeconds of 30)")
+    _health_arguments(flag)
     flag("--max-upload-bytes", type=int, help="per uploaded file (default 25 MiB)")
     flag("--max-pixels", type=int, help="per uploaded image (default 16 000 000)")
     flag("--images-dir", help="where url-format images are kept (default images/)")
@@ -188,7 +205,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--fetch-allow-networks", action="extend", type=_comma_list, metavar="CIDR,…",
          help="networks fetched from even though loopback/private/link-local/… (repeatable; default none)")
     flag("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable; or SDSERVE_API_KEYS)")
-    flag("--api-keys-file", help="file of accepted API keys, one per line")
+    flag("--api-keys-file", help="file of API keys, one per line: KEY [max_concurrent=N] [rate=N/s|m|h]")
     flag("--node-token", help="shared secret for node registration (or SDSERVE_NODE_TOKEN)")
     flag("--admin-key", help="key for the /v0 admin routes (or SDSERVE_ADMIN_KEY)")
     flag("--router", dest="routers", action="append", help="node: router URL to register with (repeatable)")
@@ -212,6 +229,19 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--cors-origins", action="extend", type=_comma_list,
          metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
          "https://app.example.com, or * for any (repeatable; default none)")
+
+
+def _health_arguments(flag: Callable[..., object]) -> None:
+    """When a node with an engine pool (node, standalone) calls itself sick: `server.node.health`."""
+    flag("--stall-seconds", type=float, help="a render that has not stepped for this long (or --stall-factor "
+         "times its model's median step time, when longer) makes the node unhealthy: /readyz 503, out of its "
+         "routers' rotation (default 60)")
+    flag("--stall-factor", type=float, help="see --stall-seconds (default 20)")
+    flag("--unhealthy-after-failures", type=int, metavar="K",
+         help="K renders in a row failing in the engine make the node unhealthy until one succeeds; it is "
+         "tried again after --stall-seconds (default 3; 0: never)")
+    flag("--liveness-seconds", type=float, help="unhealthy for this long, /healthz fails too, so that an "
+         "orchestrator restarts the process (default 600)")
 
 
 def from_sources(role: Role, args: argparse.Namespace | None = None,

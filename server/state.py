@@ -19,6 +19,7 @@ from engines.info import ModelInfo
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.settings import OPENAI_MODEL_NAMES, Settings
+from server.tenants import RateLimiter, Tenant
 from server.wire import RenderedImages, RenderOrder, StreamEvent
 
 T = TypeVar("T")
@@ -58,7 +59,10 @@ class AppState:
     default_model: str | None = None  # decided once at start-up (`server.app.default_model`); front doors only
     capacity: Capacity | None = None  # front doors: room before a 429
     problem_sources: tuple[Callable[[], dict[str, object]], ...] = ()  # what /readyz reports beside readiness
+    dead: Callable[[], str | None] | None = None  # why /healthz should fail (restart me), with an engine pool
     api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
+    tenants: dict[str, Tenant] = field(default_factory=dict)  # key → its limits (front doors)
+    limiter: RateLimiter = field(default_factory=RateLimiter)  # each key's request rate
     admitting: Counter[str] = field(default_factory=Counter)  # requests decoding uploads, per model
 
     @staticmethod

@@ -52,6 +52,8 @@ class RenderOrder(msgspec.Struct, kw_only=True):
     partial_images: int = 0  # streaming: previews per image
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
     lora: list[LoraRef] = msgspec.field(default_factory=list)
+    tenant: str = ""  # who asked (a hash of the API key): a model's queue takes turns between tenants
+    tenant_cap: int = 0  # renders of this tenant at once on a node (its keys-file max_concurrent); 0: no cap
 
     @property
     def work(self) -> int:
@@ -104,6 +106,7 @@ class NodeReport(msgspec.Struct, kw_only=True):
     render_slots: int
     load: dict[str, ModelLoad] = msgspec.field(default_factory=dict)
     draining: bool = False
+    sick: str | None = None  # why it takes no new work now (a render stalled, renders failing): out of rotation
 
 
 class Registered(msgspec.Struct):

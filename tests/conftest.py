@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +56,19 @@ def lora_model(models_root: Path) -> Callable[[str], Path]:
         return target
 
     return get
+
+
+@pytest.fixture
+def tiny_sd15(tiny_model: Callable[[str], Path]) -> Path:
+    """A models folder holding tiny-sd15 (and whatever else the session exported: give servers --model)."""
+    return tiny_model("tiny-sd15").parent
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Iterator[Path]:
+    """A folder of fault files for a server started with `tests.faults.environment` (removing `pause` at the
+    end, so that no render stays held)."""
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    yield folder
+    (folder / "pause").unlink(missing_ok=True)

@@ -5,9 +5,10 @@ stream of events, so that /progress can follow it: `server.a1111.tasks`), and sh
 the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
 for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1).
 
-Options live in this front door's memory: `sd_model_checkpoint` picks the model of later requests that
-do not name one in `override_settings`, as A1111's does; other options are kept and echoed, and
-`samples_format`, `jpeg_quality`, `live_previews_enable` and `show_progress_every_n_steps` are honoured.
+Options and each client's render in progress live where every front door sees them (`server.a1111.shared`,
+under --images-dir): `sd_model_checkpoint` picks the model of later requests that do not name one in
+`override_settings`, as A1111's does; other options are kept and echoed, and `samples_format`,
+`jpeg_quality`, `live_previews_enable` and `show_progress_every_n_steps` are honoured.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -37,9 +39,10 @@ from server.a1111.protocol import (
     ValidationErrorBody,
     ValidationProblem,
 )
+from server.a1111.shared import SharedState
 from server.a1111.tasks import Task, Tasks, idle, interrupted_images, preview_count
 from server.errors import ApiError
-from server.guards import credential, sdapi_key
+from server.guards import credential, for_tenant, rate_limit, sdapi_key
 from server.state import AppState, client_gone
 
 MAX_OPTIONS = 1024  # A1111 has about 600
@@ -48,22 +51,29 @@ MAX_OPTION_BYTES = 64 * 1024
 
 @dataclass
 class Front:
-    """This front door's A1111 state: the options set through POST /options and the renders running."""
+    """A1111's state: shared by the front doors (the options, each client's progress), and the renders
+    running on this one."""
 
-    options: dict[str, Any] = field(default_factory=dict)
-    tasks: Tasks = field(default_factory=Tasks)
+    shared: SharedState
+    tasks: Tasks
 
     @staticmethod
     def of(request: Request) -> Front:
-        return request.app.state.setdefault("a1111", Front())
+        front = request.app.state.get("a1111")
+        if front is None:
+            settings = AppState.of(request).settings
+            shared = SharedState(Path(settings.images_dir) / "a1111", settings.request_timeout)
+            front = request.app.state.a1111 = Front(shared, Tasks(shared))
+        return front
 
 
-@post("/txt2img", status_code=200, summary="Text to image (AUTOMATIC1111)")
+@post("/txt2img", status_code=200, guards=[rate_limit], summary="Text to image (AUTOMATIC1111)")
 async def txt2img(request: Request) -> Response[ImagesResponse]:
     return await _render(request, "txt2img")
 
 
-@post("/img2img", status_code=200, summary="Image to image and inpainting (AUTOMATIC1111; white mask = repaint)")
+@post("/img2img", status_code=200, guards=[rate_limit],
+      summary="Image to image and inpainting (AUTOMATIC1111; white mask = repaint)")
 async def img2img(request: Request) -> Response[ImagesResponse]:
     return await _render(request, "img2img")
 
@@ -71,17 +81,18 @@ async def img2img(request: Request) -> Response[ImagesResponse]:
 async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     state, front = AppState.of(request), Front.of(request)
     body = orders.decode(await request.body(), kind)
-    info = orders.resolve_model(body, front.options, state)
+    options = front.shared.options()
+    info = orders.resolve_model(body, options, state)
     request.state.model = info.id
     strength, image, mask = 1.0, None, None
     if isinstance(body, a1111.Img2ImgRequest):
         size = orders.resolve_size(body, info)
         image, mask = await anyio.to_thread.run_sync(orders.img2img_inputs, body, size, state.settings)
         strength = body.denoising_strength
-    order = orders.build(body, info, front.options, state.request_id(request), strength, image, mask)
-    previews = preview_count(front.options, order.steps, order.strength)
-    order = msgspec.structs.replace(order, partial_images=previews,
-                                  events="image_edit" if kind == "img2img" else "image_generation")
+    order = orders.build(body, info, options, state.request_id(request), strength, image, mask)
+    previews = preview_count(options, order.steps, order.strength)
+    order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews,
+                                    events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), order=order, kind=kind, previews=previews)
     gone = asyncio.ensure_future(client_gone(request))
     try:
@@ -97,19 +108,27 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
 
 @get("/progress", summary="Progress of this client's current render, with the latest estimate of its image")
 async def progress(request: Request, skip_current_image: bool = False) -> ProgressResponse:
-    tasks = Front.of(request).tasks.of(_client(request))
-    return tasks[-1].report(not skip_current_image) if tasks else idle()
+    front, client = Front.of(request), _client(request)
+    tasks = front.tasks.of(client)
+    if tasks:
+        return tasks[-1].report(not skip_current_image)
+    elsewhere = front.shared.progress(client)  # running on another front door
+    if elsewhere is None:
+        return idle()
+    return msgspec.structs.replace(elsewhere, current_image=None) if skip_current_image else elsewhere
 
 
 @post("/interrupt", status_code=200, summary="Stop this client's renders; they answer with their latest estimates")
 async def interrupt(request: Request) -> dict[str, Any]:
-    Front.of(request).tasks.interrupt(_client(request))
+    front, client = Front.of(request), _client(request)
+    front.tasks.interrupt(client)
+    front.shared.request_interrupt(client)  # and those on other front doors, which poll for it
     return {}
 
 
 @get("/options", summary="Options; sd_model_checkpoint is the model later requests render on")
 async def get_options(request: Request) -> dict[str, Any]:
-    options = {**a1111.DEFAULT_OPTIONS, **Front.of(request).options}
+    options = {**a1111.DEFAULT_OPTIONS, **Front.of(request).shared.options()}
     if not options.get("sd_model_checkpoint"):
         options["sd_model_checkpoint"] = _default_model(AppState.of(request))
     return options
@@ -125,13 +144,15 @@ async def set_options(request: Request) -> Response[None]:
     if "sd_model_checkpoint" in update:
         update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
     _check_options(update)
-    options = Front.of(request).options
-    for name, value in update.items():  # options live in memory: bounded, as A1111's own set is
+    for name, value in update.items():  # options are kept: bounded, as A1111's own set is
         if len(msgspec.json.encode(value)) > MAX_OPTION_BYTES:
             raise orders.invalid(name, f"option values are at most {MAX_OPTION_BYTES} bytes of JSON")
-    if len(options.keys() | update.keys()) > MAX_OPTIONS:
-        raise orders.invalid("body", f"at most {MAX_OPTIONS} options are kept")
-    options.update(update)
+
+    def bounded(merged: dict[str, Any]) -> None:
+        if len(merged) > MAX_OPTIONS:
+            raise orders.invalid("body", f"at most {MAX_OPTIONS} options are kept")
+
+    await anyio.to_thread.run_sync(Front.of(request).shared.update_options, update, bounded)
     return Response(None, media_type="application/json")
 
 

@@ -10,7 +10,8 @@ denoiser's estimate of the final image (x0) at an evenly spaced step, and the la
 A client is the API key it authenticates with (Bearer or Basic), or its address on an open server.
 Interrupting closes the stream, which stops the render at its next step (or takes it off the queue);
 the request then answers with the latest estimate of each image that has one, as A1111 returns the
-current latents decoded.
+current latents decoded. With several front doors, each render's progress is published to the state they
+share (`server.a1111.shared`), and an /interrupt that reached another front door is picked up from there.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.a1111.protocol import ProgressResponse, ProgressState
+from server.a1111.shared import SharedState
 from server.errors import ApiError
 from server.state import Renderer
 from server.wire import PartialImage, RenderOrder, StreamEvent
+
+INTERRUPT_POLL_SECONDS = 0.25  # how soon a render notices an /interrupt sent to another front door
 
 
 def preview_count(options: dict[str, Any], steps: int, strength: float) -> int:
@@ -80,8 +84,9 @@ class Task:
 class Tasks:
     """Every A1111 render in progress on this front door."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedState | None = None) -> None:
         self.running: list[Task] = []
+        self.shared = shared
 
     async def run(self, renderer: Renderer, task: Task, gone: asyncio.Future[Any]) -> Task:
         """Render `task.order` as a stream, recording its progress, until it completes, is interrupted, or the
@@ -89,10 +94,13 @@ class Tasks:
         events = await renderer.open_events(task.order)  # refusals (429, 503…) raise here
         task.consumer = asyncio.ensure_future(self._consume(task, events))
         self.running.append(task)
+        watch = asyncio.ensure_future(self._watch(task))
         try:
             await asyncio.wait({task.consumer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watch.cancel()
             self.running.remove(task)
+            self._publish(task.client)
             if not task.consumer.done():
                 task.consumer.cancel()
                 await asyncio.wait({task.consumer})
@@ -102,12 +110,33 @@ class Tasks:
             raise task.consumer.exception()  # type: ignore[misc]
         return task
 
-    @staticmethod
-    async def _consume(task: Task, events: AsyncIterator[StreamEvent]) -> None:
+    async def _watch(self, task: Task) -> None:
+        """Publish the task's start, then poll the shared state for an /interrupt another front door took."""
+        if self.shared is None:
+            return
+        self.shared.take_interrupt(task.client)  # one from before this render is not for it
+        self._publish(task.client)
+        while True:
+            await asyncio.sleep(INTERRUPT_POLL_SECONDS)
+            if self.shared.take_interrupt(task.client):
+                self.interrupt(task.client)
+
+    def _publish(self, client: str) -> None:
+        """The client's latest render in progress here, as /progress reports it, for the other front doors."""
+        if self.shared is None:
+            return
+        tasks = self.of(client)
+        if tasks:
+            self.shared.publish(client, tasks[-1].report(with_image=True))
+        else:
+            self.shared.withdraw(client)
+
+    async def _consume(self, task: Task, events: AsyncIterator[StreamEvent]) -> None:
         try:
             async for event in events:  # errors (a failed render, a node lost mid-render) raise here
                 if isinstance(event, PartialImage):
                     task.on_partial(event)
+                    self._publish(task.client)
                 else:
                     task.seeds = event.seeds
                     task.done = dict.fromkeys(range(len(event.images)), 1.0)

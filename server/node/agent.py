@@ -40,7 +40,7 @@ def node_report(pool: EnginePool, settings: Settings, identity: str, url: str) -
         node_id=identity, url=url, version=version(), models=list(ready.values()),
         loading=[name for name, state in pool.states.items() if state == "loading"],
         backend=first.backend if first else "none", device=first.device if first else "none",
-        render_slots=settings.render_slots, load=load, draining=pool.draining,
+        render_slots=settings.render_slots, load=load, draining=pool.draining, sick=pool.sick(),
     )
 
 

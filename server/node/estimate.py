@@ -3,7 +3,8 @@
 A full queue has room again when its first running render ends (a waiting render then takes that slot and
 frees its place in the queue). A render ends after its remaining steps, each as long as its own steps have
 been so far (when several renders share a slot, that is their shared pace), else as long as the model's
-latest step, else a first guess. Text encoding and decoding are left out: they are short beside the steps.
+recent steps (`server.node.health`), else a first guess. Text encoding and decoding are left out: they are
+short beside the steps.
 """
 
 from __future__ import annotations
@@ -23,28 +24,26 @@ class Progress:
     chunk: int = 0  # chunks of images finished (a render of n > max_batch images runs in chunks)
     done: int = 0  # steps done in the current chunk
     total: int = 0  # steps per chunk (0 until the first step)
-    first: float = 0.0  # when the first step was reported
+    first: float | None = None  # when the first step was reported
     last: float = 0.0  # when the latest one was
     timed: int = 0  # steps reported since the first (intervals measured)
 
-    def step(self, done: int, total: int, now: float | None = None) -> float | None:
-        """A step reported by the render at `now` (default: the clock; the same `done` twice is the same step);
-        its duration, when known."""
+    def step(self, done: int, total: int, now: float | None = None) -> None:
+        """A step reported by the render at `now` (default: the clock; the same `done` twice is the same step)."""
         if done == self.done and total == self.total:
-            return None
+            return
         now = time.perf_counter() if now is None else now
         if done < self.done:
             self.chunk += 1
         self.done, self.total = done, total
-        if not self.first:
-            self.first = self.last = now
-            return None
-        interval, self.last = now - self.last, now
-        self.timed += 1
-        return interval
+        if self.first is None:
+            self.first = now
+        else:
+            self.timed += 1
+        self.last = now
 
     def seconds_per_step(self) -> float | None:
-        return (self.last - self.first) / self.timed if self.timed else None
+        return (self.last - self.first) / self.timed if self.timed and self.first is not None else None
 
     def remaining_steps(self, chunks: int, steps: int) -> int:
         """Steps left of `chunks` chunks, each of `total` steps (`steps` before the first was reported)."""

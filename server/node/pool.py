@@ -16,6 +16,7 @@ from server.errors import ApiError
 from server.metrics import Metrics
 from server.node import stream
 from server.node.batcher import Batching
+from server.node.health import Limits, NodeHealth
 from server.node.queue import ModelQueue
 from server.settings import Settings
 from server.wire import RenderedImages, RenderOrder, StreamEvent
@@ -44,6 +45,9 @@ class EnginePool:
         self.queues: dict[str, ModelQueue] = {}
         self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
         self.draining = False
+        self.health = NodeHealth(Limits(stall_seconds=settings.stall_seconds, stall_factor=settings.stall_factor,
+                                        failure_limit=settings.unhealthy_after_failures,
+                                        liveness_seconds=settings.liveness_seconds))
         self._drain: asyncio.Task[None] | None = None
         self._loader: threading.Thread | None = None
 
@@ -79,7 +83,7 @@ class EnginePool:
         if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
             rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch
             batching = Batching(max_rows=rows, window=s.batch_window / 1000)
-        return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview, batching)
+        return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview, batching, self.health)
 
     def failed(self) -> dict[str, str]:
         """Models that failed to load, with why."""
@@ -98,11 +102,22 @@ class EnginePool:
             queue.pipeline.load_adapters(self.settings.lora_dir)
 
     def ready(self) -> bool:
-        return bool(self.queues) and not self.draining
+        return bool(self.queues) and not self.draining and self.health.check().ready
+
+    def sick(self) -> str | None:
+        """Why this node should take no new work (a render stalled, renders failing), or None."""
+        health = self.health.check()
+        return None if health.ready else health.problem
+
+    def dead(self) -> str | None:
+        """Why this process should be restarted (sick for longer than --liveness-seconds), or None."""
+        health = self.health.check()
+        return None if health.live else f"unhealthy for over {self.settings.liveness_seconds:g} s: {health.problem}"
 
     def problems(self) -> dict[str, object]:
-        """What /readyz reports beside readiness: models that failed to load."""
-        return {"failed_models": self.failed()} if self.failed() else {}
+        """What /readyz reports beside readiness: models that failed to load, and why the node is sick."""
+        found: dict[str, object] = {"failed_models": self.failed()} if self.failed() else {}
+        return found | ({"unhealthy": sick} if (sick := self.sick()) else {})
 
     async def render(self, order: RenderOrder) -> RenderedImages:
         return await self.queue_for(order).submit(order)
@@ -120,6 +135,9 @@ class EnginePool:
         if self.draining:
             raise ApiError(503, "this node is draining and takes no new work", code="draining",
                            headers={"Retry-After": "5"})
+        if sick := self.sick():
+            raise ApiError(503, f"this node is unhealthy and takes no new work: {sick}", code="unhealthy",
+                           headers={"Retry-After": str(int(self.settings.stall_seconds))})
         queue = self.queues.get(order.model)
         if queue is None:
             state = self.states.get(order.model)

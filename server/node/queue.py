@@ -2,7 +2,9 @@
 
 Renders run on threads (ONNX Runtime releases the GIL), so the event loop keeps answering health checks,
 metrics and other requests while they run. A model takes `render_slots` renders at once and keeps at most
-`queue_depth` more waiting; beyond that a request is refused at once (429), before any work. A request
+`queue_depth` more waiting; beyond that a request is refused at once (429), before any work. Waiting
+requests take turns between tenants (API keys, `server.node.fair_queue`), a tenant at its cap on
+concurrent renders waiting until one of its renders ends. A request
 whose caller goes away (timeout, disconnect) is dropped from the queue, or, when already running, stopped
 at its next step. With `--batch-window` above 0 each render slot is a step-level batcher
 (`server.node.batcher`) that interleaves up to `--max-batch` requests and shares UNet calls among them.
@@ -16,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
 
 from PIL import Image
@@ -28,6 +30,8 @@ from server.errors import ApiError, queue_full
 from server.metrics import Metrics
 from server.node import estimate
 from server.node.batcher import Batcher, Batching
+from server.node.fair_queue import FairQueue
+from server.node.health import NodeHealth
 from server.node.ticket import Ticket
 from server.wire import RenderedImages, RenderOrder
 
@@ -38,17 +42,19 @@ class ModelQueue:
     """One model: its pipeline, its waiting tickets and its render threads (each a `batcher.Slot` user)."""
 
     def __init__(self, pipeline: engines.Pipeline, slots: int, depth: int, metrics: Metrics,
-                 preview: str = "full", batching: Batching | None = None) -> None:
+                 preview: str = "full", batching: Batching | None = None, health: NodeHealth | None = None) -> None:
         self.pipeline, self.depth, self.metrics, self.preview = pipeline, depth, metrics, preview
         self.batching = batching
+        self.health = health or NodeHealth()  # told when each render starts, steps and ends
         # renders at once: one per slot, or as many as a batching slot interleaves
         self.capacity = slots * (batching.max_rows if batching else 1)
         self.id = pipeline.info.id
-        self._waiting: deque[Ticket] = deque()
+        self._waiting: FairQueue[Ticket] = FairQueue()
+        self._tenants_running: Counter[str] = Counter()
+        self._tenant_caps: dict[str, int] = {}
         self._ready = threading.Condition()
         self._running = 0
         self._running_work = 0
-        self._step_seconds = estimate.FIRST_STEP_GUESS  # the latest step timed, of any render of this model
         self._closed = False
         self._current: set[Ticket] = set()  # running now
         self._threads = [threading.Thread(target=self._serve, name=f"render-{self.id}-{i}", daemon=True)
@@ -87,7 +93,8 @@ class ModelQueue:
             # full at capacity + depth tickets, counting one a free slot has not picked up yet as that slot's
             if self._running + len(self._waiting) >= self.capacity + self.depth:
                 raise queue_full(self.id, self._running, len(self._waiting), self.retry_after())
-            self._waiting.append(ticket)
+            self._waiting.append(ticket, order.tenant)
+            self._tenant_caps[order.tenant] = order.tenant_cap
             self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
             self._ready.notify()
         return ticket
@@ -114,7 +121,8 @@ class ModelQueue:
         with self._ready:  # a reentrant lock: enqueue holds it too
             chunk = self.pipeline.max_batch
             return estimate.seconds_until_room([(t.progress, math.ceil(t.order.n / chunk), t.order.steps)
-                                                for t in self._current], self._step_seconds)
+                                                for t in self._current],
+                                               self.health.step_seconds(self.id) or estimate.FIRST_STEP_GUESS)
 
     def _serve(self) -> None:
         if self.batching is not None:
@@ -132,20 +140,27 @@ class ModelQueue:
         waits)."""
         with self._ready:
             while True:
-                while wait and not self._waiting and not self._closed:
+                ticket = self._waiting.take(self._may_run)
+                if ticket is None:  # none waits, or only tenants at their cap
+                    if not wait or self._closed:
+                        return None
                     self._ready.wait()
-                if not self._waiting:
-                    return None
-                ticket = self._waiting.popleft()
+                    continue
                 self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
                 if not ticket.cancel.is_set():
                     break
             self._running += 1
             self._current.add(ticket)
             self._running_work += ticket.order.work
+            self._tenants_running[ticket.order.tenant] += 1
+        self.health.started(ticket, self.id)
         self.metrics.in_flight.labels(self.id).inc()
         ticket.started = time.perf_counter()
         return ticket
+
+    def _may_run(self, tenant: str) -> bool:
+        cap = self._tenant_caps.get(tenant, 0)
+        return not cap or self._tenants_running[tenant] < cap
 
     def wait_for_more(self, count: int, deadline: float) -> None:
         """Until `count` tickets wait (or the queue closes), at most until `deadline` (time.monotonic)."""
@@ -157,11 +172,14 @@ class ModelQueue:
         """A taken ticket's outcome, delivered to its request."""
         if isinstance(outcome, engines.RenderCancelled):
             log.info("%s", outcome)
+        self.health.finished(ticket, "ok" if isinstance(outcome, RenderedImages)
+                             else "failed" if isinstance(outcome, engines.EngineFailure) else "other")
         self.metrics.in_flight.labels(self.id).dec()
         with self._ready:
             self._running -= 1
             self._current.discard(ticket)
             self._running_work -= ticket.order.work
+            self._tenants_running[ticket.order.tenant] -= 1
             self._ready.notify_all()
         _answer(ticket, outcome)
 
@@ -174,11 +192,11 @@ class ModelQueue:
         )
 
     def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:
-        """The render's progress callback: times its steps, and stops it at its next step once nobody waits."""
+        """The render's progress callback: tells the node's health and the ticket's progress (for Retry-After)
+        it stepped, and stops it at its next step once nobody waits for it."""
         def on_step(done: int, total: int) -> None:
-            seconds = ticket.progress.step(done, total)
-            if seconds is not None:
-                self._step_seconds = seconds
+            self.health.stepped(ticket)
+            ticket.progress.step(done, total)
             if ticket.cancel.is_set():
                 raise engines.RenderCancelled(f"request {ticket.order.request_id} cancelled at step {done}/{total}")
         return on_step

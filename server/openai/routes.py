@@ -16,7 +16,7 @@ from litestar.response import File, Stream
 
 from server import sse
 from server.errors import IMAGE_ERRORS, ApiError, documented
-from server.guards import edit_body, json_body, multipart_body
+from server.guards import edit_body, for_tenant, json_body, multipart_body, rate_limit
 from server.logs import user_hash
 from server.openai import forms
 from server.openai import requests as orders
@@ -39,7 +39,7 @@ Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
 JSON_BODY_LIMIT = 1024 * 1024
 
 
-@post("/images/generations", status_code=200, guards=[json_body], responses=documented(*IMAGE_ERRORS),
+@post("/images/generations", status_code=200, guards=[json_body, rate_limit], responses=documented(*IMAGE_ERRORS),
       request_max_body_size=JSON_BODY_LIMIT,
       summary="Create images from a prompt")
 async def generations(data: ImageGenerationRequest, request: Request) -> Response[ImagesResponse]:
@@ -70,7 +70,7 @@ async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
     return await _edit(request, state, data, image, await read_image(data.mask, "mask", state.settings))
 
 
-@post("/images/edits", status_code=200, guards=[edit_body], before_request=_json_edits,
+@post("/images/edits", status_code=200, guards=[edit_body, rate_limit], before_request=_json_edits,
       responses=documented(*IMAGE_ERRORS),
       summary="Edit an image: inpaint where the mask (or the image's alpha) is transparent, else image to image",
       description="multipart/form-data as below, or application/json with `images: [{image_url}]` and `mask: "
@@ -96,7 +96,7 @@ async def _edit(request: Request, state: AppState, data: ImageEditRequest | Imag
     return await _render_and_reply(state, request, order, data.response_format)
 
 
-@post("/images/variations", status_code=200, guards=[multipart_body], responses=documented(*IMAGE_ERRORS),
+@post("/images/variations", status_code=200, guards=[multipart_body, rate_limit], responses=documented(*IMAGE_ERRORS),
       before_request=forms.parse,
       summary="Variations of an image (image to image with an empty prompt)")
 async def variations(data: Annotated[ImageVariationRequest, Multipart], request: Request) -> Response[ImagesResponse]:
@@ -115,6 +115,7 @@ async def variations(data: Annotated[ImageVariationRequest, Multipart], request:
 async def _render_and_reply(state: AppState, request: Request, order: RenderOrder,
                             response_format: str | None) -> Response[ImagesResponse] | Stream:
     request.state.model = order.model
+    order = for_tenant(request, order)
     if order.events is not None:  # stream: true; errors before a node accepted it are ordinary HTTP errors
         frames = await state.while_connected(request, order, state.renderer.open_stream(order))
         return Stream(frames, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

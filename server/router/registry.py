@@ -31,7 +31,7 @@ class NodeView(msgspec.Struct):
 
     node_id: str
     url: str
-    state: Literal["healthy", "unhealthy", "draining"]
+    state: Literal["healthy", "unhealthy", "sick", "draining"]  # sick: the node says so (last_error: why)
     models: list[str]
     backend: str  # the first model's, for a glance; model_backends has each
     device: str
@@ -109,7 +109,9 @@ class NodeRecord:
     def state(self) -> str:
         if self.draining:
             return "draining"
-        return "healthy" if self.healthy else "unhealthy"
+        if not self.healthy:
+            return "unhealthy"
+        return "sick" if self.report.sick else "healthy"
 
     def view(self) -> NodeView:
         age = None if self.local else round(time.monotonic() - self.last_seen, 2)
@@ -118,7 +120,7 @@ class NodeRecord:
                         device=self.report.device, model_backends={m.id: m.backend for m in self.report.models},
                         in_flight=sum(self.in_flight.values()), load=self.report.load,
                         requests=self.requests, failures=self.failures, last_heartbeat_seconds=age,
-                        last_error=self.last_error)
+                        last_error=self.last_error or self.report.sick)
 
 
 class Registry:
@@ -155,14 +157,16 @@ class Registry:
         record.last_seen = time.monotonic()
 
     def restore(self, record: NodeRecord, report: NodeReport) -> bool:
-        """A probe reached the node: back in rotation if it is still the same node (True when it was out)."""
+        """A probe reached the node: back in rotation if it is still the same node and not sick (True when it
+        was out and is back)."""
         if report.node_id != record.id or record.retired:
             return False
+        was_out = not record.healthy or record.report.sick is not None
         record.report = report
-        was_out, record.healthy, record.last_error = not record.healthy, True, None
+        record.healthy, record.last_error = True, None
         if record.lost.is_set():
             record.lost = asyncio.Event()
-        return was_out
+        return was_out and report.sick is None
 
     async def remove(self, record: NodeRecord) -> None:
         if self.nodes.get(record.id) is record:
@@ -179,7 +183,7 @@ class Registry:
         return record.local or not self.listening or time.monotonic() - record.last_seen <= self.heartbeat_timeout
 
     def in_rotation(self, record: NodeRecord) -> bool:
-        return record.healthy and not record.draining and self.alive(record)
+        return record.healthy and not record.draining and not record.report.sick and self.alive(record)
 
     def candidates(self, model: str, adapters: frozenset[str] = frozenset()) -> list[NodeRecord]:
         return [r for r in self.nodes.values() if r.hosts(model, adapters) and self.in_rotation(r)]

@@ -76,3 +76,7 @@ def containers(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if spec is not None:
             found += spec.get("containers", []) + spec.get("initContainers", [])
     return found
+
+
+def find(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name)

@@ -1,6 +1,7 @@
 """deploy/: the Dockerfiles linted (hadolint), every Kubernetes manifest rendered and validated offline in
-strict mode (kubernetes-validate), and every command, flag, SDSERVE_* variable, probe path and metric the
-files use checked against the real CLIs and app, so that the files cannot drift from the code.
+strict mode (kubernetes-validate; KEDA's ScaledObject against a schema from KEDA's docs, tests/deploy/keda.py),
+and every command, flag, SDSERVE_* variable, probe path and metric the files use checked against the real
+CLIs, app and engines, so that the files cannot drift from the code.
 Images cannot be built here (no base image can be pulled)."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 from server.app import create_app
 from server.metrics import Metrics
 from server.settings import Settings
-from tests.deploy import kustomize
+from tests.deploy import keda, kustomize
 from tests.processes import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -29,6 +30,9 @@ KUBE = DEPLOY / "kubernetes"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"]
 KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests promise to work on
 SETTINGS = {"SDSERVE_" + field.name.upper() for field in msgspec.structs.fields(Settings)}
+# Variables the engines read themselves (os.environ), beside the server's Settings: found in the source
+ENGINE_VARIABLES = {name for path in (ROOT / "engines").rglob("*.py")
+                    for name in re.findall(r"""environ\.get\(["'](SDSERVE_\w+)["']""", path.read_text())}
 
 
 def hadolint() -> str:
@@ -110,8 +114,8 @@ def check_invocation(helps: dict[str, str], argv: list[str], where: str) -> None
 
 
 def check_env(names: set[str], where: str) -> None:
-    unknown = {n for n in names if n.startswith("SDSERVE_")} - SETTINGS
-    assert not unknown, f"{where}: {sorted(unknown)} are not settings (server/settings.py)"
+    unknown = {n for n in names if n.startswith("SDSERVE_")} - SETTINGS - ENGINE_VARIABLES
+    assert not unknown, f"{where}: {sorted(unknown)} are neither settings (server/settings.py) nor read by engines/"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -130,14 +134,17 @@ def test_dockerfile_commands(dockerfile: Path, helps: dict[str, str]) -> None:
 
 
 def test_probe_paths_and_metrics_exist() -> None:
-    """What HEALTHCHECK, the probes, Prometheus and the HPA name is served by the app of each role."""
+    """What HEALTHCHECK, the probes, Prometheus and the autoscaler's query name is served by the app of each role."""
     for role in ("router", "node", "standalone"):
         app = create_app(Settings(role=role, node_token="t", routers=["http://127.0.0.1:1"], models_dir="/nonexistent"))
         paths = {route.path for route in app.routes}
         assert {"/healthz", "/readyz", "/metrics"} <= paths, role
-    hpa = yaml.safe_load((KUBE / "examples" / "hpa.yaml").read_text())
-    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert f"# TYPE {metric} gauge" in Metrics().text().decode()
+    scaled = yaml.safe_load((KUBE / "examples" / "keda-scaledobject.yaml").read_text())
+    queries = [trigger["metadata"]["query"] for trigger in scaled["spec"]["triggers"]]
+    metrics = {name for query in queries for name in re.findall(r"\bsdserve_\w+", query)}
+    assert metrics == {"sdserve_queue_depth"}
+    for metric in metrics:
+        assert f"# TYPE {metric} gauge" in Metrics().text().decode()
 
 
 # --- Compose ----------------------------------------------------------------------------------------------
@@ -169,29 +176,21 @@ def test_compose(helps: dict[str, str]) -> None:
 
 # --- Kubernetes -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict[str, Any]]]:
-    examples = [d for path in sorted((KUBE / "examples").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())]
-    return {"base": kustomize.render(KUBE / "base"), "gpu": kustomize.render(KUBE / "overlays" / "gpu"),
-            "examples": examples}
-
-
-def find(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    return next(d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name)
-
-
 def test_manifests_validate_strictly(rendered: dict[str, list[dict[str, Any]]]) -> None:
     kinds = set()
     for documents in rendered.values():
         for document in documents:
-            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+            if document["apiVersion"] == keda.API_VERSION:
+                keda.validate(document, KUBERNETES_VERSION)
+            else:
+                kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
             kinds.add(document["kind"])
     assert kinds >= {"Deployment", "StatefulSet", "Service", "Secret", "PodDisruptionBudget",
-                     "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Job"}
+                     "ScaledObject", "PersistentVolumeClaim", "Job"}
 
 
 def test_strict_validation_is_real(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    node = json.loads(json.dumps(find(rendered["base"], "Deployment", "sdserve-node")))
+    node = json.loads(json.dumps(kustomize.find(rendered["base"], "Deployment", "sdserve-node")))
     node["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz"}}  # typo
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(node, KUBERNETES_VERSION, strict=True)
@@ -209,9 +208,9 @@ def test_kubernetes_commands_and_variables(rendered: dict[str, list[dict[str, An
 
 def test_secrets_probes_and_drain(rendered: dict[str, list[dict[str, Any]]]) -> None:
     base = rendered["base"]
-    secret = find(base, "Secret", "sdserve-secrets")
+    secret = kustomize.find(base, "Secret", "sdserve-secrets")
     for kind, name in (("StatefulSet", "sdserve-router"), ("Deployment", "sdserve-node")):
-        spec = kustomize.pod_spec(find(base, kind, name))
+        spec = kustomize.pod_spec(kustomize.find(base, kind, name))
         container = spec["containers"][0]
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -220,7 +219,7 @@ def test_secrets_probes_and_drain(rendered: dict[str, list[dict[str, Any]]]) -> 
             if ref:
                 assert ref["name"] == "sdserve-secrets" and ref["key"] in secret["stringData"]
         assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 10001
-    node = kustomize.pod_spec(find(base, "Deployment", "sdserve-node"))
+    node = kustomize.pod_spec(kustomize.find(base, "Deployment", "sdserve-node"))
     container = node["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -230,22 +229,22 @@ def test_secrets_probes_and_drain(rendered: dict[str, list[dict[str, Any]]]) -> 
     assert drain >= float(env["SDSERVE_REQUEST_TIMEOUT"])
     assert node["terminationGracePeriodSeconds"] >= pre_stop + drain + 10
     # Every router replica is listed for registration (StatefulSet pod names through the headless Service).
-    router = find(base, "StatefulSet", "sdserve-router")
+    router = kustomize.find(base, "StatefulSet", "sdserve-router")
     headless = router["spec"]["serviceName"]
     expected = [f"http://sdserve-router-{i}.{headless}:8080" for i in range(router["spec"]["replicas"])]
     assert env["SDSERVE_ROUTERS"].split(",") == expected
-    assert find(base, "Service", headless)["spec"]["clusterIP"] == "None"
+    assert kustomize.find(base, "Service", headless)["spec"]["clusterIP"] == "None"
     # Router replicas share the images volume; nodes read models read-only.
     router_volumes = kustomize.pod_spec(router)["volumes"]
     assert {"name": "images", "persistentVolumeClaim": {"claimName": "sdserve-images"}} in router_volumes
-    assert find(base, "PersistentVolumeClaim", "sdserve-images")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert kustomize.find(base, "PersistentVolumeClaim", "sdserve-images")["spec"]["accessModes"] == ["ReadWriteMany"]
     budgets = [d for d in base if d["kind"] == "PodDisruptionBudget"]
     assert {b["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for b in budgets} == {"node", "router"}
 
 
 def test_gpu_overlay(rendered: dict[str, list[dict[str, Any]]]) -> None:
     base, gpu = rendered["base"], rendered["gpu"]
-    node = kustomize.pod_spec(find(gpu, "Deployment", "sdserve-node"))
+    node = kustomize.pod_spec(kustomize.find(gpu, "Deployment", "sdserve-node"))
     container = node["containers"][0]
     assert container["image"] == "sdserve:cuda"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -253,6 +252,7 @@ def test_gpu_overlay(rendered: dict[str, list[dict[str, Any]]]) -> None:
     # the patch merged into the base container: its env, probes and mounts are kept
     assert {e["name"] for e in container["env"]} >= {"SDSERVE_ROUTERS", "SDSERVE_NODE_TOKEN", "SDSERVE_BACKEND"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert kustomize.pod_spec(find(base, "Deployment", "sdserve-node"))["containers"][0]["image"] == "sdserve:cpu"
+    base_node = kustomize.pod_spec(kustomize.find(base, "Deployment", "sdserve-node"))
+    assert base_node["containers"][0]["image"] == "sdserve:cpu"
     # routers need no GPU
-    assert "nvidia.com/gpu" not in json.dumps(find(gpu, "StatefulSet", "sdserve-router"))
+    assert "nvidia.com/gpu" not in json.dumps(kustomize.find(gpu, "StatefulSet", "sdserve-router"))

@@ -19,6 +19,10 @@ from server.__main__ import main
     (["--heartbeat-interval", "15", "--heartbeat-timeout", "15"], {}, "heartbeat_interval"),
     ([], {"SDSERVE_HEARTBEAT_INTERVAL": "30"}, "heartbeat_interval"),
     (["--api-keys-file", "{tmp}/no-such-keys.txt"], {}, "api_keys_file"),
+    (["--api-keys-file", "{tmp}/keys.txt"], {}, "api_keys_file line 3"),  # a limit not understood
+    (["--stall-factor", "0.5"], {}, "stall_factor"),
+    (["--unhealthy-after-failures", "-1"], {}, "unhealthy_after_failures"),
+    ([], {"SDSERVE_LIVENESS_SECONDS": "0"}, "liveness_seconds"),
     (["--images-dir", "{tmp}/a-file/images"], {}, "images_dir"),
     (["--images-max-bytes", "0"], {}, "images_max_bytes"),
     (["--threads", "0"], {}, "threads"),
@@ -31,6 +35,7 @@ def test_bad_settings_are_one_line_and_exit_2(args: list[str], env: dict[str, st
                                              capsys: pytest.CaptureFixture[str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a-file").write_text("a file where a folder should be")
+    (tmp_path / "keys.txt").write_text("# keys\nsk-a max_concurrent=2 rate=30/m\nsk-b rate=30\n")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)  # the default images dir is relative
