@@ -18,7 +18,8 @@ from openai import OpenAI
 from PIL import Image
 
 from server.wire import PROTOCOL_VERSION, NodeReport
-from tests.processes import ServerProcess, StepGate, free_port
+from tests.faults import StepGate
+from tests.processes import ServerProcess, free_port
 from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
 from tests.server.test_openai_client import assert_usage, opaque_png, prompt_tokens
 
@@ -277,7 +278,7 @@ def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fle
 
     async def scenario() -> list:
         load = asyncio.ensure_future(generate_many(fleet.router.url, 3, body))
-        await asyncio.to_thread(gate.wait_paused)
+        await asyncio.to_thread(gate.wait_held)
         deadline = time.monotonic() + 20
         while sum(v["in_flight"] for v in fleet.views().values()) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -19,7 +19,8 @@ from server.router.dispatch import Dispatcher
 from server.router.node_client import NodeClient
 from server.router.registry import Registry
 from server.wire import RenderOrder
-from tests.processes import ServerProcess, StepGate, free_port
+from tests.faults import StepGate
+from tests.processes import ServerProcess, free_port
 from tests.router.fleet import GEN, TOKEN, Fleet
 
 
@@ -63,7 +64,7 @@ async def _held(node: ServerProcess, gate: StepGate, request_id: str) -> tuple[D
     dispatcher = Dispatcher(registry, Metrics(), retries=2, wait_limit=0)
     gate.hold()
     running = asyncio.create_task(dispatcher.render(order(request_id, 4, 64, n=2)))
-    await asyncio.to_thread(gate.wait_paused)
+    await asyncio.to_thread(gate.wait_held)
     return dispatcher, running
 
 
@@ -147,7 +148,7 @@ def test_a_full_fleet_answers_429_with_the_nodes_estimate_and_a_stopping_router_
         fleet.start()
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(httpx.post, fleet.router.url + GEN, json=body, timeout=120)
-            gate.wait_paused()
+            gate.wait_held()
             least = math.ceil(37 * step) - 2  # the report's age, rounded, and a heartbeat's interval
             deadline = time.monotonic() + 30
             while fleet.views()["only"]["load"]["tiny-sd15"]["retry_after"] < least and time.monotonic() < deadline:

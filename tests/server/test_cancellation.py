@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import ServerProcess, StepGate
+from tests.faults import StepGate
+from tests.processes import ServerProcess
 
 GEN = "/v1/images/generations"
 TIMEOUT = 5  # the server's request timeout: what the 504 case waits for
@@ -40,7 +41,7 @@ def _closed_stream(url: str, request_id: str, gate: StepGate) -> None:
     with httpx.stream("POST", url + GEN, json={**BODY, "stream": True}, headers={"x-request-id": request_id},
                       timeout=60) as response:
         assert response.status_code == 200
-        gate.wait_paused()
+        gate.wait_held()
     # leaving the block closes the stream mid-render
 
 
@@ -51,13 +52,13 @@ def _client_gone(url: str, request_id: str, gate: StepGate) -> None:
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(f"POST {GEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"x-request-id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        gate.wait_paused()
+        gate.wait_held()
 
 
 def _server_timeout(url: str, request_id: str, gate: StepGate) -> None:
     response = httpx.post(url + GEN, json=BODY, headers={"x-request-id": request_id}, timeout=60)
     assert response.status_code == 504, response.text
-    assert gate.paused()
+    assert gate.held()
 
 
 def _a1111_interrupt(url: str, request_id: str, gate: StepGate) -> None:
@@ -66,7 +67,7 @@ def _a1111_interrupt(url: str, request_id: str, gate: StepGate) -> None:
     worker = threading.Thread(target=lambda: outcome.update(reply=httpx.post(
         url + "/sdapi/v1/txt2img", json=body, headers={"x-request-id": request_id}, timeout=60)))
     worker.start()
-    gate.wait_paused()
+    gate.wait_held()
     assert httpx.post(url + "/sdapi/v1/interrupt", timeout=30).status_code == 200
     worker.join(60)
     assert outcome["reply"].status_code == 200, outcome["reply"].text
@@ -88,7 +89,7 @@ def test_a_cancelled_render_leaves_no_complaint_in_the_log(gated: tuple[ServerPr
     gate.hold()
     try:
         CANCELS[how](server.url, request_id, gate)
-        assert gate.paused(), "the render never ran"
+        assert gate.held(), "the render never ran"
     finally:
         gate.release()
     # the render thread saw the cancellation; a next render (collecting garbage at each step) proves the

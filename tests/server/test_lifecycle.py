@@ -21,7 +21,8 @@ from server.metrics import Metrics
 from server.node.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
-from tests.processes import ROOT, ServerProcess, StepGate
+from tests.faults import StepGate
+from tests.processes import ROOT, ServerProcess
 from tests.server.test_operations import metric, wait_until_idle
 
 GEN = "/v1/images/generations"
@@ -117,7 +118,7 @@ def test_retry_after_is_the_running_renders_remaining_steps(lean: ServerProcess,
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
             blocker = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
-            await asyncio.to_thread(gate.wait_paused)
+            await asyncio.to_thread(gate.wait_held)
             queued = asyncio.ensure_future(client.post(GEN, json=QUICK))
             await _until(lean, "sdserve_queue_depth", 1)
             refused = await client.post(GEN, json=QUICK)
@@ -150,7 +151,7 @@ def test_what_outlasts_the_drain_timeout_is_answered_503_and_the_server_exits_in
     async def scenario() -> tuple[int, list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
             running = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
-            await asyncio.to_thread(gate.wait_paused)
+            await asyncio.to_thread(gate.wait_held)
             queued = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_queue_depth", 1)
             lean.signal(signal.SIGTERM)

@@ -16,7 +16,8 @@ import pytest
 from openai import AuthenticationError, OpenAI
 from PIL import Image
 
-from tests.processes import ServerProcess, StepGate
+from tests.faults import StepGate
+from tests.processes import ServerProcess
 
 GEN = "/v1/images/generations"
 
@@ -67,7 +68,7 @@ def test_concurrent_requests_get_200_or_429_and_health_answers_while_a_render_ru
     async def scenario() -> tuple[list[httpx.Response], list[int]]:
         async with httpx.AsyncClient(base_url=small_queue.url, timeout=120) as client:
             renders = [asyncio.create_task(client.post(GEN, json=body)) for _ in range(20)]
-            await asyncio.to_thread(gate.wait_paused)
+            await asyncio.to_thread(gate.wait_held)
             deadline = time.monotonic() + 60
             while sum(task.done() for task in renders) < 15 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # the refusals come at once, while the render is held
