@@ -14,8 +14,10 @@ DEADLINE = 60.0
 
 def environment(faults: Path) -> dict[str, str]:
     """What a server process needs in its environment to obey the files in `faults`. The source tree comes
-    right after: `sitecustomize` imports `engines` before the server's own folder is on the path."""
-    return {"SDSERVE_TEST_FAULTS": str(faults), "PYTHONPATH": os.pathsep.join([str(FOLDER), str(FOLDER.parents[1])])}
+    right after: `sitecustomize` imports `engines` before the server's own folder is on the path. The faults live
+    in ONNX Runtime, so the process renders on it (`auto` would take OpenVINO where it is installed)."""
+    return {"SDSERVE_TEST_FAULTS": str(faults), "SDSERVE_BACKEND": "cpu",
+            "PYTHONPATH": os.pathsep.join([str(FOLDER), str(FOLDER.parents[1])])}
 
 
 def until(what: str, check: Callable[[], bool], deadline: float = DEADLINE) -> None:
