@@ -12,12 +12,13 @@ FOLDER = Path(__file__).parent
 DEADLINE = 60.0
 
 
-def environment(faults: Path) -> dict[str, str]:
+def environment(faults: Path, onnxruntime: bool = True) -> dict[str, str]:
     """What a server process needs in its environment to obey the files in `faults`. The source tree comes
     right after: `sitecustomize` imports `engines` before the server's own folder is on the path. The faults live
-    in ONNX Runtime, so the process renders on it (`auto` would take OpenVINO where it is installed)."""
-    return {"SDSERVE_TEST_FAULTS": str(faults), "SDSERVE_BACKEND": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(FOLDER), str(FOLDER.parents[1])])}
+    in ONNX Runtime, so the process renders on it (`auto` would take OpenVINO where it is installed); holds
+    between steps (`StepGate`) work on any backend (`onnxruntime=False` leaves the choice to the server)."""
+    env = {"SDSERVE_TEST_FAULTS": str(faults), "PYTHONPATH": os.pathsep.join([str(FOLDER), str(FOLDER.parents[1])])}
+    return {**env, "SDSERVE_BACKEND": "cpu"} if onnxruntime else env
 
 
 def until(what: str, check: Callable[[], bool], deadline: float = DEADLINE) -> None:
@@ -40,7 +41,7 @@ class StepGate:
 
     @property
     def env(self) -> dict[str, str]:
-        return environment(self.folder)
+        return environment(self.folder, onnxruntime=False)
 
     def hold(self, after_steps: int = 1) -> None:
         """Renders wait once they have done `after_steps` steps, until `release` (`held` starts afresh)."""
