@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import msgspec
 from PIL import Image
@@ -66,6 +68,20 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
+def _progress(stream: TextIO) -> Callable[[int, int], None]:
+    """Steps as they finish: rewritten in place on a terminal, one line each elsewhere (a pipe, a log file,
+    where a carriage return would run them together)."""
+    live = stream.isatty()
+
+    def on_step(done: int, total: int) -> None:
+        if live:
+            print(f"\rstep {done}/{total}", end="\n" if done == total else "", file=stream, flush=True)
+        else:
+            print(f"step {done}/{total}", file=stream, flush=True)
+
+    return on_step
+
+
 def render(args: argparse.Namespace) -> int:
     pipe = load(args.model_dir, backend=args.backend, threads=args.threads, precision=args.precision)
     width, height = _size(args.size)
@@ -75,8 +91,7 @@ def render(args: argparse.Namespace) -> int:
         image=Image.open(args.image) if args.image else None, mask=Image.open(args.mask) if args.mask else None,
         strength=args.strength,
     ), pipe.info.defaults)  # to print what was rendered
-    result = pipe.render(request, on_step=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr))
-    print(file=sys.stderr)
+    result = pipe.render(request, on_step=_progress(sys.stderr))
     out = Path(args.out)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                    for i in range(len(result.images))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from server.router.admission import allowed_networks
 from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 
 ROLES = ("standalone", "node", "router")
+ANSWER_SECONDS = 2  # after the drain timeout, to send the answers of the renders it gave up
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(settings)
     except InvalidSettings as exc:
         return _refuse(str(exc))
+    # The drain answers what is unfinished at --drain-timeout (503, for a router to send elsewhere); uvicorn
+    # waits a little longer so those answers go out before it would cancel the requests itself.
     config = uvicorn.Config(asgi(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout)))
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + ANSWER_SECONDS)
     GracefulServer(config, lambda: on_terminate(app)).run()
     return 0
 

@@ -168,12 +168,18 @@ def asgi(app: Litestar) -> ASGIApp:
 
 def on_terminate(app: Litestar) -> None:
     """SIGTERM: a node stops taking work at once and tells its routers, before the server stops
-    accepting connections and waits for what is in flight."""
+    accepting connections and waits for what is in flight; a front door keeps waiting on its nodes."""
     parts: Parts = app.state.parts
     if parts.pool is not None:
         parts.pool.draining = True
+    if parts.registry is not None:  # its listener closes: no more heartbeats
+        parts.registry.listening = False
     loop = getattr(app.state, "loop", None)
-    if parts.agent is not None and loop is not None:
+    if loop is None:
+        return
+    if parts.pool is not None:  # the drain timeout counts from the signal
+        loop.call_soon_threadsafe(parts.pool.drain, parts.state.settings.drain_timeout)
+    if parts.agent is not None:
         loop.call_soon_threadsafe(parts.agent.beat_now)
 
 

@@ -130,16 +130,6 @@ class ImageData(msgspec.Struct, omit_defaults=True):
     b64_json: str | None = None
 
 
-class ImagesResponse(msgspec.Struct):
-    created: int
-    data: list[ImageData]
-    model: str
-    size: str
-    output_format: OutputFormat
-    quality: str = "medium"
-    background: str = "opaque"
-
-
 class InputTokensDetails(msgspec.Struct):
     text_tokens: int
     image_tokens: int = 0
@@ -152,6 +142,23 @@ class Usage(msgspec.Struct):
     input_tokens_details: InputTokensDetails
     output_tokens: int = 0
     total_tokens: int = 0
+
+    @classmethod
+    def of_text(cls, tokens: int) -> Usage:
+        """A render whose prompts came to `tokens` text tokens."""
+        return cls(input_tokens=tokens, input_tokens_details=InputTokensDetails(text_tokens=tokens), output_tokens=0,
+                   total_tokens=tokens)
+
+
+class ImagesResponse(msgspec.Struct):
+    created: int
+    data: list[ImageData]
+    model: str
+    size: str
+    output_format: OutputFormat
+    quality: str = "medium"
+    background: str = "opaque"
+    usage: Usage | None = None  # as OpenAI's GPT image models report it
 
 
 class ImageEvent(msgspec.Struct, kw_only=True):

@@ -37,6 +37,7 @@ OTHER_VARIABLES = {
     "SDSERVE_CACHE_DIR": "engines: the TensorRT execution provider's engine cache (default ~/.cache/sdserve)",
     "SDSERVE_SCREENSHOTS": "tests: where the playground tests save their screenshots",
     "SDSERVE_CHROMIUM": "tests: the Chromium binary the playground tests drive",
+    "SDSERVE_TEST_FAULTS": "tests: the folder of faults and step holds that tests/faults/sitecustomize.py reads",
 }
 LIST_FIELDS = ("models", "api_keys", "routers", "node_networks", "cors_origins", "fetch_allow_networks")
 BOOL_FIELDS = ("verify_models", "fetch_image_urls", "playground")

@@ -154,14 +154,21 @@ class AppState:
             done, _ = await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            if not render.done():  # the client left, or this request was cancelled (a shutdown's last resort)
+                render.cancel()
+                render.add_done_callback(_read)  # whatever it ends with, nobody else reads it
         if render not in done:
-            render.cancel()
             raise RenderCancelled(f"client disconnected; request {order.request_id} cancelled")
         try:
             return render.result()
         except TimeoutError:
             raise ApiError(504, f"the render took longer than the {self.settings.request_timeout:g} s request "
                            "timeout", code="timeout") from None
+
+
+def _read(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def client_gone(request: Request) -> None:

@@ -42,6 +42,7 @@ class EnginePool:
         self.health = NodeHealth(Limits(stall_seconds=settings.stall_seconds, stall_factor=settings.stall_factor,
                                         failure_limit=settings.unhealthy_after_failures,
                                         liveness_seconds=settings.liveness_seconds))
+        self._drain: asyncio.Task[None] | None = None
         self._loader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -172,12 +173,32 @@ class EnginePool:
     def idle(self) -> bool:
         return all(q.idle() for q in self.queues.values())
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work, then wait (up to `timeout`) for what was accepted to finish."""
+    def drain(self, timeout: float) -> asyncio.Task[None]:
+        """Refuse new work from now on, and give what was accepted up to `timeout` seconds to finish (from the
+        event loop; SIGTERM starts it, the shutdown awaits the same drain)."""
         self.draining = True
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._drain_within(timeout))
+        return self._drain
+
+    async def _drain_within(self, timeout: float) -> None:
+        """What is unfinished at the deadline is answered 503 `draining`, which a router sends to another node:
+        an honest answer before the HTTP server gives up on the request (`server.__main__` waits longer)."""
+        running = sum(q.running for q in self.queues.values())
+        waiting = sum(q.waiting for q in self.queues.values())
+        log.info("draining: taking no new work; waiting up to %g s for %d running and %d waiting renders", timeout,
+                 running, waiting)
         deadline = time.monotonic() + timeout
         while not self.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if self.idle():
+            log.info("drained: every accepted render has finished")
+            return
+        error = ApiError(503, f"this node shut down before the render finished (--drain-timeout {timeout:g} s); "
+                         "retry on another node", code="draining", headers={"Retry-After": "5"})
+        unfinished = sum(q.give_up(error) for q in self.queues.values())
+        log.warning("drain timeout (%g s): %d render(s) unfinished, answered 503 so that a router sends them to "
+                    "another node", timeout, unfinished)
 
     def close(self, wait: float = 30.0) -> None:
         for queue in self.queues.values():
