@@ -79,7 +79,7 @@ class ModelQueue:
 
     def rows(self, order: RenderOrder) -> int:
         """UNet rows an order's calls take: its images (up to a chunk), twice when guided."""
-        return min(order.n, self.pipeline.max_batch) * (2 if order.guidance_scale > 1.0 else 1)
+        return self.pipeline.info.rows(order.n, order.guidance_scale)
 
     def outstanding_work(self) -> int:
         with self._ready:
@@ -90,9 +90,10 @@ class ModelQueue:
 
     def enqueue(self, order: RenderOrder, on_partial: Callable[[PartialImage], None] | None = None) -> Ticket:
         """Queue an order (from the event loop), or refuse it at once: 429 when full, 503 when closing."""
-        self.pipeline.check_prompt_lengths(order.prompt, order.negative_prompt)  # before it takes a place in the queue
+        # tokenized once: checked before the order takes a place in the queue, counted, then encoded by the render
+        tokens = self.pipeline.tokenize(order.prompt, order.negative_prompt)
         loop = asyncio.get_running_loop()
-        ticket = Ticket(order, loop, loop.create_future(), on_partial=on_partial)
+        ticket = Ticket(order, tokens, loop, loop.create_future(), on_partial=on_partial)
         with self._ready:
             if self._closed:
                 raise ApiError(503, f"model {self.id} is shutting down", code="draining",
@@ -205,12 +206,14 @@ class ModelQueue:
         except RuntimeError:  # its event loop is closed: nobody is left to answer
             log.info("request %s: its event loop closed before its outcome", ticket.order.request_id)
 
-    def render_request(self, order: RenderOrder) -> engines.RenderRequest:
+    @staticmethod
+    def render_request(ticket: Ticket) -> engines.RenderRequest:
+        order = ticket.order
         return engines.RenderRequest(
             prompt=order.prompt, negative_prompt=order.negative_prompt, width=order.width, height=order.height,
             steps=order.steps, guidance_scale=order.guidance_scale, sampler=order.sampler, seed=order.seed,
             n=order.n, image=_open(order.image), mask=_open(order.mask), strength=order.strength,
-            lora=[(ref.name, ref.scale) for ref in order.lora],
+            lora=[(ref.name, ref.scale) for ref in order.lora], tokens=ticket.tokens,
         )
 
     def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:
@@ -247,13 +250,13 @@ class ModelQueue:
         """The ticket's render, ready for its first step (`Pipeline.begin`: inputs checked, prompt encoded)."""
         order = ticket.order
         ticket.rendering = self.pipeline.begin(
-            self.render_request(order), on_step=self.on_step(ticket), on_partial=self.on_partial(ticket),
+            self.render_request(ticket), on_step=self.on_step(ticket), on_partial=self.on_partial(ticket),
             partial_images=order.partial_images, preview=order.preview or self.preview)
         return ticket.rendering
 
     def _render(self, ticket: Ticket) -> engines.RenderResult:
         order = ticket.order
-        return self.pipeline.render(self.render_request(order), on_step=self.on_step(ticket),
+        return self.pipeline.render(self.render_request(ticket), on_step=self.on_step(ticket),
                                     on_partial=self.on_partial(ticket), partial_images=order.partial_images,
                                     preview=order.preview or self.preview)
 
@@ -267,14 +270,7 @@ class ModelQueue:
         self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
         self.metrics.images.labels(self.id).inc(len(encoded))
         return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
-                              input_tokens=self._input_tokens(order))
-
-    def _input_tokens(self, order: RenderOrder) -> int:
-        """Prompt tokens (and negative prompt tokens) as the first text encoder's tokenizer counts them."""
-        tokenizer = next(iter(self.pipeline.tokenizers.values()), None)
-        if tokenizer is None:
-            return 0
-        return sum(tokenizer.tokens(text) for text in (order.prompt, order.negative_prompt or ""))
+                              input_tokens=ticket.tokens.count)  # by the first text encoder's tokenizer
 
     def close(self, wait: float) -> None:
         """Stop: what waits is dropped, what runs stops at its next step; wait up to `wait` s for the threads

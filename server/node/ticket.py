@@ -8,17 +8,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engines.render import Tokens
 from engines.rendering import Rendering
 from server.wire import PartialImage, RenderedImages, RenderOrder
 
 
 @dataclass(eq=False)
 class Ticket:
-    """The order, the future its request awaits (on `loop`), the cancellation a render checks at every step
-    (set once nobody waits for it), when it was queued and taken, the streaming callback, and, once a
-    render slot began it, its render in progress."""
+    """The order and its tokens, the future its request awaits (on `loop`), the cancellation a render checks
+    at every step (set once nobody waits for it), when it was queued and taken, the streaming callback, and,
+    once a render slot began it, its render in progress."""
 
     order: RenderOrder
+    tokens: Tokens  # its prompts, tokenized once when it was queued
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[RenderedImages]
     enqueued: float = field(default_factory=time.perf_counter)
