@@ -1,4 +1,4 @@
-"""`python -m bench pipeline|http`: parse arguments into settings, run, write the results, print the table."""
+"""`python -m bench pipeline|graphs|http`: parse arguments into settings, run, write the results, print the table."""
 
 from __future__ import annotations
 
@@ -20,10 +20,16 @@ def parser() -> argparse.ArgumentParser:
 
     pipe = commands.add_parser("pipeline", help="engines vs the diffusers reference on one model directory",
                                description="Render with the engines and with the diffusers pipeline the model was "
-                               "exported from (same weights, size, steps, sampler, guidance, starting latents), "
-                               "alternating A/B after a warm-up; report stage times, memory and pixel difference.")
+                               "exported from (same weights, size, steps, sampler, guidance, starting latents): each "
+                               "engines backend and decoder and each reference precision is a side; after a warm-up "
+                               "the repetitions go round the sides; report stage times, memory, time ratios and pixel "
+                               "differences.")
     pipe.add_argument("model_dir", help="an exported model directory (python -m export ...)")
-    pipe.add_argument("--backend", default="auto", help="engines backend: auto|cpu|cuda|tensorrt-ep|tensorrt")
+    pipe.add_argument("--backend", default="auto", help="engines backends, comma-separated, each a side: "
+                      "auto|cpu|openvino|cuda|tensorrt-ep|tensorrt, openvino:fp32 or openvino:bf16 for its precision "
+                      "(default auto)")
+    pipe.add_argument("--decoder", default="full", help="the engines' final decoder, comma-separated, each a side per "
+                      "backend: full (the VAE), tiny (the model's TAESD, export --tiny-decoder); default full")
     pipe.add_argument("--size", help=SIZE_HELP)
     pipe.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     pipe.add_argument("--sampler", help="euler|euler_a|ddim|dpmpp_2m|dpmpp_2m_karras|lcm (default: the model's)")
@@ -32,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--threads", type=int, help="CPU threads for both sides (default: the libraries' own)")
     pipe.add_argument("--repeat", type=int, default=3, help="measured repetitions per side (default 3)")
     pipe.add_argument("--warmup", type=int, default=1, help="unmeasured renders per side first (default 1)")
-    pipe.add_argument("--precision", choices=["fp32", "fp16"],
-                      help="the reference's precision (default: the exported UNet's)")
+    pipe.add_argument("--precision", help="the reference's precisions, comma-separated, each a side: fp32, fp16, "
+                      "bf16 (torch.autocast on fp32 weights); default: the exported UNet's")
     pipe.add_argument("--reference-device", help="torch device for the reference (default: cuda if present, else cpu)")
     pipe.add_argument("--checkpoint", help="rebuild the reference from this hub id, folder or single file instead "
                       "of the manifest's source")
@@ -44,8 +50,27 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--lora", action="append", type=_adapter, default=[], metavar="NAME[:SCALE]",
                       help="render with this adapter from --lora-dir (repeatable)")
     pipe.add_argument("--max-seconds", type=float,
-                      help="exit 1 when the engines' end-to-end median exceeds this many seconds (a gate)")
+                      help="exit 1 when an engines side's end-to-end median exceeds this many seconds (a gate)")
     pipe.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
+
+    graphs = commands.add_parser("graphs", help="one model's UNet and decoders alone on each backend",
+                                 description="Time the graphs alone (ONNX Runtime fp32, OpenVINO fp32 and bf16, …) on "
+                                 "the same inputs, interleaved: the UNet on every step of a real schedule, the "
+                                 "decoders at the render size; report seconds per call and each output's relative "
+                                 "error against the first backend's.")
+    graphs.add_argument("model_dir", help="an exported SD 1.x/2.x model directory")
+    graphs.add_argument("--components", default="unet,vae_decoder",
+                        help="comma-separated: unet, vae_decoder, tiny_vae_decoder (default unet,vae_decoder)")
+    graphs.add_argument("--backend", default="cpu,openvino:fp32,openvino:bf16",
+                        help="comma-separated backends, the first the error's reference (default "
+                        "cpu,openvino:fp32,openvino:bf16)")
+    graphs.add_argument("--size", help=SIZE_HELP)
+    graphs.add_argument("--steps", type=int, default=4, help="UNet inputs: the steps of a schedule (default 4)")
+    graphs.add_argument("--sampler", default="euler", help="the schedule's sampler (default euler)")
+    graphs.add_argument("--rows", type=int, default=2, help="UNet rows per call (default 2: one guided image)")
+    graphs.add_argument("--threads", type=int, help="threads per call (default: all cores)")
+    graphs.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    graphs.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
 
     http = commands.add_parser("http", help="HTTP load against a running server or router",
                                description="Send requests at each concurrency level and report throughput, latency "
@@ -61,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     http.add_argument("--response-format", choices=["b64_json", "url"], default="b64_json")
     http.add_argument("--api-key", default=_api_key_from_environment(),
-                      help="bearer key for /v1 (default $SDSERVE_API_KEY, else the first of $SDSERVE_API_KEYS)")
+                      help="bearer key for /v1 (default: the first of $SDSERVE_API_KEYS, the server's own variable)")
     http.add_argument("--admin-key", default=os.environ.get("SDSERVE_ADMIN_KEY"),
                       help="admin key for the router's /v0/nodes spread (default $SDSERVE_ADMIN_KEY)")
     http.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
@@ -79,12 +104,26 @@ def pipeline_settings(args: argparse.Namespace) -> Any:
 
     width, height = _size(args.size) if args.size else (None, None)
     extra = {"prompt": args.prompt} if args.prompt else {}
-    return PipelineSettings(model_dir=args.model_dir, backend=args.backend, threads=args.threads, width=width,
+    return PipelineSettings(model_dir=args.model_dir, backends=_list(args.backend), decoders=_list(args.decoder),
+                            threads=args.threads, width=width,
                             height=height, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance,
                             batch=args.batch, repeat=args.repeat, warmup=args.warmup, reference=not args.no_reference,
-                            reference_device=args.reference_device, precision=args.precision,
+                            reference_device=args.reference_device, precisions=_list(args.precision or ""),
                             checkpoint=args.checkpoint, seed=args.seed, lora_dir=args.lora_dir, lora=args.lora,
                             **extra)
+
+
+def graph_settings(args: argparse.Namespace) -> Any:
+    from bench.graphs import GraphSettings
+
+    width, height = _size(args.size) if args.size else (None, None)
+    return GraphSettings(model_dir=args.model_dir, components=_list(args.components), backends=_list(args.backend),
+                         width=width, height=height, steps=args.steps, sampler=args.sampler, rows=args.rows,
+                         threads=args.threads, repeat=args.repeat)
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _adapter(text: str) -> tuple[str, float]:
@@ -117,7 +156,7 @@ def http_settings(args: argparse.Namespace) -> Any:
 
 def _api_key_from_environment() -> str | None:
     keys = [k.strip() for k in os.environ.get("SDSERVE_API_KEYS", "").split(",") if k.strip()]
-    return os.environ.get("SDSERVE_API_KEY") or (keys[0] if keys else None)
+    return keys[0] if keys else None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -137,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = pipeline_settings(args)
         total = kind.total_runs(settings)
+    elif args.command == "graphs":
+        from bench import graphs as kind
+
+        settings = graph_settings(args)
+        total = kind.total_runs(settings)
     else:
         from bench import load as kind
 
@@ -145,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.errors import BenchError
     from engines.errors import EngineError
 
-    with tqdm(total=total, desc=args.command, unit="run" if args.command == "pipeline" else "req") as bar:
+    with tqdm(total=total, desc=args.command, unit="req" if args.command == "http" else "run") as bar:
         def tick(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update()
@@ -162,14 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(folder, args.command, result, table, kind.figure(result))
     print(table)
     print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if args.command == "http" and kind.errors(result) == sum(level.requests for level in result.levels):
+        print(f"bench: {kind.errors(result)} requests were not answered 200 (none was); the first answer was "
+              f"{kind.first_error(result)}", file=sys.stderr)
+        return 1
     if args.command == "http" and args.max_errors is not None and kind.errors(result) > args.max_errors:
         print(f"bench: {kind.errors(result)} requests were not answered 200 (--max-errors {args.max_errors})",
               file=sys.stderr)
         return 1
     if args.command == "pipeline" and args.max_seconds is not None:
-        median = result.engines.stages["total"].median
-        if median > args.max_seconds:
-            print(f"bench: the engines' median of {median:.2f} s exceeds --max-seconds {args.max_seconds:g}",
+        slow = [f"{side.name} {side.stages['total'].median:.2f} s" for side in result.of("engines")
+                if side.stages["total"].median > args.max_seconds]
+        if slow:
+            print(f"bench: the engines' median exceeds --max-seconds {args.max_seconds:g}: {', '.join(slow)}",
                   file=sys.stderr)
             return 1
     return 0

@@ -52,6 +52,7 @@ class Outcome(msgspec.Struct, frozen=True):
     seconds: float
     images: int
     first_partial: float | None = None  # streams: seconds to the first partial image event
+    error: str | None = None  # not answered 200: the start of the answer's body, or what went wrong
 
 
 class Level(msgspec.Struct, kw_only=True):
@@ -69,6 +70,7 @@ class Level(msgspec.Struct, kw_only=True):
     statuses: dict[str, int] = msgspec.field(default_factory=dict)
     by_route: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
     nodes: dict[str, int] | None = None  # node id → requests the router sent it during the level
+    first_error: str | None = None  # the first request not answered 200: its status and body
 
 
 class HttpResult(msgspec.Struct, kw_only=True):
@@ -131,18 +133,18 @@ async def _send(client: httpx.AsyncClient, route: str, bodies: _Bodies, number: 
         else:
             response = await client.post(f"/v1/images/{route}", data=bodies.form(route, number),
                                          files=bodies.files(route))
-    except httpx.TimeoutException:
-        return Outcome(route, "timeout", time.perf_counter() - begun, 0)
-    except httpx.HTTPError:  # refused, reset, a broken body: whatever it was, no answer
-        return Outcome(route, "connection", time.perf_counter() - begun, 0)
+    except httpx.TimeoutException as exc:
+        return Outcome(route, "timeout", time.perf_counter() - begun, 0, error=_why(exc))
+    except httpx.HTTPError as exc:  # refused, reset, a broken body: whatever it was, no answer
+        return Outcome(route, "connection", time.perf_counter() - begun, 0, error=_why(exc))
     seconds = time.perf_counter() - begun
     if response.status_code != 200:
-        return Outcome(route, str(response.status_code), seconds, 0)
+        return Outcome(route, str(response.status_code), seconds, 0, error=_body(response.text))
     try:
         data = response.json()["data"]
         return Outcome(route, "200", seconds, len(data) if isinstance(data, list) else 0)
     except (ValueError, KeyError, TypeError):
-        return Outcome(route, "invalid_json", seconds, 0)
+        return Outcome(route, "invalid_json", seconds, 0, error=_body(response.text))
 
 
 async def _send_stream(client: httpx.AsyncClient, route: str, bodies: _Bodies, number: int,
@@ -153,25 +155,38 @@ async def _send_stream(client: httpx.AsyncClient, route: str, bodies: _Bodies, n
     else:
         form = bodies.form(route, number) | {k: str(v).lower() for k, v in bodies.streamed().items()}
         request = client.build_request("POST", f"/v1/images/{route}", data=form, files=bodies.files(route))
-    first, completed, failed = None, 0, False
+    first, completed, error = None, 0, None
     try:
         response = await client.send(request, stream=True)
         try:
             if response.status_code != 200:
-                return Outcome(route, str(response.status_code), time.perf_counter() - begun, 0)
+                body = _body((await response.aread()).decode(errors="replace"))
+                return Outcome(route, str(response.status_code), time.perf_counter() - begun, 0, error=body)
             async for line in response.aiter_lines():
                 if line.startswith("event: ") and line.endswith(".partial_image") and first is None:
                     first = time.perf_counter() - begun
                 completed += line.startswith("event: ") and line.endswith(".completed")
-                failed = failed or line == "event: error"
+                if error == "" and line.startswith("data: "):  # the error event's data
+                    error = _body(line.removeprefix("data: "))
+                if line == "event: error":
+                    error = ""
         finally:
             await response.aclose()
-    except httpx.TimeoutException:
-        return Outcome(route, "timeout", time.perf_counter() - begun, 0)
-    except httpx.HTTPError:
-        return Outcome(route, "connection", time.perf_counter() - begun, 0)
-    status = "error_event" if failed else "200"
-    return Outcome(route, status, time.perf_counter() - begun, completed, first)
+    except httpx.TimeoutException as exc:
+        return Outcome(route, "timeout", time.perf_counter() - begun, 0, error=_why(exc))
+    except httpx.HTTPError as exc:
+        return Outcome(route, "connection", time.perf_counter() - begun, 0, error=_why(exc))
+    status = "error_event" if error is not None else "200"
+    return Outcome(route, status, time.perf_counter() - begun, completed, first, error=error or None)
+
+
+def _body(text: str) -> str:
+    """Enough of an error answer to say why (OpenAI's error bodies are one short JSON object)."""
+    return " ".join(text.split())[:500]
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class _Bodies:
@@ -227,6 +242,11 @@ def errors(result: HttpResult) -> int:
     return sum(count for level in result.levels for status, count in level.statuses.items() if status != "200")
 
 
+def first_error(result: HttpResult) -> str | None:
+    """The first request not answered 200, over every level: its status and body."""
+    return next((level.first_error for level in result.levels if level.first_error), None)
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -277,6 +297,7 @@ def _summarize(concurrency: int, outcomes: list[Outcome], seconds: float, nodes:
     latencies = [o.seconds for o in outcomes if o.status == "200"]
     firsts = [o.first_partial for o in outcomes if o.status == "200" and o.first_partial is not None]
     images = sum(o.images for o in outcomes)
+    failed = next((o for o in outcomes if o.status != "200"), None)
     by_route: dict[str, dict[str, int]] = {}
     for outcome in outcomes:
         by_route.setdefault(outcome.route, Counter())[outcome.status] += 1
@@ -288,7 +309,7 @@ def _summarize(concurrency: int, outcomes: list[Outcome], seconds: float, nodes:
                  first_partial_p95=percentile(firsts, 95),
                  statuses=dict(sorted(Counter(o.status for o in outcomes).items())),
                  by_route={route: dict(sorted(counts.items())) for route, counts in sorted(by_route.items())},
-                 nodes=nodes)
+                 nodes=nodes, first_error=f"{failed.status}: {failed.error}" if failed else None)
 
 
 def markdown(result: HttpResult) -> str:
@@ -306,9 +327,11 @@ def markdown(result: HttpResult) -> str:
     final = "final " if streamed else ""
     if streamed:
         head += f"; streamed, {s.partial_images} partial images"
-    return "\n".join([head, "", report.table(
+    lines = [head, "", report.table(
         ["concurrency", "requests", "seconds", "images/s", *first, f"{final}p50 s", f"{final}p95 s", f"{final}p99 s",
-         "statuses", "per node"], rows)])
+         "statuses", "per node"], rows)]
+    failure = first_error(result)
+    return "\n".join([*lines, "", f"First request not answered 200: {failure}"] if failure else lines)
 
 
 def figure(result: HttpResult) -> Any:

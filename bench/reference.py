@@ -121,12 +121,14 @@ class Reference:
         self.clock.wrap(self.pipe.vae, "decode", "vae_decoder")
 
     def render(self, prompt: str, width: int, height: int, steps: int, guidance_scale: float, sampler: str,
-               latents: np.ndarray) -> np.ndarray:
-        """Images (n, H, W, 3) in [0, 1] from the starting noise `latents` (n, C, h, w)."""
+               latents: np.ndarray, bf16: bool = False) -> np.ndarray:
+        """Images (n, H, W, 3) in [0, 1] from the starting noise `latents` (n, C, h, w); with `bf16`, under
+        `torch.autocast` in bfloat16 (PyTorch's own mixed precision: matrix products and convolutions in
+        bf16, normalizations and softmax in fp32)."""
         self.pipe.scheduler = diffusers_scheduler(sampler, self.scheduler_config)
         self.clock.reset()
         start = torch.from_numpy(latents).to(self.device, self.pipe.unet.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = self.pipe(prompt=prompt, negative_prompt=None, width=width, height=height, num_inference_steps=steps,
                             guidance_scale=guidance_scale, num_images_per_prompt=len(latents), latents=start,
                             output_type="np", generator=torch.Generator().manual_seed(0),

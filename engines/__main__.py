@@ -7,14 +7,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import msgspec
 from PIL import Image
 
 from engines import SAMPLERS, EngineError, RenderRequest, load
-from engines.backends import BACKENDS
+from engines.backends import BACKENDS, PRECISIONS
 from engines.job import with_defaults
+
+PRECISION_HELP = ("what the openvino backend computes in: auto (default) is bf16 where the processor has bf16 "
+                  "instructions (AVX-512 BF16, AMX), else fp32; the other backends compute in the graphs' precision")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model's capabilities and the backend it loads on")
     info.add_argument("model_dir")
     info.add_argument("--backend", choices=BACKENDS, default="auto")
+    info.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     doctor = commands.add_parser("doctor", help="check this host: onnxruntime, providers, GPU, TensorRT (and a "
                                  "model's plans and a small render per backend); exit 1 on a problem")
     doctor.add_argument("model_dir", nargs="?", help="also check this model directory")
@@ -47,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--strength", type=float,
                         help="how much of --image to re-imagine (0-1]; default 0.75, 1.0 with --mask")
     render.add_argument("--backend", choices=BACKENDS, default="auto")
-    render.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    render.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    render.add_argument("--threads", type=int, help="threads per graph call (default: all cores)")
     return cli
 
 
@@ -61,8 +68,22 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
+def _progress(stream: TextIO) -> Callable[[int, int], None]:
+    """Steps as they finish: rewritten in place on a terminal, one line each elsewhere (a pipe, a log file,
+    where a carriage return would run them together)."""
+    live = stream.isatty()
+
+    def on_step(done: int, total: int) -> None:
+        if live:
+            print(f"\rstep {done}/{total}", end="\n" if done == total else "", file=stream, flush=True)
+        else:
+            print(f"step {done}/{total}", file=stream, flush=True)
+
+    return on_step
+
+
 def render(args: argparse.Namespace) -> int:
-    pipe = load(args.model_dir, backend=args.backend, threads=args.threads)
+    pipe = load(args.model_dir, backend=args.backend, threads=args.threads, precision=args.precision)
     width, height = _size(args.size)
     request = with_defaults(RenderRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
@@ -70,8 +91,7 @@ def render(args: argparse.Namespace) -> int:
         image=Image.open(args.image) if args.image else None, mask=Image.open(args.mask) if args.mask else None,
         strength=args.strength,
     ), pipe.info.defaults)  # to print what was rendered
-    result = pipe.render(request, on_step=lambda i, total: print(f"\rstep {i}/{total}", end="", file=sys.stderr))
-    print(file=sys.stderr)
+    result = pipe.render(request, on_step=_progress(sys.stderr))
     out = Path(args.out)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
                                                    for i in range(len(result.images))]
@@ -104,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if report.ok else 1
     try:
         if args.command == "info":
-            print(msgspec.json.format(msgspec.json.encode(load(args.model_dir, backend=args.backend).info)).decode())
+            info = load(args.model_dir, backend=args.backend, precision=args.precision).info
+            print(msgspec.json.format(msgspec.json.encode(info)).decode())
             return 0
         return render(args)
     except EngineError as exc:

@@ -1,5 +1,5 @@
 """`python -m engines doctor [MODEL_DIR] [--json]`: what works on this host, for a new GPU machine and
-for bug reports.
+for bug reports (OpenVINO included: its version and the precision it computes in, and why).
 
 Each check says ok, problem (with the fix) or absent (not installed and not needed, e.g. no GPU on a CPU
 host, or ONNX Runtime's TensorRT EP beside a TensorRT of another major). Providers are tried by creating
@@ -54,11 +54,12 @@ class Report(msgspec.Struct):
 def run(model_dir: str | None = None, stack: libraries.TensorRtStack | None = None) -> Report:
     """Every check; `stack` (default: this environment's) says which TensorRT the EP links and which is here."""
     started = time.perf_counter()
-    checks = [package(), provider("cpu"), provider("cuda")]
+    checks = [package(), provider("cpu"), provider("cuda"), openvino()]
     stack = stack or libraries.tensorrt_stack()  # after the cuda check: TensorRT loads beside CUDA's libraries
     checks += [tensorrt_ep(stack), cuda_libraries(), device(), tensorrt(stack)]
     if model_dir is not None:
         usable = [c.name.split(" ")[1] for c in checks if c.name.startswith("provider ") and c.status == "ok"]
+        usable += ["openvino"] if any(c.name == "openvino" and c.status == "ok" for c in checks) else []
         checks += model(Path(model_dir), usable)
     return Report(ok=all(c.status != "problem" for c in checks), checks=checks,
                   seconds=round(time.perf_counter() - started, 2))
@@ -66,6 +67,10 @@ def run(model_dir: str | None = None, stack: libraries.TensorRtStack | None = No
 
 def package() -> Check:
     cpu, gpu_package = libraries.installed("onnxruntime"), libraries.installed("onnxruntime-gpu")
+    if libraries.installed("onnxruntime-openvino"):  # it installs the module onnxruntime too
+        return Check("onnxruntime package", "problem", "onnxruntime-openvino is installed: it overwrites onnxruntime's "
+                     "files (sdserve's openvino backend uses the openvino package instead)",
+                     "pip uninstall -y onnxruntime-openvino onnxruntime && pip install 'sdserve[cpu]'")
     if cpu and gpu_package:
         return Check("onnxruntime package", "problem", f"both onnxruntime {cpu} and onnxruntime-gpu {gpu_package} are "
                      "installed; they overwrite each other's files",
@@ -96,6 +101,20 @@ def provider(name: str) -> Check:
     return Check(label, "ok", "a one-node graph runs on it")
 
 
+def openvino() -> Check:
+    """The openvino backend: its version, the processor, and the precision `auto` picks there and why."""
+    from engines.backends import openvino as backend
+
+    if not backend.available():
+        return Check("openvino", "absent", "not installed: the CPU renders on ONNX Runtime in fp32 (pip install "
+                     "openvino, or sdserve[cpu], for bf16 on processors with AVX-512 BF16 or AMX)")
+    try:
+        precision, why = backend.choose_precision("auto")
+        detail = f"OpenVINO {libraries.installed('openvino')} on {backend.processor()}: {precision} ({why})"
+    except Exception as exc:  # a broken install raises from its C++ core
+        return Check("openvino", "problem", f"installed but not usable: {_one_line(exc)}",
+                     "pip install --force-reinstall openvino")
+    return Check("openvino", "ok", detail)
 def tensorrt_ep(stack: libraries.TensorRtStack) -> Check:
     """ONNX Runtime's TensorRT EP: absent, not a problem, beside a TensorRT of another major (the supported
     setup: TensorRT 11 for the native backend, while onnxruntime-gpu's EP links TensorRT 10)."""

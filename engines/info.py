@@ -30,6 +30,7 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     samplers: tuple[str, ...]
     backend: str  # the backend actually in use
     device: str
+    tiny_decoder: bool = False  # a TAESD decoder beside the VAE: previews, and `decoder: "tiny"` per request
     lora_rank: int = 0  # largest total adapter rank per request; 0: exported without LoRA support
     adapters: list[AdapterInfo] = []
     refused_adapters: dict[str, str] = {}  # adapter name → why this model cannot take it

@@ -82,6 +82,7 @@ def resolve(request: RenderRequest, info: ModelInfo, tokenizers: dict[str, Promp
         raise InvalidRequest("n", "n must be an integer ≥ 1")
     seed = limits.random_seed() if request.seed is None else limits.check_seed(request.seed, request.n)
     scheduler = schedulers.create(request.sampler, scheduler_config)
+    limits.check_decoder(request.decoder, info.id, info.tiny_decoder)
     inputs = check_images(request, info.inpainting_unet)
     return Job(request=request, tokens=tokens, width=request.width, height=request.height,
                steps=limits.schedule_steps(request.steps, inputs.strength), guided=limits.guided(guidance),

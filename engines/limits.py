@@ -34,6 +34,8 @@ LONGEST_SCHEDULE = 1000
 MAX_IMAGES = 10  # per API request (OpenAI's n; A1111's batch_size × n_iter); the engines render any n, in chunks
 MAX_ADAPTERS = 8  # LoRA adapters per request
 MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond what adapters are trained for, still finite
+# The final image's decoder: the VAE, or the model's tiny decoder (TAESD) where it was exported with one
+DECODERS: tuple[str, ...] = ("full", "tiny")
 
 
 class Bounds(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,6 +115,15 @@ def lora_not_found(model: str, name: str, available: Sequence[str], param: str =
 
 
 # -- what a request costs ----------------------------------------------------------------------------
+
+
+def check_decoder(decoder: object, model: str, has_tiny: bool, param: str = "decoder") -> str:
+    if decoder not in DECODERS:
+        raise InvalidRequest(param, f"decoder must be one of: {', '.join(DECODERS)}")
+    if decoder == "tiny" and not has_tiny:
+        raise InvalidRequest(param, f"model '{model}' has no tiny decoder (export it with `python -m export … "
+                             "--tiny-decoder`)")
+    return decoder
 
 
 def guided(guidance: float) -> bool:

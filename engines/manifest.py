@@ -169,6 +169,14 @@ class LoraSupport(msgspec.Struct, frozen=True):
     layers_per_block: int
 
 
+class TinyDecoder(msgspec.Struct, frozen=True):
+    """A tiny decoder (TAESD, diffusers' `AutoencoderTiny`) beside the VAE: a fast approximate decode, for
+    previews and, per request, final images. Its graph is `components[component]` (`latent_sample` →
+    `sample` in [-1, 1]); latents are divided by `scaling_factor` (TAESD's is 1.0) before it."""
+
+    component: str
+    source: str  # hub id, folder or "random", as given to `export --tiny-decoder`
+    scaling_factor: float = 1.0
 class ControlNet(msgspec.Struct, frozen=True, kw_only=True):
     """A ControlNet exported for this model (`python -m export controlnet SOURCE --for MODEL_DIR`), its graph
     under `controlnets/<name>/`. It serves every model of its `family` whose UNet takes residuals of the
@@ -219,8 +227,15 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     # Added after format 1 shipped: the default keeps older model.json files readable (no format bump).
     tensorrt: list[PlanSet] = []
     lora: LoraSupport | None = None
+    tiny_decoder: TinyDecoder | None = None
     residuals: Residuals | None = None  # None: exported before ControlNet support, or without --controlnet
     controlnets: dict[str, ControlNet] = {}
+
+    def decoder(self, name: str) -> tuple[str, float]:
+        """The component and the latents' scaling factor of a final decoder: "full" the VAE's, "tiny" TAESD's."""
+        if name == "tiny" and self.tiny_decoder is not None:
+            return self.tiny_decoder.component, self.tiny_decoder.scaling_factor
+        return "vae_decoder", self.vae_scaling_factor
 
     def files(self) -> list[FileRef]:
         refs = [self.scheduler, *(f for t in self.tokenizers.values() for f in t.files())]

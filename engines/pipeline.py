@@ -48,10 +48,12 @@ class Pipeline:
             prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
             max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
             samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device, lora_rank=self.lora.rank,
+            tiny_decoder=manifest.tiny_decoder is not None,
         )
         timestep = next(i for i in manifest.components["unet"].inputs if i.name == "timestep")
         self._scalar_timestep = not timestep.shape
-        self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor)
+        self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor,
+                                   tiny=self.info.tiny_decoder)
 
     @property
     def unet_rows(self) -> int | None:
@@ -321,31 +323,31 @@ class Pipeline:
     # -- 6 ------------------------------------------------------------------------------------------
 
     def finish_chunks(self, renderings: Sequence[Rendering]) -> None:
-        """6. Decode the chunks that took their last step, those of one latent size in one VAE call (at most
-        `max_batch` images, what a chunk of one render may hold), then 4. prepare each render's next chunk.
+        """6. Decode the chunks that took their last step, those of one latent size and decoder in one call (at
+        most `max_batch` images, what a chunk of one render may hold), then 4. prepare each render's next chunk.
         A shared decode that fails is repeated per render, so that only the one at fault fails."""
-        sizes: dict[tuple[int, ...], list[Rendering]] = {}
+        sizes: dict[tuple, list[Rendering]] = {}
         for rendering in renderings:
-            sizes.setdefault(_chunk(rendering).x.shape[1:], []).append(rendering)
-        for same_size in sizes.values():
+            sizes.setdefault((_chunk(rendering).x.shape[1:], rendering.job.request.decoder), []).append(rendering)
+        for (_, decoder), same_size in sizes.items():
             pack: list[Rendering] = []
             for rendering in same_size:
                 if pack and sum(_chunk(r).x.shape[0] for r in pack) + _chunk(rendering).x.shape[0] > self.max_batch:
-                    self._decode_together(pack)
+                    self._decode_together(pack, decoder)
                     pack = []
                 pack.append(rendering)
-            self._decode_together(pack)
+            self._decode_together(pack, decoder)
 
-    def _decode_together(self, renderings: list[Rendering]) -> None:
+    def _decode_together(self, renderings: list[Rendering], decoder: str) -> None:
         started = time.perf_counter()
         try:
-            pixels = self.decode_latents(np.concatenate([_chunk(r).x for r in renderings]))
+            pixels = self.decode_latents(np.concatenate([_chunk(r).x for r in renderings]), decoder)
         except Exception as exc:
             if len(renderings) == 1:
                 renderings[0].fail(exc)
                 return
             for rendering in renderings:
-                self._decode_together([rendering])
+                self._decode_together([rendering], decoder)
             return
         elapsed = time.perf_counter() - started
         counts = [_chunk(r).x.shape[0] for r in renderings]
@@ -361,11 +363,11 @@ class Pipeline:
             if rendering.chunk is None:
                 timings["total"] = time.perf_counter() - rendering.started
 
-    def decode_latents(self, x: np.ndarray) -> np.ndarray:
-        """The VAE decoder; above the model's native size and the tiling threshold in overlapping tiles
-        (`vae_tiling`), capping its memory. Native sizes decode whole: exact, and on the plans' own profile."""
-        latents = x / self.manifest.vae_scaling_factor
-        session = self.sessions["vae_decoder"]
+    def decode_latents(self, x: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """The VAE decoder (with "tiny" the model's TAESD); above the native size and the tiling threshold in
+        overlapping tiles (`vae_tiling`), capping memory. Native sizes decode whole, exact."""
+        component, scaling = self.manifest.decoder(decoder)
+        latents, session = x / scaling, self.sessions[component]
         scale, defaults = self.manifest.vae_scale_factor, self.manifest.defaults
         native = (defaults.width // scale) * (defaults.height // scale)
         decoded = vae_tiling.decode(lambda z: session.run({"latent_sample": z}, ["sample"])["sample"], latents,
@@ -383,13 +385,14 @@ def _chunk(rendering: Rendering) -> Chunk:
 
 
 def load(model_dir: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-         max_batch: int | None = None, lora_dir: str | Path | None = None) -> Pipeline:
-    """Open a model directory: read and check its manifest, then create every component's session once."""
+         max_batch: int | None = None, lora_dir: str | Path | None = None, precision: str = "auto") -> Pipeline:
+    """Open a model directory: read and check its manifest, then create every component's session once
+    (`precision`: what the openvino backend computes in)."""
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelNotFound(str(model_dir), f"no model directory at {model_dir}")
     manifest = optimum_folder.infer(root) if optimum_folder.is_optimum_folder(root) else mf.read(root, verify=verify)
-    chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify)
+    chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify, precision=precision)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
     pipeline = Pipeline(root, manifest, chosen, sessions, max_batch)
     if lora_dir is not None:

@@ -12,7 +12,7 @@ dynamic axis ("batch", "height", "width", "sequence") gets a (min, opt, max) ran
     component      batch (rows)                      height/width         sequence
     text_encoder*  1 … 2·MAX_PROMPT_WINDOWS          –                    tokenizer length
     unet           images·(1 or 2 for guidance)      latent (pixels / 8)  1 … MAX_PROMPT_WINDOWS windows
-    vae_decoder    images                            latent
+    vae_decoder    images                            latent              (tiny_vae_decoder alike)
     vae_encoder    1 … images                        pixels
 """
 
@@ -157,7 +157,7 @@ def _component_axes(manifest: mf.Manifest, component: str, profile: mf.Profile) 
     if component == "unet":  # guidance doubles the rows: the negative half first
         return {"batch": (low, opt * copies, high * 2), **latent,
                 "sequence": (tokens, tokens, tokens * MAX_PROMPT_WINDOWS)}
-    if component == "vae_decoder":
+    if component in ("vae_decoder", "tiny_vae_decoder"):
         return {"batch": (low, opt, high), **latent}
     if component == "vae_encoder":  # the pipeline encodes one image per render
         return {"batch": (1, 1, high), **pixels}

@@ -1,9 +1,11 @@
 """Pictures of a render in progress: the denoiser's estimate of the final latents (x0) → RGB.
 
-Two ways, chosen per render:
+Three ways, chosen per render:
 
     full    the VAE decoder at full size: the image the render would give if it stopped here. Costs one
             decode per preview (measured in the README).
+    tiny    the model's tiny decoder (TAESD, `export --tiny-decoder`): nearly the full decode's picture at
+            a small fraction of its cost; models without one preview with `full`.
     linear  a per-cell linear map latent → RGB (3×C matrix and bias), each cell drawn as its 8×8 block:
             blurry colours and shapes at almost no cost. The map is fitted once per model by least
             squares against its own VAE decoder (so it fits any family and fine-tune, random test weights
@@ -24,8 +26,8 @@ import numpy as np
 
 log = logging.getLogger("sdserve.engines")
 
-PreviewMode = Literal["full", "linear"]
-PREVIEW_MODES: tuple[str, ...] = ("full", "linear")
+PreviewMode = Literal["full", "linear", "tiny"]
+PREVIEW_MODES: tuple[str, ...] = ("full", "linear", "tiny")
 _FIT_BLOCKS, _FIT_BLOCK_CELLS = 16, 4  # one 64×64-cell latent of 16×16 smooth blocks
 _FIT_SEED = 20251129
 
@@ -61,10 +63,11 @@ def fit_linear_map(decode: Callable[[np.ndarray], np.ndarray], channels: int, sc
 
 
 class Previewer:
-    """One model's previews; `decode` is the pipeline's VAE decode (scaled latents → [0, 1] pixels)."""
+    """One model's previews; `decode(latents, decoder)` is the pipeline's decode (scaled latents → [0, 1]
+    pixels, by the VAE or with "tiny" the tiny decoder, which the model has when `tiny`)."""
 
-    def __init__(self, decode: Callable[[np.ndarray], np.ndarray], channels: int, scale: int) -> None:
-        self._decode, self.channels, self.scale = decode, channels, scale
+    def __init__(self, decode: Callable[..., np.ndarray], channels: int, scale: int, tiny: bool = False) -> None:
+        self._decode, self.channels, self.scale, self.tiny = decode, channels, scale, tiny
         self._linear: LinearMap | None = None
         self._lock = threading.Lock()
 
@@ -79,4 +82,4 @@ class Previewer:
         """Scaled x0 latents (N, C, h, w) → (N, H, W, 3) pixels in [0, 1]."""
         if mode == "linear":
             return self.linear_map().apply(denoised, self.scale)
-        return self._decode(denoised)
+        return self._decode(denoised, "tiny" if mode == "tiny" and self.tiny else "full")

@@ -35,7 +35,8 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i. Size,
     steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`), strength
     `limits.default_strength`. `lora` applies adapters as diffusers' `set_adapters(names, scales)` does.
-    `tokens`: the prompts already tokenized by `Pipeline.tokenize` (else the render tokenizes them)."""
+    `tokens`: the prompts already tokenized by `Pipeline.tokenize` (else the render tokenizes them).
+    `decoder` "tiny" decodes with the model's tiny decoder (TAESD: faster, less faithful) instead of the VAE."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -51,6 +52,7 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     strength: float | None = None  # None: 1.0 with a mask, 0.75 without (`limits.default_strength`)
     lora: list[tuple[str, float]] = []  # LoRA adapters (name, scale) from the pipeline's `adapters`
     tokens: Tokens | None = None
+    decoder: str = "full"  # the final image's decoder: "full" (the VAE) or "tiny" (the model's TAESD, if exported)
 
 
 class Timings(msgspec.Struct):

@@ -56,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--lora-rank", type=int, default=0, metavar="R",
                      help="LoRA support: the text encoders and UNet take adapters per request, up to a total "
                      "rank R (sum of the ranks of a request's adapters; default 0: no LoRA support)")
+    cli.add_argument("--tiny-decoder", nargs="?", const="auto", metavar="SOURCE",
+                     help="also export TAESD (diffusers' AutoencoderTiny) as the tiny decoder, for previews and fast "
+                     "final images: a hub id, a local AutoencoderTiny folder, 'random' (seeded random weights), or "
+                     "nothing: madebyollin/taesd (taesdxl for SDXL), random weights for the tiny-*/random-* presets")
     cli.add_argument("--controlnet", action="store_true",
                      help="ControlNet support: the UNet takes ControlNet residuals as inputs (zeros when a render "
                      "uses none); then add ControlNets with python -m export controlnet SOURCE --for OUTPUT")
@@ -108,6 +112,7 @@ def settings_from(args: argparse.Namespace) -> ExportSettings:
         force=args.force,
         tolerance=args.tolerance,
         lora_rank=args.lora_rank,
+        tiny_decoder=args.tiny_decoder,
         controlnet=args.controlnet,
         # TensorRT's parser knows no ONNX Runtime contrib operators: plans are built from the raw graphs
         optimize="none" if args.tensorrt and args.optimize == "auto" else args.optimize,
@@ -117,8 +122,8 @@ def settings_from(args: argparse.Namespace) -> ExportSettings:
 def summary(report: ExportReport) -> str:
     rows = [f"exported {report.manifest.name} ({report.manifest.family}/{report.manifest.variant}) to "
             f"{report.output} in {report.seconds:.1f} s",
-            f"  {'component':<16}{'precision':<11}{'size':>10}{'time':>9}  max |onnx - torch|"]
-    rows += [f"  {c.name:<16}{c.precision:<11}{c.bytes / 1e6:>8.1f}MB{c.seconds:>8.1f}s  {_difference(c.max_diff)}"
+            f"  {'component':<18}{'precision':<11}{'size':>10}{'time':>9}  max |onnx - torch|"]
+    rows += [f"  {c.name:<18}{c.precision:<11}{c.bytes / 1e6:>8.1f}MB{c.seconds:>8.1f}s  {_difference(c.max_diff)}"
              for c in report.components]
     sizes = report.manifest.sizes
     rows.append(f"  sizes {sizes.min}-{sizes.max} step {sizes.step}; defaults {report.manifest.defaults.steps} steps, "

@@ -17,7 +17,7 @@ import onnx
 from diffusers import DiffusionPipeline
 
 from engines import manifest as mf
-from export import graphs, lora, model_dir, optimize, presets, source, verify
+from export import graphs, lora, model_dir, optimize, presets, source, tiny_decoder, verify
 from export.errors import ExportError
 from export.optimize import Choice as OptimizeChoice
 from export.optimize import Target as OptimizeTarget
@@ -41,6 +41,7 @@ class ExportSettings(msgspec.Struct, frozen=True, kw_only=True):
     tolerance: float | None = None  # default by precision (TOLERANCE)
     lora_rank: int = 0  # > 0: LoRA-capable text encoders and UNet, up to this total rank per request
     optimize: OptimizeChoice = "auto"  # ONNX Runtime's transformer fusions for this provider (export.optimize)
+    tiny_decoder: str | None = None  # TAESD beside the VAE: "auto", "random", a hub id or folder (export.tiny_decoder)
     controlnet: bool = False  # the UNet takes ControlNet residuals as inputs (zeros when a render has none)
 
 
@@ -68,20 +69,27 @@ def export_model(settings: ExportSettings) -> ExportReport:
     target = output_dir(settings)
     if target.exists() and not settings.force:
         raise ExportError(f"{target} already exists; pass --force to replace it")
+    tiny, tiny_record = None, None
+    if settings.tiny_decoder is not None:  # first: the small download fails sooner than the big one
+        tiny, tiny_source = tiny_decoder.load(settings.tiny_decoder, preset)
+        tiny_record = tiny_decoder.record(tiny, tiny_source)
     log.info("loading %s", settings.model or preset.hub_id or f"{preset.name} (random weights)")
     pipe, origin = source.load(preset, settings.model, settings.revision, settings.config)
     if settings.lora_rank < 0:
         raise ExportError("--lora-rank must be 0 (no LoRA support) or more")
     parts = component_graphs(pipe, settings.lora_rank, fp32_attention=preset.family == "sd2",
                              controlnet=settings.controlnet)
+    graphs_to_export = [*parts, *([tiny_decoder.graph(tiny)] if tiny is not None else [])]
     reports = []
     with model_dir.staging(target, settings.force) as stage:
-        for index, graph in enumerate(parts, 1):
-            log.info("[%d/%d] %s", index, len(parts), graph.name)
+        for index, graph in enumerate(graphs_to_export, 1):
+            log.info("[%d/%d] %s", index, len(graphs_to_export), graph.name)
             reports.append(_export_component(graph, stage, settings, pipe, preset))
         log.info("writing tokenizers, configs and %s", mf.MANIFEST_FILE)
         model_dir.write_configs(pipe, stage, [g.name for g in parts])
-        manifest = _manifest(pipe, preset, origin, stage, settings)
+        if tiny is not None:
+            tiny.save_config(stage / tiny_decoder.COMPONENT)
+        manifest = msgspec.structs.replace(_manifest(pipe, preset, origin, stage, settings), tiny_decoder=tiny_record)
         model_dir.write_manifest(stage, manifest)
     return ExportReport(str(target), manifest, reports, time.perf_counter() - started)
 
@@ -108,7 +116,7 @@ def component_graphs(pipe: DiffusionPipeline, lora_rank: int = 0, fp32_attention
 
 def _export_component(graph: graphs.Graph, stage: Path, settings: ExportSettings, pipe: DiffusionPipeline,
                       preset: Preset) -> ComponentReport:
-    precision = settings.vae_precision if graph.name.startswith("vae_") else settings.precision
+    precision = _precision(graph.name, settings)
     tolerance = settings.tolerance if settings.tolerance is not None else TOLERANCE[precision]
     target = optimize.choose(settings.optimize, settings.precision)
     return export_graph(graph, stage / graph.name, _shapes(pipe, preset), precision, target, tolerance,
@@ -221,7 +229,7 @@ def _tokenizer(tokenizer: object, folder: Path, stage: Path) -> mf.Tokenizer:
 
 
 def _component(stage: Path, name: str, settings: ExportSettings) -> mf.Component:
-    precision = settings.vae_precision if name.startswith("vae_") else settings.precision
+    precision = _precision(name, settings)
     return describe(stage, name, precision, optimize.choose(settings.optimize, settings.precision))
 
 
@@ -237,6 +245,12 @@ def describe(root: Path, folder: str, precision: mf.Precision, target: OptimizeT
         inputs=[_tensor_spec(v) for v in model.graph.input],
         outputs=[_tensor_spec(v) for v in model.graph.output],
     )
+
+
+def _precision(component: str, settings: ExportSettings) -> mf.Precision:
+    """The VAE (and the tiny decoder beside it) keeps fp32 in fp16 exports unless asked (SDXL's overflows)."""
+    decoder = component.startswith("vae_") or component == tiny_decoder.COMPONENT
+    return settings.vae_precision if decoder else settings.precision
 
 
 def _optimized_for(folder: Path, target: OptimizeTarget) -> mf.OptimizedFor | None:

@@ -34,7 +34,7 @@ Target = Literal["none", "cpu", "cuda"]
 Choice = Literal["auto", "none", "cpu", "cuda"]  # what `export --optimize` takes: a target, or auto
 CHOICES: tuple[str, ...] = get_args(Choice)
 MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae",
-               "vae_decoder": "vae", "controlnet": "unet"}
+               "vae_decoder": "vae", "tiny_vae_decoder": "vae", "controlnet": "unet"}
 # Fusions whose operators have no CPU kernel in ONNX Runtime: on only for the cuda target.
 CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
                      "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")

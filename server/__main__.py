@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -15,19 +16,22 @@ import uvicorn
 
 from server import logs
 from server.app import asgi, create_app, on_terminate
-from server.node.pool import discover
+from server.node.models_dir import discover
 from server.router.admission import allowed_networks
 from server.settings import InvalidSettings, Settings, add_arguments, from_sources
 
 ROLES = ("standalone", "node", "router")
+ANSWER_SECONDS = 2  # after the drain timeout, to send the answers of the renders it gave up
 
 
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(
         prog="python -m server",
         description="sdserve: the OpenAI Images API (generations, edits, variations) on Stable Diffusion. "
-        "Every flag can also be set as an SDSERVE_<NAME> environment variable (e.g. SDSERVE_PORT, "
-        "SDSERVE_API_KEYS=key1,key2); a flag wins over the environment.",
+        "Every setting can also be given as the SDSERVE_ environment variable named in brackets after its "
+        "flag (e.g. SDSERVE_PORT=9000, SDSERVE_API_KEYS=key1,key2); a flag wins over the environment. Any "
+        "other SDSERVE_ variable stops the server at start-up (except SDSERVE_CACHE_DIR, which the engines "
+        "read).",
     )
     cli.add_argument("role", nargs="?", choices=ROLES, default="standalone",
                      help="standalone (default): one process that renders and serves; node: renders for "
@@ -69,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(settings)
     except InvalidSettings as exc:
         return _refuse(str(exc))
+    # The drain answers what is unfinished at --drain-timeout (503, for a router to send elsewhere); uvicorn
+    # waits a little longer so those answers go out before it would cancel the requests itself.
     config = uvicorn.Config(asgi(app), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout)))
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + ANSWER_SECONDS)
     GracefulServer(config, lambda: on_terminate(app)).run()
     return 0
 

@@ -29,7 +29,8 @@ from server.logs import AccessLog
 from server.metrics import Metrics
 from server.node.agent import NodeAgent, node_report
 from server.node.local import LocalNode
-from server.node.pool import EnginePool, discover
+from server.node.models_dir import discover
+from server.node.pool import EnginePool
 from server.node.routes import NODE_ROUTES, POOL_ROUTES
 from server.openai import models, playground
 from server.openai import routes as images
@@ -66,7 +67,7 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
     if role == "node":
         assert pool is not None
         state = AppState(settings=settings, renderer=pool, metrics=metrics, problem_sources=(pool.problems,),
-                         dead=pool.dead)
+                         unready_sources=(pool.why_not_ready,), dead=pool.dead)
         return Parts(state, pool=pool, agent=NodeAgent(settings, pool))
     registry = Registry(settings.heartbeat_timeout)
     # Standalone answers 429 from its own pool's queue; a router queues when every node is full.
@@ -77,8 +78,10 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
         local = LocalNode(pool, partial(node_report, pool, settings, LOCAL_NODE, "in-process"))
         registry.register(local.report(), local, refresh=local.report)
     sources = (pool.problems, dispatcher.problems) if pool is not None else (dispatcher.problems,)
+    unready = (pool.why_not_ready, dispatcher.why_not_ready) if pool is not None else (dispatcher.why_not_ready,)
     state = AppState(settings=settings, renderer=dispatcher, metrics=metrics, default_model=dispatcher.default_model,
-                     capacity=dispatcher, problem_sources=sources, api_keys=tuple(settings.keys()),
+                     capacity=dispatcher, problem_sources=sources, unready_sources=unready,
+                     api_keys=tuple(settings.keys()),
                      tenants={tenant.key: tenant for tenant in settings.tenants()},
                      dead=pool.dead if pool is not None else None)
     store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)
@@ -166,12 +169,18 @@ def asgi(app: Litestar) -> ASGIApp:
 
 def on_terminate(app: Litestar) -> None:
     """SIGTERM: a node stops taking work at once and tells its routers, before the server stops
-    accepting connections and waits for what is in flight."""
+    accepting connections and waits for what is in flight; a front door keeps waiting on its nodes."""
     parts: Parts = app.state.parts
     if parts.pool is not None:
         parts.pool.draining = True
+    if parts.registry is not None:  # its listener closes: no more heartbeats
+        parts.registry.listening = False
     loop = getattr(app.state, "loop", None)
-    if parts.agent is not None and loop is not None:
+    if loop is None:
+        return
+    if parts.pool is not None:  # the drain timeout counts from the signal
+        loop.call_soon_threadsafe(parts.pool.drain, parts.state.settings.drain_timeout)
+    if parts.agent is not None:
         loop.call_soon_threadsafe(parts.agent.beat_now)
 
 
@@ -186,7 +195,8 @@ async def _sweep(store: ImageStore) -> None:
 
 def default_model(settings: Settings) -> str | None:
     """Decided once, from configuration: `--default-model`, else (standalone) the first `--model`, else the
-    first model directory by name. A router has no default unless configured (its models come and go)."""
+    first model directory by name. A router has none configured unless given one (its models come and go):
+    requests then get the fleet's model while the nodes serve exactly one (`AppState.default`)."""
     if settings.default_model or settings.role == "router":
         return settings.default_model
     if settings.models:

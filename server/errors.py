@@ -54,6 +54,12 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def queue_full(model: str, running: int, waiting: int, seconds: int) -> ApiError:
+    """The 429 of a model's full queue (a node's, or a standalone server's own), with the wait until room."""
+    return ApiError(429, f"the queue for model '{model}' is full ({running} rendering, {waiting} waiting); retry in "
+                    f"about {seconds} s", code="queue_full", headers={"Retry-After": str(seconds)})
+
+
 def documented(*statuses: int) -> dict[int, ResponseSpec]:
     """A route's error statuses for OpenAPI, each with the OpenAI error body (instead of Litestar's own)."""
     return {status: ResponseSpec(data_container=ErrorResponse, description=_WHEN[status], generate_examples=False)

@@ -25,8 +25,8 @@ async def readyz(request: Request) -> dict[str, object]:
     problems = state.problems()
     if not state.renderer.ready():
         detail = f"; {problems}" if problems else ""
-        raise ApiError(503, "not ready: no model can render now (loading, draining, unhealthy, or no healthy "
-                       f"node){detail}", code="not_ready", headers={"Retry-After": "5"})
+        raise ApiError(503, f"not ready, no model can render: {state.why_not_ready()}{detail}", code="not_ready",
+                       headers={"Retry-After": "5"})
     return {"status": "ready", "models": sorted(state.renderer.ready_models()), **problems}
 
 

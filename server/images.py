@@ -7,15 +7,18 @@ An upload's format is decided by decoding its bytes, never by its file name or c
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.errors import ApiError
 
 # MPO is how many phone cameras write JPEG (a JPEG with more frames after it): its first frame is the photo.
 FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
+ACCEPTED = "PNG, JPEG or WebP"
+_OBJECT = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # how PIL names the file object it read: no use to a client
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
@@ -31,7 +34,7 @@ def decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             kind = image.format
             if kind not in FORMATS:
-                raise ApiError(400, f"'{param}' must be a PNG, JPEG or WebP image (got {kind or 'unknown'})",
+                raise ApiError(400, f"'{param}' must be a {ACCEPTED} image (got {kind or 'unknown'})",
                                param=param, code="invalid_image_format")
             width, height = image.size
             if width * height > max_pixels:
@@ -44,8 +47,12 @@ def decode(data: bytes, param: str, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ApiError(400, f"'{param}' is too large to decode: {exc}", param=param, code="image_too_large") from exc
+    except UnidentifiedImageError as exc:
+        raise ApiError(400, f"'{param}' is not an image in an accepted format ({ACCEPTED})", param=param,
+                       code="invalid_image_format") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError… for broken files
-        raise ApiError(400, f"'{param}' could not be decoded as a PNG, JPEG or WebP image ({exc})", param=param,
+        reason = _OBJECT.sub("", str(exc)) or type(exc).__name__
+        raise ApiError(400, f"'{param}' could not be decoded as a {ACCEPTED} image ({reason})", param=param,
                        code="invalid_image_format") from exc
 
 

@@ -12,6 +12,7 @@ the whole app, not a route, so unknown routes and early errors are logged and co
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -21,9 +22,12 @@ import time
 import uuid
 from typing import Literal
 
+import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import error_type
 from server.metrics import Metrics
+from server.protocol import ErrorDetail, ErrorResponse
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,6 +49,11 @@ def configure(level: str, log_format: LogFormat) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # httpx logs every request at INFO: a router's probes and a node's heartbeats, several a second. Our own
+    # lines say what matters about them (a node out of rotation, a router unreachable); --log-level debug shows all.
+    root = logging.getLogger().level
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(root if root <= logging.DEBUG else max(root, logging.WARNING))
 
 
 access_log = logging.getLogger("sdserve.access")
@@ -75,7 +84,7 @@ class AccessLog:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
-        status = 500
+        status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -86,7 +95,13 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if status:
+                raise
+            # uvicorn cancels what still runs when its shutdown grace ends, and would answer a bare 500
+            await _shutting_down(send_with_id)
         finally:
+            status = status or 500
             route = scope.get("path_template") or "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
             fields = {"request_id": request_id, "method": scope["method"], "path": _printable(scope["path"]),
@@ -94,3 +109,14 @@ class AccessLog:
                       "ms": round((time.perf_counter() - started) * 1000)}
             access_log.info("%(request_id)s %(method)s %(path)s %(status)d model=%(model)s user=%(user)s %(ms)dms",
                             fields, extra=fields)
+
+
+async def _shutting_down(send: Send) -> None:
+    """503 with the OpenAI error body, which a router re-dispatches."""
+    body = msgspec.json.encode(ErrorResponse(ErrorDetail(
+        message="the server shut down before this request finished; retry", type=error_type(503), param=None,
+        code="shutting_down")))
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -21,6 +21,8 @@ Style = Literal["vivid", "natural"]
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 Sampler = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm"]
+Decoder = Annotated[Literal["full", "tiny"], Meta(description="the final image's decoder (extension): full (the VAE, "
+                                                  "default) or tiny (the model's TAESD: faster, less faithful)")]
 
 MAX_PROMPT = 4000  # characters; tokens (what a render costs) are checked by the node before its queue
 
@@ -76,6 +78,7 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     strength: Strength | None = None
     # LoRA adapters, at most MAX_ADAPTERS (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
     lora: list[LoraRef] | str | None = None
+    decoder: Decoder | None = None
 
 
 PartialImages = Annotated[int, Meta(ge=0, le=3, description="partial images per image while streaming, 0-3",
@@ -128,16 +131,6 @@ class ImageData(msgspec.Struct, omit_defaults=True):
     b64_json: str | None = None
 
 
-class ImagesResponse(msgspec.Struct):
-    created: int
-    data: list[ImageData]
-    model: str
-    size: str
-    output_format: OutputFormat
-    quality: str = "medium"
-    background: str = "opaque"
-
-
 class InputTokensDetails(msgspec.Struct):
     text_tokens: int
     image_tokens: int = 0
@@ -150,6 +143,23 @@ class Usage(msgspec.Struct):
     input_tokens_details: InputTokensDetails
     output_tokens: int = 0
     total_tokens: int = 0
+
+    @classmethod
+    def of_text(cls, tokens: int) -> Usage:
+        """A render whose prompts came to `tokens` text tokens."""
+        return cls(input_tokens=tokens, input_tokens_details=InputTokensDetails(text_tokens=tokens), output_tokens=0,
+                   total_tokens=tokens)
+
+
+class ImagesResponse(msgspec.Struct):
+    created: int
+    data: list[ImageData]
+    model: str
+    size: str
+    output_format: OutputFormat
+    quality: str = "medium"
+    background: str = "opaque"
+    usage: Usage | None = None  # as OpenAI's GPT image models report it
 
 
 class ImageEvent(msgspec.Struct, kw_only=True):

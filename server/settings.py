@@ -1,12 +1,19 @@
 """One Settings Struct per process, filled from CLI flags, then `SDSERVE_*` environment variables, then
-defaults (a flag wins over the environment). Printed at start-up with secrets masked."""
+defaults (a flag wins over the environment). Printed at start-up with secrets masked.
+
+Each setting has one variable, `SDSERVE_` + its field name in capitals (`--api-key` is `SDSERVE_API_KEYS`,
+comma-separated; `--no-playground` is `SDSERVE_PLAYGROUND=false`); `--help` names it beside every flag. Any
+other `SDSERVE_*` variable stops the server at start-up, naming the variable meant, unless it is one of
+`OTHER_VARIABLES`: a misspelt `SDSERVE_API_KEY` would otherwise leave a server open that its operator
+believes closed."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,6 +32,15 @@ OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini",
 Positive = Annotated[int, Meta(ge=1)]
 Count = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(gt=0)]
+# SDSERVE_* variables that are not settings: other parts of sdserve read them, and a server accepts them.
+OTHER_VARIABLES = {
+    "SDSERVE_CACHE_DIR": "engines: the TensorRT execution provider's engine cache (default ~/.cache/sdserve)",
+    "SDSERVE_SCREENSHOTS": "tests: where the playground tests save their screenshots",
+    "SDSERVE_CHROMIUM": "tests: the Chromium binary the playground tests drive",
+    "SDSERVE_TEST_FAULTS": "tests: the folder of faults and step holds that tests/faults/sitecustomize.py reads",
+}
+LIST_FIELDS = ("models", "api_keys", "routers", "node_networks", "cors_origins", "fetch_allow_networks")
+BOOL_FIELDS = ("verify_models", "fetch_image_urls", "playground")
 
 
 class InvalidSettings(ValueError):
@@ -42,6 +58,7 @@ class Settings(msgspec.Struct, kw_only=True):
     default_model: str | None = None  # default: the first model, by name
     model_aliases: dict[str, str] = msgspec.field(default_factory=dict)  # extra names → model ids
     backend: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # what the openvino backend computes in
     lora_dir: str | None = None  # LoRA adapters (.safetensors) offered to every model they fit
     threads: Positive | None = None
     verify_models: bool = True  # check every file's sha256 at load
@@ -51,7 +68,8 @@ class Settings(msgspec.Struct, kw_only=True):
     max_batch: Positive | None = None  # batching: UNet rows per call (default: the backend's best, else a chunk)
     batch_renders: Positive | None = None  # batching: renders a slot interleaves (default: what one call steps)
     request_timeout: Seconds = 600.0  # seconds from acceptance to answer → 504
-    preview: Literal["full", "linear"] = "full"  # streaming: partials by the full VAE decode, or "linear" (cheap)
+    # streaming and A1111 previews: the model's tiny decoder where it has one (else the VAE), the VAE, or "linear"
+    preview: Literal["tiny", "full", "linear"] = "tiny"
     keepalive_interval: Seconds = 10.0  # streaming: seconds between keep-alive comments while nothing else is sent
     drain_timeout: Seconds = 25.0  # SIGTERM: seconds to finish accepted work (Kubernetes kills after 30 by default)
     # a sick node (server.node.health): a render not stepping, or renders failing in the engine
@@ -137,20 +155,30 @@ def _writable(directory: Path) -> bool:
     return False
 
 
-def _env_name(field: str) -> str:
+def env_name(field: str) -> str:
+    """The one environment variable of a setting."""
     return "SDSERVE_" + field.upper()
+
+
+def _env_help(field: str, const: object) -> str:
+    """How --help names a flag's variable: its format where that is not a plain value."""
+    if isinstance(const, bool):
+        return f"{env_name(field)}={str(const).lower()}"
+    if field in LIST_FIELDS:
+        return f"{env_name(field)}=A,B"
+    return f"{env_name(field)}=NAME=MODEL,…" if field == "model_aliases" else env_name(field)
 
 
 def _parse_env(field: str, raw: str, kind: object) -> object:
     """Environment values are strings: lists are comma separated, maps are name=value pairs."""
-    if field in ("models", "api_keys", "routers", "node_networks", "cors_origins", "fetch_allow_networks"):
+    if field in LIST_FIELDS:
         return _comma_list(raw)
     if field == "model_aliases":
         return dict(pair.split("=", 1) for pair in raw.split(",") if "=" in pair)
-    if field in ("verify_models", "fetch_image_urls", "playground"):
+    if field in BOOL_FIELDS:
         word = raw.strip().lower()
         if word not in TRUE_WORDS + FALSE_WORDS:  # a typo must not switch on, say, fetching URLs
-            raise InvalidSettings(f"invalid setting: {_env_name(field)}={raw!r} is not one of "
+            raise InvalidSettings(f"invalid setting: {env_name(field)}={raw!r} is not one of "
                                   f"{', '.join(TRUE_WORDS + FALSE_WORDS)}")
         return word in TRUE_WORDS
     return raw  # converted (and range-checked, naming the field) with the rest in from_sources
@@ -160,22 +188,34 @@ def _comma_list(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
-def add_arguments(cli: argparse.ArgumentParser) -> None:
-    """One flag per setting; every flag's default is None so that unset flags fall through to env."""
-    flag = cli.add_argument
+def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
+    """One flag per setting; every flag's default is None so that unset flags fall through to env. Each
+    flag's help ends with its variable."""
+    actions: list[argparse.Action] = []
+
+    def flag(*names: str, **options: object) -> None:
+        action = cli.add_argument(*names, **options)
+        action.help = f"{action.help} [{_env_help(action.dest, action.const)}]"
+        actions.append(action)
+
     flag("--host", help="address to bind (default 127.0.0.1)")
     flag("--port", type=int, help="port (default 8080)")
     flag("--public-url", help="base URL for image links when behind a proxy")
-    flag("--models-dir", help="folder of model directories, ours or ONNX folders in optimum's layout (default models/)")
-    flag("--model", dest="models", action="append", help="serve only this model id (repeatable)")
+    flag("--models-dir", help="folder of model directories (ours, or ONNX folders in optimum's layout), or one "
+         "model directory itself, as `python -m export NAME --output DIR` writes it (default models/)")
+    flag("--model", dest="models", action="append", metavar="MODEL", help="serve only this model id (repeatable)")
     flag("--default-model", help="model used when a request names none or an OpenAI model name")
     flag("--model-alias", dest="model_aliases", action="append", metavar="NAME=MODEL",
          help="extra model name mapped to a model id (repeatable)")
-    flag("--backend", choices=["auto", "cpu", "cuda", "tensorrt-ep", "tensorrt"],
-         help="engine backend (default auto: TensorRT plans built for this GPU, else the best ONNX Runtime provider)")
+    flag("--backend", choices=["auto", "cpu", "openvino", "cuda", "tensorrt-ep", "tensorrt"],
+         help="engine backend (default auto: TensorRT plans built for this GPU, else CUDA, else the CPU on OpenVINO "
+         "where it is installed, else on ONNX Runtime)")
+    flag("--precision", choices=["auto", "bf16", "fp32"],
+         help="what the openvino backend computes in (default auto: bf16 where the processor has bf16 instructions, "
+         "AVX-512 BF16 or AMX; else fp32); the other backends compute in the graphs' precision")
     flag("--lora-dir", help="folder of LoRA adapters (.safetensors, diffusers or kohya keys): each file is an "
-         "adapter named by its stem, offered to every model it fits (or SDSERVE_LORA_DIR)")
-    flag("--threads", type=int, help="ONNX Runtime threads per render (default: all cores)")
+         "adapter named by its stem, offered to every model it fits")
+    flag("--threads", type=int, help="threads per graph call of a render (default: all cores)")
     flag("--no-verify-models", dest="verify_models", action="store_const", const=False,
          help="skip the sha256 check of model files at load")
     flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
@@ -191,8 +231,9 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          "its queue (default: as many of the model's default requests as one call of --max-batch rows steps "
          "together, e.g. 4 guided images in 8 rows)")
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
-    flag("--preview", choices=["full", "linear"],
-         help="streaming: partial images by the full VAE decode (default) or a cheap linear latent-to-RGB map")
+    flag("--preview", choices=["tiny", "full", "linear"],
+         help="streaming and A1111 previews: by the model's tiny decoder (default; the full VAE for models exported "
+         "without --tiny-decoder), the full VAE decode, or a cheap linear latent-to-RGB map")
     flag("--keepalive-interval", type=float, help="streaming: seconds between keep-alive comments (default 10)")
     flag("--drain-timeout", type=float, help="on SIGTERM, seconds to finish accepted requests before exiting "
          "(default 25: under Kubernetes' default terminationGracePeriodSeconds of 30)")
@@ -209,11 +250,26 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
     flag("--fetch-timeout", type=float, help="seconds for one image URL fetch, redirects included (default 10)")
     flag("--fetch-allow-networks", action="extend", type=_comma_list, metavar="CIDR,…",
          help="networks fetched from even though loopback/private/link-local/… (repeatable; default none)")
-    flag("--api-key", dest="api_keys", action="append", help="accepted API key (repeatable; or SDSERVE_API_KEYS)")
+    flag("--api-key", dest="api_keys", action="append", metavar="KEY", help="accepted API key (repeatable)")
     flag("--api-keys-file", help="file of API keys, one per line: KEY [max_concurrent=N] [rate=N/s|m|h]")
-    flag("--node-token", help="shared secret for node registration (or SDSERVE_NODE_TOKEN)")
-    flag("--admin-key", help="key for the /v0 admin routes (or SDSERVE_ADMIN_KEY)")
-    flag("--router", dest="routers", action="append", help="node: router URL to register with (repeatable)")
+    flag("--node-token", help="shared secret for node registration")
+    flag("--admin-key", help="key for the /v0 admin routes")
+    _fleet_arguments(flag)
+    flag("--no-playground", dest="playground", action="store_const", const=False,
+         help="do not serve the browser playground page at / (standalone and router roles)")
+    flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    flag("--log-format", choices=["text", "json"],
+         help="text (default) or json: one JSON object per line, the access log with its request_id included")
+    flag("--cors-origins", action="extend", type=_comma_list,
+         metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
+         "https://app.example.com, or * for any (repeatable; default none)")
+    return actions
+
+
+def _fleet_arguments(flag: Callable[..., object]) -> None:
+    """A node's registration with its routers, and a router's view of its nodes."""
+    flag("--router", dest="routers", action="append", metavar="URL",
+         help="node: router URL to register with (repeatable)")
     flag("--advertise-url", help="node: the URL routers reach this node at")
     flag("--node-id", help="node: stable identity (default: from the advertise URL)")
     flag("--heartbeat-interval", type=float, help="node: seconds between heartbeats (default 3)")
@@ -226,14 +282,6 @@ def add_arguments(cli: argparse.ArgumentParser) -> None:
          metavar="CIDR,…", help="router: networks that node advertise URLs may resolve into (default: loopback "
          "and private ranges, " + ",".join(PRIVATE_NETWORKS) + "; 0.0.0.0/0,::/0 allows any)")
     flag("--retries", type=int, help="router: other nodes tried when one fails before starting (default 2)")
-    flag("--no-playground", dest="playground", action="store_const", const=False,
-         help="do not serve the browser playground page at / (standalone and router roles)")
-    flag("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
-    flag("--log-format", choices=["text", "json"],
-         help="text (default) or json: one JSON object per line, the access log with its request_id included")
-    flag("--cors-origins", action="extend", type=_comma_list,
-         metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
-         "https://app.example.com, or * for any (repeatable; default none)")
 
 
 def _health_arguments(flag: Callable[..., object]) -> None:
@@ -250,21 +298,58 @@ def _health_arguments(flag: Callable[..., object]) -> None:
 
 
 def from_sources(role: Role, args: argparse.Namespace | None = None,
-                 environ: dict[str, str] | None = None) -> Settings:
+                 environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
+    check_variables(environ)
     values: dict[str, object] = {"role": role}
-    fields = msgspec.structs.fields(Settings)
-    for field in fields:
+    for field in msgspec.structs.fields(Settings):
         if field.name == "role":
             continue
         given = getattr(args, field.name, None) if args is not None else None
         if given is not None:
             values[field.name] = given
-        elif environ.get(_env_name(field.name), "").strip():  # empty (a compose ${VAR} unset): not given
-            values[field.name] = _parse_env(field.name, environ[_env_name(field.name)], field.type)
+        elif environ.get(env_name(field.name), "").strip():  # empty (a compose ${VAR} unset): not given
+            values[field.name] = _parse_env(field.name, environ[env_name(field.name)], field.type)
     if isinstance(values.get("model_aliases"), list):
         values["model_aliases"] = dict(item.split("=", 1) for item in values["model_aliases"] if "=" in item)
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise InvalidSettings(f"invalid setting: {exc}") from exc
+
+
+def variables() -> set[str]:
+    """Every SDSERVE_* variable a server reads or accepts."""
+    return {env_name(f.name) for f in msgspec.structs.fields(Settings) if f.name != "role"} | set(OTHER_VARIABLES)
+
+
+def check_variables(environ: Mapping[str, str]) -> None:
+    """An SDSERVE_* variable that is neither a setting nor one of OTHER_VARIABLES is a mistake: refuse it,
+    naming the variable meant (a flag's name as a variable, e.g. SDSERVE_API_KEY, maps to its setting's)."""
+    known = variables()
+    unknown = sorted(name for name in environ if name.startswith("SDSERVE_") and name not in known)
+    if not unknown:
+        return
+    by_flag = _variables_by_flag_name()
+    suffixes = {name.removeprefix("SDSERVE_"): name for name in sorted(known)}
+    meant = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.removeprefix("SDSERVE_"), suffixes, n=1, cutoff=0.7)
+        guess = by_flag.get(name) or (suffixes[close[0]] if close else None)
+        meant.append(f"{name} (did you mean {guess}?)" if guess else name)
+    raise InvalidSettings(f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(meant)}: "
+                          "`python -m server --help` names each setting's SDSERVE_ variable")
+
+
+def _variables_by_flag_name() -> dict[str, str]:
+    """SDSERVE_<FLAG NAME> → the setting's variable, for flags named otherwise than their setting."""
+    found = {}
+    for action in add_arguments(argparse.ArgumentParser(add_help=False)):
+        meant = env_name(action.dest)
+        if isinstance(action.const, bool):
+            meant += f"={str(action.const).lower()}"
+        elif action.dest in LIST_FIELDS or action.dest == "model_aliases":
+            meant += ", comma-separated"
+        for option in action.option_strings:
+            found["SDSERVE_" + option.lstrip("-").replace("-", "_").upper()] = meant
+    return found

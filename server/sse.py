@@ -26,7 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import msgspec
 
 from server.errors import from_detail, to_response
-from server.protocol import CompletedImageEvent, ErrorEvent, InputTokensDetails, PartialImageEvent, Usage
+from server.protocol import CompletedImageEvent, ErrorEvent, PartialImageEvent, Usage
 from server.wire import PartialImage, RenderedImages, RenderOrder, StreamCut, StreamEvent
 
 MEDIA_TYPE = "text/event-stream"
@@ -87,9 +87,7 @@ def _partial_event(order: RenderOrder, created: int, partial: PartialImage) -> P
 
 
 def _completed_events(order: RenderOrder, created: int, rendered: RenderedImages) -> list[bytes]:
-    tokens = rendered.input_tokens
-    usage = Usage(input_tokens=tokens, input_tokens_details=InputTokensDetails(text_tokens=tokens),
-                  output_tokens=0, total_tokens=tokens)
+    usage = Usage.of_text(rendered.input_tokens)
     return [frame(f"{order.events}.completed", CompletedImageEvent(
         type=f"{order.events}.completed", b64_json=base64.b64encode(image).decode("ascii"), created_at=created,
         size=f"{order.width}x{order.height}", quality=order.quality, background="opaque",

@@ -59,6 +59,7 @@ class AppState:
     default_model: str | None = None  # decided once at start-up (`server.app.default_model`); front doors only
     capacity: Capacity | None = None  # front doors: room before a 429
     problem_sources: tuple[Callable[[], dict[str, object]], ...] = ()  # what /readyz reports beside readiness
+    unready_sources: tuple[Callable[[], str | None], ...] = ()  # why nothing can render, for /readyz
     dead: Callable[[], str | None] | None = None  # why /healthz should fail (restart me), with an engine pool
     api_keys: tuple[str, ...] = ()  # read once at start-up (settings and the keys file)
     tenants: dict[str, Tenant] = field(default_factory=dict)  # key → its limits (front doors)
@@ -74,11 +75,13 @@ class AppState:
         model; configured aliases map to their model; unknown names are 404; known models that cannot
         render now (loading, no healthy node) are 503."""
         ready, known = self.renderer.ready_models(), self.renderer.known_models()
-        target = self.default_model if name is None or name in OPENAI_MODEL_NAMES else name
+        target = self.default(known) if name is None or name in OPENAI_MODEL_NAMES else name
         target = self.settings.model_aliases.get(name or "", target)
         if target is None:
-            raise ApiError(400, "this server has no default model: name one in 'model' (see /v1/models), or "
-                           "start it with --default-model", param="model", code="model_required")
+            served = ", ".join(sorted(known | set(ready))) or "none yet"
+            raise ApiError(400, f"no model named and this server has no default model (it serves {served}): name "
+                           "one in 'model' (see /v1/models), or start it with --default-model", param="model",
+                           code="model_required")
         if target in ready:
             return ready[target]
         if target in known:
@@ -90,6 +93,13 @@ class AppState:
         available = ", ".join(sorted(known | set(ready))) or "none"
         raise ApiError(404, f"the model '{name}' does not exist; available: {available}", param="model",
                        code="model_not_found")
+
+    def default(self, known: set[str]) -> str | None:
+        """The model a request naming none gets: the one decided at start-up, else (a router without
+        --default-model) the one model the renderer knows while it knows exactly one."""
+        if self.default_model is not None:
+            return self.default_model
+        return next(iter(known)) if len(known) == 1 else None
 
     def resolve_model(self, name: str | None, connection: ASGIConnection) -> ModelInfo:
         """`model(name)`, noted on the request for the access log."""
@@ -117,6 +127,12 @@ class AppState:
             found |= source()
         return found
 
+    def why_not_ready(self) -> str:
+        """What /readyz says while no model can render: nothing found, loading, failed, draining, the nodes'
+        states (each source says what it knows, or None)."""
+        reasons = [reason for source in self.unready_sources if (reason := source())]
+        return "; ".join(reasons) or "no model is loaded"
+
     @staticmethod
     def request_id(connection: ASGIConnection) -> str:
         return connection.scope.get("state", {}).get("request_id", "-")
@@ -138,14 +154,21 @@ class AppState:
             done, _ = await asyncio.wait({render, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            if not render.done():  # the client left, or this request was cancelled (a shutdown's last resort)
+                render.cancel()
+                render.add_done_callback(_read)  # whatever it ends with, nobody else reads it
         if render not in done:
-            render.cancel()
             raise RenderCancelled(f"client disconnected; request {order.request_id} cancelled")
         try:
             return render.result()
         except TimeoutError:
             raise ApiError(504, f"the render took longer than the {self.settings.request_timeout:g} s request "
                            "timeout", code="timeout") from None
+
+
+def _read(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def client_gone(request: Request) -> None:

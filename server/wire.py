@@ -50,9 +50,10 @@ class RenderOrder(msgspec.Struct, kw_only=True):
     output_compression: int | None = None
     quality: str = "medium"  # in responses and events: low, medium or high, as OpenAI reports it
     partial_images: int = 0  # streaming: previews per image
-    preview: Literal["full", "linear"] | None = None  # streaming: how previews are drawn; None: the node's --preview
+    preview: Literal["tiny", "full", "linear"] | None = None  # streaming: how previews are drawn; None: --preview
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
     lora: list[LoraRef] = msgspec.field(default_factory=list)
+    decoder: str = "full"  # the final image's: "full" (the VAE) or "tiny" (the model's TAESD)
     tenant: str = ""  # who asked (a hash of the API key): a model's queue takes turns between tenants
     tenant_cap: int = 0  # renders of this tenant at once on a node (its keys-file max_concurrent); 0: no cap
 

@@ -58,6 +58,35 @@ def lora_model(models_root: Path) -> Callable[[str], Path]:
     return get
 
 
+TAESD_SEED = 5
+
+
+@pytest.fixture(scope="session")
+def taesd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny autoencoder (diffusers' AutoencoderTiny, narrow), saved as a local folder."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from export import tiny_decoder
+
+    folder = tmp_path_factory.mktemp("taesd")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TAESD_SEED)
+        AutoencoderTiny(**tiny_decoder.TINY_CONFIG).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def taesd_model(models_root: Path, taesd_folder: Path) -> Path:
+    """tiny-sd15 exported with `--tiny-decoder FOLDER` (kept out of `models_dir`, like the LoRA exports)."""
+    from export import ExportSettings, export_model
+
+    target = models_root.parent / "taesd-models" / "tiny-sd15-taesd"
+    if not (target / "model.json").is_file():
+        export_model(ExportSettings(preset="tiny-sd15", output=str(target), tiny_decoder=str(taesd_folder)))
+    return target
+
+
 @pytest.fixture(scope="session")
 def controlnet_model(models_root: Path) -> Callable[[str], Path]:
     """`controlnet_model("tiny-sdxl")` → the model exported with `--controlnet` (its UNet takes ControlNet

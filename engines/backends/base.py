@@ -3,8 +3,11 @@ runs on (ONNX Runtime on CPU, CUDA or its TensorRT EP; native TensorRT plans).""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -46,3 +49,17 @@ class Backend(ABC):
 
     @abstractmethod
     def open(self, name: str, component: mf.Component) -> Session: ...
+
+
+def cache_root() -> Path:
+    """Where backends keep what they compile from a model's graphs: $SDSERVE_CACHE_DIR, default
+    ~/.cache/sdserve (outside the model directory, which `export --force` replaces)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdserve"
+    return Path(os.environ.get("SDSERVE_CACHE_DIR") or default)
+
+
+def graph_cache(kind: str, manifest: mf.Manifest, key: str, component: mf.Component) -> Path:
+    """One graph's folder under `cache_root()/kind`, keyed by the graph's hash: a re-export neither deletes
+    nor reuses what was compiled from the old graph."""
+    digest = hashlib.sha256("".join(ref.sha256 for ref in component.files()).encode()).hexdigest()[:16]
+    return cache_root() / kind / f"{manifest.name}-{key}-{digest}"

@@ -12,7 +12,6 @@ user's cache folder, which `export --force` does not delete.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ import onnxruntime as ort
 
 from engines import libraries, plans
 from engines import manifest as mf
-from engines.backends.base import Backend, Session
+from engines.backends.base import Backend, Session, graph_cache
 from engines.errors import EngineFailure
 
 log = logging.getLogger("sdserve.engines")
@@ -171,10 +170,7 @@ def _make_cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) ->
 def cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) -> Path:
     """The TensorRT EP's engine cache for one graph: under $SDSERVE_CACHE_DIR (default
     ~/.cache/sdserve), keyed by the graph's hash, so a re-export neither deletes nor reuses stale engines."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdserve"
-    base = Path(os.environ.get("SDSERVE_CACHE_DIR") or default)
-    digest = hashlib.sha256("".join(ref.sha256 for ref in component.files()).encode()).hexdigest()[:16]
-    return base / "tensorrt-ep" / f"{manifest.name}-{key}-{digest}"
+    return graph_cache("tensorrt-ep", manifest, key, component)
 
 
 def available() -> list[str]:

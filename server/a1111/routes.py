@@ -94,7 +94,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     order = orders.build(body, info, options, state.request_id(request), strength, image, mask)
     previews = preview_count(options, order.steps, order.strength)
     order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews,
-                                    preview=preview_mode(options),
+                                    preview=preview_mode(options, info.tiny_decoder),
                                     events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), order=order, kind=kind, previews=previews)
     gone = asyncio.ensure_future(client_gone(request))

@@ -43,10 +43,14 @@ def preview_count(options: dict[str, Any], steps: int, strength: float) -> int:
     return total if every == 0 else max(0, math.ceil(total / every) - 1)
 
 
-def preview_mode(options: dict[str, Any]) -> Literal["full", "linear"]:
-    """A1111's `show_progress_type`: "Full" decodes each preview with the VAE; its approximations ("Approx NN",
-    "Approx cheap", "TAESD") and the default are the cheap linear latent map."""
-    return "full" if str(options.get("show_progress_type", "")).lower() == "full" else "linear"
+def preview_mode(options: dict[str, Any], tiny: bool) -> Literal["tiny", "full", "linear"]:
+    """A1111's `show_progress_type`: "Full" decodes each preview with the VAE, "Approx cheap" is the linear latent
+    map; "TAESD", "Approx NN" and the default take the model's tiny decoder where it has one (`tiny`), else the
+    linear map."""
+    kind = str(options.get("show_progress_type", "")).lower()
+    if kind in ("full", "approx cheap"):
+        return "full" if kind == "full" else "linear"
+    return "tiny" if tiny else "linear"
 
 
 @dataclass

@@ -109,7 +109,15 @@ class NodeAgent:
         for task in self._tasks:
             task.cancel()
         for router, lease in list(self.leases.items()):
-            with contextlib.suppress(httpx.HTTPError):
-                await self.http.delete(f"{router}/v0/nodes/{self.id}", headers={"x-node-lease": lease})
+            try:
+                response = await self.http.delete(f"{router}/v0/nodes/{self.id}", headers={"x-node-lease": lease})
+            except httpx.HTTPError as exc:
+                log.warning("could not deregister from router %s (%s); it drops this node when its lease expires",
+                            router, exc)
+                continue
+            if response.status_code == 200:
                 log.info("deregistered from router %s", router)
+            else:
+                log.warning("router %s refused the deregistration: %d %s", router, response.status_code,
+                            response.text[:300])
         await self.http.aclose()

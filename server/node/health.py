@@ -83,6 +83,12 @@ class NodeHealth:
                 if self.limits.failure_limit and self._streak >= self.limits.failure_limit:
                     self._streak_sick_since = self._streak_sick_since or self._last_failure
 
+    def step_seconds(self, model: str) -> float | None:
+        """The median of the model's recent step times; None before it was seen stepping."""
+        with self._lock:
+            samples = self._step_times.get(model)
+            return statistics.median(samples) if samples else None
+
     def bound(self, model: str) -> float:
         """Seconds a render of `model` may go without a step before it counts as stalled."""
         samples = self._step_times.get(model)

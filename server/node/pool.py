@@ -18,19 +18,12 @@ from server.metrics import Metrics
 from server.node import stream
 from server.node.batcher import Batching
 from server.node.health import Limits, NodeHealth
+from server.node.models_dir import discover, nothing_servable
 from server.node.queue import ModelQueue
 from server.settings import Settings
 from server.wire import RenderedImages, RenderOrder, StreamEvent
 
 log = logging.getLogger("sdserve.server")
-
-
-def discover(models_dir: str | Path, only: list[str]) -> list[Path]:
-    root = Path(models_dir)
-    if not root.is_dir():
-        return []
-    found = sorted(p for p in root.iterdir() if engines.is_model_dir(p))
-    return [p for p in found if not only or p.name in only]
 
 
 class EnginePool:
@@ -45,10 +38,12 @@ class EnginePool:
         self.settings, self.metrics = settings, metrics
         self.queues: dict[str, ModelQueue] = {}
         self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
+        self.empty = nothing_servable(settings.models_dir, settings.models)  # why there is nothing to load
         self.draining = False
         self.health = NodeHealth(Limits(stall_seconds=settings.stall_seconds, stall_factor=settings.stall_factor,
                                         failure_limit=settings.unhealthy_after_failures,
                                         liveness_seconds=settings.liveness_seconds))
+        self._drain: asyncio.Task[None] | None = None
         self._loader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -60,6 +55,9 @@ class EnginePool:
             self._loader.join(timeout)
 
     def _load_all(self) -> None:
+        if self.empty:
+            log.warning("%s: this server can render nothing until models are there and it is restarted",
+                        self.empty)
         for path in discover(self.settings.models_dir, self.settings.models):
             started = time.perf_counter()
             try:
@@ -78,7 +76,7 @@ class EnginePool:
     def _load(self, path: Path) -> ModelQueue:
         s = self.settings
         pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
-                                lora_dir=s.lora_dir)
+                                lora_dir=s.lora_dir, precision=s.precision)
         batching = None
         if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
             rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch
@@ -106,6 +104,20 @@ class EnginePool:
 
     def ready(self) -> bool:
         return bool(self.queues) and not self.draining and self.health.check().ready
+
+    def why_not_ready(self) -> str:
+        """What /readyz says while no model can render: draining, sick, nothing found, loading, or every model
+        failed to load."""
+        loading = sorted(name for name, state in self.states.items() if state == "loading")
+        if self.draining:
+            return "draining: this server is shutting down"
+        if sick := self.sick():
+            return f"unhealthy: {sick}"
+        if self.empty:
+            return self.empty
+        if loading:
+            return f"loading {', '.join(loading)}"
+        return "every model failed to load: " + "; ".join(f"{name}: {why}" for name, why in self.failed().items())
 
     def sick(self) -> str | None:
         """Why this node should take no new work (a render stalled, renders failing), or None."""
@@ -161,12 +173,32 @@ class EnginePool:
     def idle(self) -> bool:
         return all(q.idle() for q in self.queues.values())
 
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work, then wait (up to `timeout`) for what was accepted to finish."""
+    def drain(self, timeout: float) -> asyncio.Task[None]:
+        """Refuse new work from now on, and give what was accepted up to `timeout` seconds to finish (from the
+        event loop; SIGTERM starts it, the shutdown awaits the same drain)."""
         self.draining = True
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._drain_within(timeout))
+        return self._drain
+
+    async def _drain_within(self, timeout: float) -> None:
+        """What is unfinished at the deadline is answered 503 `draining`, which a router sends to another node:
+        an honest answer before the HTTP server gives up on the request (`server.__main__` waits longer)."""
+        running = sum(q.running for q in self.queues.values())
+        waiting = sum(q.waiting for q in self.queues.values())
+        log.info("draining: taking no new work; waiting up to %g s for %d running and %d waiting renders", timeout,
+                 running, waiting)
         deadline = time.monotonic() + timeout
         while not self.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if self.idle():
+            log.info("drained: every accepted render has finished")
+            return
+        error = ApiError(503, f"this node shut down before the render finished (--drain-timeout {timeout:g} s); "
+                         "retry on another node", code="draining", headers={"Retry-After": "5"})
+        unfinished = sum(q.give_up(error) for q in self.queues.values())
+        log.warning("drain timeout (%g s): %d render(s) unfinished, answered 503 so that a router sends them to "
+                    "another node", timeout, unfinished)
 
     def close(self, wait: float = 30.0) -> None:
         for queue in self.queues.values():

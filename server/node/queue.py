@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -32,8 +33,9 @@ from PIL import Image
 import engines
 from engines.rendering import Rendering
 from server import images
-from server.errors import ApiError
+from server.errors import ApiError, queue_full
 from server.metrics import Metrics
+from server.node import estimate
 from server.node.batcher import Batcher, Batching, Outcome
 from server.node.fair_queue import FairQueue
 from server.node.health import NodeHealth
@@ -60,7 +62,6 @@ class ModelQueue:
         self._ready = threading.Condition()
         self._running = 0
         self._running_work = 0
-        self._last_seconds = 5.0  # the latest render's duration, for Retry-After
         self._closed = False
         self._current: set[Ticket] = set()  # running now
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"finish-{self.id}")  # one: keeps their order
@@ -100,8 +101,7 @@ class ModelQueue:
                                headers={"Retry-After": "5"})
             # full at capacity + depth tickets, counting one a free slot has not picked up yet as that slot's
             if self._running + len(self._waiting) >= self.capacity + self.depth:
-                raise ApiError(429, f"the queue for model {self.id} is full ({self.depth} waiting); retry shortly",
-                               code="queue_full", headers={"Retry-After": str(self.retry_after())})
+                raise queue_full(self.id, self._running, len(self._waiting), self.retry_after())
             self._waiting.append(ticket, order.tenant)
             self._tenant_caps[order.tenant] = order.tenant_cap
             self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
@@ -116,16 +116,22 @@ class ModelQueue:
             raise
 
     def abandon(self, ticket: Ticket) -> None:
-        """Nobody waits for this ticket any more: drop it from the queue, or stop it at its next step."""
+        """Nobody waits for this ticket any more (from the event loop): drop it from the queue, or stop it at
+        its next step. Its future is cancelled, so the outcome that comes later is dropped, not left unread."""
         ticket.cancel.set()
+        ticket.future.cancel()
         with self._ready:
             if ticket in self._waiting:
                 self._waiting.remove(ticket)
                 self.metrics.queue_depth.labels(self.id).set(len(self._waiting))
 
     def retry_after(self) -> int:
-        """A rough wait: the queue ahead times the last render's duration, over the renders run at once."""
-        return max(1, int(self._last_seconds * (len(self._waiting) + 1) / self.capacity))
+        """Seconds until the queue has room again (`server.node.estimate`)."""
+        with self._ready:  # a reentrant lock: enqueue holds it too
+            chunk = self.pipeline.max_batch
+            return estimate.seconds_until_room([(t.progress, math.ceil(t.order.n / chunk), t.order.steps)
+                                                for t in self._current],
+                                               self.health.step_seconds(self.id) or estimate.FIRST_STEP_GUESS)
 
     def _serve(self) -> None:
         if self.batching is not None:
@@ -175,11 +181,13 @@ class ModelQueue:
         """A taken ticket's outcome (a render's result, a finished render, or its error), answered on the
         finishing thread, after the previews handed over before it."""
         try:
-            self._finisher.submit(self._answer, ticket, outcome)
+            self._finisher.submit(self._complete, ticket, outcome)
         except RuntimeError:  # closed: answered here, late in a shutdown
-            self._answer(ticket, outcome)
+            self._complete(ticket, outcome)
 
-    def _answer(self, ticket: Ticket, outcome: Outcome) -> None:
+    def _complete(self, ticket: Ticket, outcome: Outcome) -> None:
+        """On the finishing thread: a finished render's images, encoded; then the ticket leaves the counts and
+        its request gets its answer."""
         try:
             if isinstance(outcome, Rendering):
                 outcome = outcome.result()
@@ -187,9 +195,9 @@ class ModelQueue:
                 outcome = self.rendered(ticket, outcome)
         except BaseException as exc:  # its own error (or cancellation), delivered to its request only
             outcome = exc
-        self._deliver(ticket, outcome)
+        self._release(ticket, outcome)
 
-    def _deliver(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+    def _release(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
         if isinstance(outcome, engines.RenderCancelled):
             log.info("%s", outcome)
         self.health.finished(ticket, "ok" if isinstance(outcome, RenderedImages)
@@ -201,10 +209,7 @@ class ModelQueue:
             self._running_work -= ticket.order.work
             self._tenants_running[ticket.order.tenant] -= 1
             self._ready.notify_all()
-        try:
-            ticket.loop.call_soon_threadsafe(_deliver, ticket.future, outcome)
-        except RuntimeError:  # its event loop is closed: nobody is left to answer
-            log.info("request %s: its event loop closed before its outcome", ticket.order.request_id)
+        _answer(ticket, outcome)
 
     @staticmethod
     def render_request(ticket: Ticket) -> engines.RenderRequest:
@@ -213,14 +218,15 @@ class ModelQueue:
             prompt=order.prompt, negative_prompt=order.negative_prompt, width=order.width, height=order.height,
             steps=order.steps, guidance_scale=order.guidance_scale, sampler=order.sampler, seed=order.seed,
             n=order.n, image=_open(order.image), mask=_open(order.mask), strength=order.strength,
-            lora=[(ref.name, ref.scale) for ref in order.lora], tokens=ticket.tokens,
+            lora=[(ref.name, ref.scale) for ref in order.lora], decoder=order.decoder, tokens=ticket.tokens,
         )
 
     def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:
-        """The render's progress callback: tells the node's health it stepped, and stops it at its next step
-        once nobody waits for it."""
+        """The render's progress callback: tells the node's health and the ticket's progress (for Retry-After)
+        it stepped, and stops it at its next step once nobody waits for it."""
         def on_step(done: int, total: int) -> None:
             self.health.stepped(ticket)
+            ticket.progress.step(done, total)
             if ticket.cancel.is_set():
                 raise engines.RenderCancelled(f"request {ticket.order.request_id} cancelled at step {done}/{total}")
         return on_step
@@ -266,24 +272,31 @@ class ModelQueue:
         encoded = [images.encode(image, order.output_format, order.output_compression) for image in result.images]
         queued = ticket.started - ticket.enqueued
         timings = dict(result.timings.stages) | {"encode": time.perf_counter() - started, "queue": queued}
-        self._last_seconds = timings.get("total", 0.0)
         self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
         self.metrics.images.labels(self.id).inc(len(encoded))
         return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
                               input_tokens=ticket.tokens.count)  # by the first text encoder's tokenizer
 
+    def give_up(self, error: ApiError) -> int:
+        """Answer every accepted request with `error` now: what waits leaves the queue, what runs stops at its
+        next step (its outcome is then dropped). How many there were."""
+        with self._ready:
+            tickets = [*self._current, *self._waiting]
+            for ticket in tickets:
+                ticket.cancel.set()
+                _answer(ticket, error)
+            self._waiting.clear()
+            self.metrics.queue_depth.labels(self.id).set(0)
+            self._ready.notify_all()
+        return len(tickets)
+
     def close(self, wait: float) -> None:
-        """Stop: what waits is dropped, what runs stops at its next step; wait up to `wait` s for the threads
-        (a process must not exit while a thread is inside ONNX Runtime)."""
+        """Stop: what waits is answered 503, what runs stops at its next step; wait up to `wait` s for the
+        threads (a process must not exit while a thread is inside ONNX Runtime)."""
         with self._ready:
             self._closed = True
-            for ticket in self._current:
-                ticket.cancel.set()
-            for ticket in self._waiting:
-                ticket.loop.call_soon_threadsafe(_deliver, ticket.future, ApiError(
-                    503, f"model {self.id} is shutting down", code="draining", headers={"Retry-After": "5"}))
-            self._waiting.clear()
-            self._ready.notify_all()
+        self.give_up(ApiError(503, f"model {self.id} is shutting down", code="draining",
+                              headers={"Retry-After": "5"}))
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -298,8 +311,18 @@ def _open(data: bytes | None) -> Image.Image | None:
     return None if data is None else Image.open(io.BytesIO(data))
 
 
+def _answer(ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+    """Deliver `outcome` to the request waiting for `ticket`, from any thread."""
+    try:
+        ticket.loop.call_soon_threadsafe(_deliver, ticket.future, outcome)
+    except RuntimeError:  # its event loop is closed: nobody is left to answer
+        log.info("request %s: its event loop closed before its outcome", ticket.order.request_id)
+
+
 def _deliver(future: asyncio.Future[RenderedImages], outcome: RenderedImages | BaseException) -> None:
-    if future.done():
+    if future.done():  # abandoned, or already answered (drain timeout): nobody reads this outcome
+        if isinstance(outcome, BaseException) and not isinstance(outcome, engines.RenderCancelled | ApiError):
+            log.warning("a render failed after its request was answered: %s: %s", type(outcome).__name__, outcome)
         return
     if isinstance(outcome, BaseException):
         future.set_exception(outcome)

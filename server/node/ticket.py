@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engines.render import Tokens
 from engines.rendering import Rendering
+from server.node.estimate import Progress
 from server.wire import PartialImage, RenderedImages, RenderOrder
 
 
@@ -17,7 +18,7 @@ from server.wire import PartialImage, RenderedImages, RenderOrder
 class Ticket:
     """The order and its tokens, the future its request awaits (on `loop`), the cancellation a render checks
     at every step (set once nobody waits for it), when it was queued and taken, the streaming callback, and,
-    once a render slot began it, its render in progress."""
+    once a render slot began it, its render in progress and how far it got."""
 
     order: RenderOrder
     tokens: Tokens  # its prompts, tokenized once when it was queued
@@ -28,3 +29,4 @@ class Ticket:
     cancel: threading.Event = field(default_factory=threading.Event)
     on_partial: Callable[[PartialImage], None] | None = None  # streaming: each preview, encoded (finishing thread)
     rendering: Rendering | None = None
+    progress: Progress = field(default_factory=Progress)  # its steps so far, for Retry-After

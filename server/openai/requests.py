@@ -106,6 +106,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
     streamed = bool(getattr(request, "stream", None))
     events = "image_edit" if isinstance(request, ImageEditRequest | ImageEditJsonRequest) else "image_generation"
     prompt, lora = adapters.resolve(request.lora, prompt)
+    decoder = limits.check_decoder(request.decoder or "full", info.id, info.tiny_decoder)
     return RenderOrder(
         request_id=request_id,
         model=info.id,
@@ -128,6 +129,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         partial_images=(getattr(request, "partial_images", None) or 0) if streamed else 0,
         events=events if streamed else None,
         lora=lora,
+        decoder=decoder,
     )
 
 

@@ -30,6 +30,7 @@ from server.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
     ImageVariationRequest,
+    Usage,
 )
 from server.state import AppState
 from server.wire import RenderedImages, RenderOrder
@@ -128,7 +129,8 @@ async def _render_and_reply(state: AppState, request: Request, order: RenderOrde
             name = await anyio.to_thread.run_sync(store_of(request).put, image, order.output_format)
             data.append(ImageData(seed=seed, url=f"{state.base_url(request)}/v1/images/files/{name}"))
     body = ImagesResponse(created=int(time.time()), data=data, model=order.model, size=f"{order.width}x{order.height}",
-                          output_format=order.output_format, quality=order.quality)
+                          output_format=order.output_format, quality=order.quality,
+                          usage=Usage.of_text(rendered.input_tokens))
     return Response(body, headers={"server-timing": _server_timing(rendered)})
 
 

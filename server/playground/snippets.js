@@ -1,6 +1,7 @@
 // "Copy as curl" and "copy as Python (openai SDK)": the request that makes one gallery image again, with
 // its own seed and n=1. An edit's input image and mask are referenced by the names the gallery downloads
-// them as. The key is never written out: the commands read it from $SDSERVE_API_KEY.
+// them as. The key is never written out: the commands read it from $SDSERVE_API_KEYS, the variable
+// a server reads its keys from (set it to your key).
 
 import { apiBase, apiKey } from "./api.js";
 
@@ -26,7 +27,7 @@ function formValue(value) {
 
 export function curlCommand(entry) {
   const lines = [`curl -sS ${shellQuote(`${apiBase()}/images/${entry.route}`)}`];
-  if (apiKey()) lines.push(`-H "Authorization: Bearer $SDSERVE_API_KEY"`);
+  if (apiKey()) lines.push(`-H "Authorization: Bearer $SDSERVE_API_KEYS"`);
   if (entry.route === "generations") {
     lines.push(`-H 'Content-Type: application/json'`);
     lines.push(`-d ${shellQuote(JSON.stringify(entry.fields))}`);
@@ -54,7 +55,7 @@ export function pythonCode(entry) {
   args.push(`response_format="b64_json"`);
   if (Object.keys(extra).length) args.push(`extra_body=${pyValue(extra)}`);
   const call = entry.route === "generations" ? "generate" : "edit";
-  const key = apiKey() ? `os.environ["SDSERVE_API_KEY"]` : `"not-needed"`;
+  const key = apiKey() ? `os.environ["SDSERVE_API_KEYS"]` : `"not-needed"`;
   return [
     "import base64",
     ...(apiKey() ? ["import os"] : []),

@@ -23,7 +23,7 @@ from typing import NoReturn, TypeVar
 
 from engines.info import ModelInfo
 from server import adapters, sse
-from server.errors import ApiError
+from server.errors import ApiError, queue_full
 from server.metrics import Metrics
 from server.router.registry import NodeRecord, Registry
 from server.router.relay import NodeStream, relay
@@ -71,6 +71,14 @@ class Dispatcher:
         """What /readyz reports beside readiness: a default model no node has."""
         problem = self.default_model_problem()
         return {"default_model": problem} if problem else {}
+
+    def why_not_ready(self) -> str | None:
+        """For /readyz while no model can render: the registered nodes' states, or that none has registered
+        (a standalone server's own pool speaks for itself)."""
+        remote = [record for record in self.registry.nodes.values() if not record.local]
+        if not remote:
+            return None if self.registry.nodes else "no node has registered yet"
+        return "nodes: " + ", ".join(_node_state(record) for record in remote)
 
     async def render(self, order: RenderOrder) -> RenderedImages:
         return await self._dispatch(order, self._send, set())
@@ -239,12 +247,17 @@ class Dispatcher:
         return any(n not in exclude for n in self.registry.candidates(model, wanted))
 
     def _full_error(self, model: str, full: dict[NodeRecord, int]) -> ApiError:
-        """429, with the soonest wait any node estimates (from its refusal, else its last report)."""
-        estimates = list(full.values()) or [n.report.load.get(model, ModelLoad()).retry_after
-                                             for n in self.registry.candidates(model)]
-        queued = f" and {self.wait_limit} requests are waiting" if self.wait_limit else ""
-        return ApiError(429, f"every node serving '{model}' is busy{queued}; retry shortly", code="queue_full",
-                        headers={"Retry-After": str(max(1, min(estimates, default=1)))})
+        """429, with the soonest wait any node estimates (from its refusal, else its last report). A standalone
+        server with no other node answers as its own queue does."""
+        self._refresh_local()
+        nodes = self.registry.candidates(model)
+        if nodes and all(n.local for n in nodes):
+            load = nodes[0].report.load.get(model, ModelLoad())
+            return queue_full(model, load.running, load.waiting, load.retry_after)
+        seconds = max(1, min(list(full.values()) or [n.retry_after(model) for n in nodes], default=1))
+        queued = f" and {self.wait_limit} requests are waiting here" if self.wait_limit else ""
+        return ApiError(429, f"every node serving '{model}' is busy{queued}; retry in about {seconds} s",
+                        code="queue_full", headers={"Retry-After": str(seconds)})
 
     async def _wait_for_room(self) -> None:
         """Until a render finishes somewhere (or a short while passes: heartbeats may have freed room)."""
@@ -275,6 +288,12 @@ class Dispatcher:
 
     def count_healthy(self) -> None:
         self.metrics.nodes_healthy.set(sum(1 for n in self.registry.nodes.values() if self.registry.in_rotation(n)))
+
+
+def _node_state(record: NodeRecord) -> str:
+    state = record.state()
+    why = f" ({record.last_error})" if record.last_error and state != "healthy" else ""
+    return f"{record.id} {state}{why}" + ("" if record.report.models else " with no model loaded")
 
 
 async def _unless_lost(node: NodeRecord, render: Awaitable[T]) -> T:

@@ -87,6 +87,11 @@ class NodeRecord:
         load = self.report.load.get(model, ModelLoad())
         return self.in_flight.get(model, 0) < load.capacity
 
+    def retry_after(self, model: str) -> int:
+        """The node's wait estimate for `model` from its last report, less the time since it was sent."""
+        reported = self.report.load.get(model, ModelLoad()).retry_after
+        return reported if self.local else max(1, reported - int(time.monotonic() - self.last_seen))
+
     def score(self) -> int:
         """Outstanding work: what this router has sent, or what the node last reported when that is more
         (other routers send it work too)."""
@@ -122,6 +127,9 @@ class Registry:
     def __init__(self, heartbeat_timeout: float) -> None:
         self.heartbeat_timeout = heartbeat_timeout
         self.nodes: dict[str, NodeRecord] = {}
+        # False once this front door stops listening (SIGTERM): heartbeats cannot reach it any more, so leases
+        # stop expiring and the prober alone says whether a node that still renders for it is alive
+        self.listening = True
 
     def register(self, report: NodeReport, transport: NodeTransport,
                  refresh: Callable[[], NodeReport] | None = None) -> NodeRecord:
@@ -172,7 +180,7 @@ class Registry:
         await record.close_if_retired()
 
     def alive(self, record: NodeRecord) -> bool:
-        return record.local or time.monotonic() - record.last_seen <= self.heartbeat_timeout
+        return record.local or not self.listening or time.monotonic() - record.last_seen <= self.heartbeat_timeout
 
     def in_rotation(self, record: NodeRecord) -> bool:
         return record.healthy and not record.draining and not record.report.sick and self.alive(record)

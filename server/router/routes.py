@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from litestar import Request, delete, get, post
 
 from server.errors import documented
@@ -12,6 +14,8 @@ from server.router.dispatch import Dispatcher
 from server.router.registry import NodeList, Registry
 from server.state import AppState
 from server.wire import NodeReport, Registered
+
+log = logging.getLogger("sdserve.router")
 
 
 def fleet_of(request: Request) -> tuple[Registry, Dispatcher]:
@@ -45,6 +49,7 @@ async def deregister(node_id: str, request: Request) -> dict[str, str]:
     registry, _ = fleet_of(request)
     record = registry.authenticate(node_id, request.headers.get("x-node-lease", ""))
     await registry.remove(record)
+    log.info("node %s (%s) deregistered: it is shutting down", node_id, record.report.url)
     return {"status": "removed"}
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
-import msgspec
 import pytest
 import yaml
 
 from server.app import create_app
 from server.metrics import Metrics
-from server.settings import Settings
+from server.settings import Settings, variables
 from tests.deploy import keda, kustomize
 from tests.processes import ROOT
 
@@ -29,10 +28,7 @@ DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"]
 KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests promise to work on
-SETTINGS = {"SDSERVE_" + field.name.upper() for field in msgspec.structs.fields(Settings)}
-# Variables the engines read themselves (os.environ), beside the server's Settings: found in the source
-ENGINE_VARIABLES = {name for path in (ROOT / "engines").rglob("*.py")
-                    for name in re.findall(r"""environ\.get\(["'](SDSERVE_\w+)["']""", path.read_text())}
+SETTINGS = variables()  # the settings' variables and those the engines and tests read (OTHER_VARIABLES)
 
 
 def hadolint() -> str:
@@ -114,8 +110,8 @@ def check_invocation(helps: dict[str, str], argv: list[str], where: str) -> None
 
 
 def check_env(names: set[str], where: str) -> None:
-    unknown = {n for n in names if n.startswith("SDSERVE_")} - SETTINGS - ENGINE_VARIABLES
-    assert not unknown, f"{where}: {sorted(unknown)} are neither settings (server/settings.py) nor read by engines/"
+    unknown = {n for n in names if n.startswith("SDSERVE_")} - SETTINGS
+    assert not unknown, f"{where}: {sorted(unknown)} are not variables a server reads (server/settings.py)"
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -131,6 +127,20 @@ def test_dockerfile_commands(dockerfile: Path, helps: dict[str, str]) -> None:
     text = dockerfile.read_text()
     assert "USER 10001:10001" in text and 'VOLUME ["/models", "/images"]' in text
     assert list(stages)[-1] == "server"  # a plain `docker build` gives the server
+
+
+def test_the_cpu_install_brings_openvino_and_never_onnxruntime_openvino() -> None:
+    """`make serve`, `pip install .[cpu]` and the CPU image install the `openvino` wheel (bf16 on CPUs that have
+    it); `onnxruntime-openvino` would overwrite the module `onnxruntime`."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = {extra: {re.split(r"[<>=\[ ]", dep)[0] for dep in deps} for extra, deps in extras.items()}
+    assert {"onnxruntime", "openvino"} <= names["cpu"]
+    assert not any("onnxruntime-openvino" in deps for deps in [*names.values(), set(project["dependencies"])])
+    assert 'pip install --no-cache-dir ".[cpu]"' in (DEPLOY / "Dockerfile").read_text()
+    assert "cpu" in re.search(r"EXTRAS \?= (\S+)", (ROOT / "Makefile").read_text()).group(1).split(",")
 
 
 def test_probe_paths_and_metrics_exist() -> None:

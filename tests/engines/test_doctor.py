@@ -13,6 +13,7 @@ import pytest
 
 from engines import doctor, libraries, plans
 from engines import manifest as mf
+from engines.backends import openvino
 from tests.engines.test_tensorrt_plans import _copy, _fake_plans, _list
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,11 @@ def test_doctor_without_a_gpu_says_so_and_passes() -> None:
     built = ort.get_available_providers()
     assert (checks["provider cuda"]["status"] == "absent") == ("CUDAExecutionProvider" not in built)
     assert checks["gpu"]["status"] == "absent" and "no NVIDIA GPU" in checks["gpu"]["detail"]
+    if openvino.available():  # the version, the processor and the precision auto picks, with the reason
+        precision, why = openvino.choose_precision("auto")
+        assert checks["openvino"]["status"] == "ok" and f": {precision} ({why})" in checks["openvino"]["detail"]
+    else:
+        assert checks["openvino"]["status"] == "absent"
     text = _doctor()
     assert text.returncode == 0 and "no NVIDIA GPU here" in text.stdout
     assert text.stdout.strip().splitlines()[-1].startswith("everything found works")
@@ -45,6 +51,9 @@ def test_doctor_renders_a_model_on_the_cpu(tiny_model: Model) -> None:
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     assert checks["model"]["status"] == "ok" and checks["tensorrt plans"]["status"] == "absent"
     assert checks["render cpu"]["status"] == "ok" and "finite" in checks["render cpu"]["detail"]
+    if openvino.available():  # compared with the CPU's render
+        rendered = checks["render openvino"]
+        assert rendered["status"] == "ok" and "difference to CPU" in rendered["detail"]
 
 
 def test_doctor_exits_1_on_a_problem(tmp_path: Path) -> None:

@@ -3,8 +3,15 @@ SDSERVE_TEST_FAULTS=DIR; Python imports `sitecustomize` at start-up). Each UNet 
 latent's height and width to DIR/unet.log (so a test can read which render ran when), then blocks while
 DIR/pause exists (as a call wedged in a backend would, after writing DIR/paused so a test knows), and raises
 while DIR/fail exists (as a lost GPU does: ONNX Runtime's error, which the backend wraps in EngineFailure).
-Control is by files, not timing: a test creates and removes them."""
+Control is by files, not timing: a test creates and removes them.
 
+Between two steps (the engines' per-step hook, so a held render still stops when its request is cancelled):
+while DIR/hold exists, a render that has done at least N steps (N: the file's text, default 1) waits, after
+appending "done/total" to DIR/held; DIR/step-seconds makes every step last at least that long; while
+DIR/collect exists each step first collects garbage (asyncio reports an exception nobody read when its
+future is collected, which a reference cycle can otherwise put off indefinitely)."""
+
+import gc
 import os
 import time
 from pathlib import Path
@@ -30,3 +37,31 @@ if FAULTS:
         return _run(self, output_names, input_feed, run_options)
 
     onnxruntime.InferenceSession.run = run
+
+    from engines import progress
+
+    _hook = progress.StepHook.__call__
+
+    def _held_back(folder: Path, done: int) -> bool:
+        try:
+            return done >= int((folder / "hold").read_text().strip() or 1)
+        except FileNotFoundError:  # released
+            return False
+
+    def gated(self, done, total, first_image, denoised):
+        if (_folder / "collect").exists():
+            gc.collect()
+        if (_folder / "step-seconds").exists():
+            time.sleep(float((_folder / "step-seconds").read_text() or 0))
+        announced = False
+        while _held_back(_folder, done):
+            if not announced:
+                with open(_folder / "held", "a") as held:
+                    held.write(f"{done}/{total}\n")
+                announced = True
+            if self.on_step is not None:  # a cancelled request raises here, as at any step
+                progress._report(lambda: self.on_step(done, total))
+            time.sleep(0.02)
+        _hook(self, done, total, first_image, denoised)
+
+    progress.StepHook.__call__ = gated

@@ -14,18 +14,28 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+from openai import OpenAI
 from PIL import Image
 
+from engines.backends import openvino
 from server.wire import PROTOCOL_VERSION, NodeReport
+from tests.faults import StepGate
 from tests.processes import ServerProcess, free_port
 from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
+from tests.server.test_openai_client import assert_usage, opaque_png, prompt_tokens
 
 
 @pytest.fixture(scope="module")
-def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = Fleet(models_dir, tmp_path_factory.mktemp("fleet"), ["--default-model", "tiny-sd15"])
+def gate(tmp_path_factory: pytest.TempPathFactory) -> StepGate:
+    return StepGate(tmp_path_factory.mktemp("gate"))
+
+
+@pytest.fixture(scope="module")
+def fleet(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, gate: StepGate) -> Iterator[Fleet]:
+    fleet = Fleet(models_dir, tmp_path_factory.mktemp("fleet"), ["--default-model", "tiny-sd15",
+                                                                  "--drain-timeout", "120"])
     for name in ("node-a", "node-b", "node-c"):
-        fleet.add_node(name, "tiny-sd15")
+        fleet.add_node(name, "tiny-sd15").env.update(gate.env)
     yield fleet.start()
     fleet.stop()
 
@@ -49,9 +59,10 @@ def test_router_lists_models_and_nodes(fleet: Fleet) -> None:
     assert [m["id"] for m in models["data"]] == ["tiny-sd15"]
     views = fleet.views()
     assert set(views) == {"node-a", "node-b", "node-c"}
-    assert all(v["backend"] == "cpu" and v["state"] == "healthy" for v in views.values())
-    assert all(v["model_backends"] == {"tiny-sd15": "cpu"} for v in views.values())
-    assert models["data"][0]["backends"] == ["cpu"]
+    backend = "openvino" if openvino.available() else "cpu"  # what auto picks on a CPU host
+    assert all(v["backend"] == backend and v["state"] == "healthy" for v in views.values())
+    assert all(v["model_backends"] == {"tiny-sd15": backend} for v in views.values())
+    assert models["data"][0]["backends"] == [backend]
     assert httpx.get(fleet.router.url + "/v0/nodes").status_code == 401
     assert httpx.get(fleet.router.url + "/v0/nodes", headers={"Authorization": "Bearer nope"}).status_code == 401
 
@@ -81,6 +92,28 @@ def test_edits_and_variations_through_the_router(fleet: Fleet) -> None:
                           files={"image": ("a.png", b"\x89PNG" + b"\0" * (26 * 1024 * 1024), "image/png")})
     assert oversize.status_code == 413 and oversize.json()["error"]["param"] == "image"
     assert sum(view["requests"] for view in fleet.views().values()) == before  # never forwarded
+
+
+def test_usage_through_the_router(fleet: Fleet, models_dir: Path) -> None:
+    """The stock OpenAI client reads `usage` on the router's answers as on a standalone server's."""
+    client = OpenAI(base_url=fleet.router.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+    prompt = "a harbour in the rain"
+    tokens = prompt_tokens(models_dir / "tiny-sd15", prompt)
+    assert_usage(client.images.generate(prompt=prompt, size="64x64", extra_body={"steps": 1}), tokens)
+    picture = ("a.png", opaque_png(64, 64), "image/png")
+    assert_usage(client.images.edit(image=picture, prompt=prompt, size="64x64", extra_body={"steps": 1}), tokens)
+
+
+def test_probes_and_heartbeats_are_not_logged_one_line_each(fleet: Fleet) -> None:
+    """The router probes each node every second and nodes heartbeat every second here: httpx's line per
+    request would bury everything else, in both logs."""
+    deadline = time.monotonic() + 30
+    while len(fleet.nodes["node-a"].log_lines("GET /v0/status")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the router's probes, as the node's access log records them
+    assert len(fleet.nodes["node-a"].log_lines("GET /v0/status")) >= 3
+    assert len(fleet.router.log_lines("/heartbeat 200")) >= 3
+    for process in (fleet.router, fleet.nodes["node-a"]):
+        assert not [line for line in process.log().splitlines() if "httpx" in line or "HTTP Request:" in line]
 
 
 def test_bad_tokens_change_nothing(fleet: Fleet) -> None:
@@ -224,7 +257,9 @@ def test_draining_node_finishes_its_work_and_leaves(fleet: Fleet) -> None:
     assert statuses(second) == [200] * 24
     assert to_b == 0  # new work went elsewhere
     assert node.process.wait(60) == 0
-    assert "deregistered from router" in node.log()
+    assert node.log_lines("draining: taking no new work")
+    assert node.log_lines("deregistered from router")
+    assert fleet.router.log_lines("node node-b", "deregistered")
     assert "node-b" not in fleet.views()
     node.start()
     fleet.wait_nodes({"node-b"})
@@ -237,19 +272,28 @@ def sent_to(fleet: Fleet, node: str) -> float:
     return 0.0
 
 
-def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fleet: Fleet) -> None:
+def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fleet: Fleet, gate: StepGate) -> None:
+    """Three renders held on the nodes while the router stops: its closed listener takes no heartbeats, yet
+    it waits for them past the nodes' 4 s leases (probes say they live) and answers all three."""
     fleet.wait_nodes({"node-a", "node-b", "node-c"})
-    slow = {"prompt": "in flight", "size": "256x256", "steps": 20, "response_format": "b64_json"}
+    body = {"prompt": "in flight", "size": "64x64", "steps": 4, "response_format": "b64_json"}
 
     async def scenario() -> list:
-        load = asyncio.ensure_future(generate_many(fleet.router.url, 3, slow))
+        load = asyncio.ensure_future(generate_many(fleet.router.url, 3, body))
+        await asyncio.to_thread(gate.wait_held)
         deadline = time.monotonic() + 20
         while sum(v["in_flight"] for v in fleet.views().values()) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         fleet.router.signal(signal.SIGTERM)  # stops accepting, finishes what it has
+        await asyncio.sleep(6)  # past the heartbeat timeout (4 s) and a probe round: leases would have expired
+        gate.release()
         return await load
 
-    responses = asyncio.run(scenario())
+    gate.hold()
+    try:
+        responses = asyncio.run(scenario())
+    finally:
+        gate.release()
     assert [getattr(r, "status_code", repr(r)) for r in responses] == [200] * 3
     assert fleet.router.process.wait(60) == 0
     fleet.router.start(ready=False)
@@ -333,3 +377,28 @@ def test_standalone_accepts_remote_nodes(models_dir: Path, tmp_path: Path) -> No
     finally:
         helper.kill()
         standalone.kill()
+
+
+def test_a_router_without_a_default_takes_its_fleets_only_model(models_dir: Path, tmp_path: Path) -> None:
+    """No --default-model: while the nodes serve one model, a request naming none gets it; once they serve
+    several, it is 400 `model_required` saying which models there are and how to pick."""
+    fleet = Fleet(models_dir, tmp_path)
+    fleet.add_node("only-sd15", "tiny-sd15")
+    fleet.start()
+    try:
+        body = {"prompt": "p", "size": "64x64", "steps": 1}
+        one = httpx.post(fleet.router.url + GEN, json=body, timeout=60)
+        assert one.status_code == 200 and one.json()["model"] == "tiny-sd15", one.text
+        options = httpx.get(fleet.router.url + "/sdapi/v1/options", timeout=10).json()
+        assert options["sd_model_checkpoint"] == "tiny-sd15"
+        fleet.add_node("only-sdxl", "tiny-sdxl").start(ready=False)
+        fleet.wait_nodes({"only-sd15", "only-sdxl"})
+        several = httpx.post(fleet.router.url + GEN, json=body, timeout=60)
+        assert several.status_code == 400, several.text
+        error = several.json()["error"]
+        assert error["code"] == "model_required" and error["param"] == "model"
+        assert "tiny-sd15, tiny-sdxl" in error["message"] and "--default-model" in error["message"]
+        named = httpx.post(fleet.router.url + GEN, json={**body, "model": "tiny-sdxl"}, timeout=60)
+        assert named.status_code == 200 and named.json()["model"] == "tiny-sdxl"
+    finally:
+        fleet.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import zlib
 from typing import Any
@@ -165,3 +166,41 @@ def test_still_serving_after_the_bad_requests(server: ServerProcess) -> None:
     assert response.status_code == 200
     assert httpx.get(server.url + "/healthz").status_code == 200
     assert server.alive()
+
+
+GARBAGE = b"hello, I am text"
+GARBAGE_URL = "data:image/png;base64," + base64.b64encode(GARBAGE).decode()
+PNG_URL = "data:image/png;base64," + base64.b64encode(png()).decode()
+UNDECODABLE = {  # every way an image reaches the server: (path, request arguments, the field named)
+    "edits image": (EDIT, {"data": {"prompt": "a"}, "files": {"image": ("a.png", GARBAGE, "image/png")}}, "image"),
+    "edits mask": (EDIT, {"data": {"prompt": "a"}, "files": dict([IMAGE, ("mask", ("m.png", GARBAGE, "image/png"))])},
+                   "mask"),
+    "JSON edits images": (EDIT, {"json": {"prompt": "a", "images": [{"image_url": GARBAGE_URL}]}}, "images"),
+    "JSON edits mask": (EDIT, {"json": {"prompt": "a", "images": [{"image_url": PNG_URL}],
+                                        "mask": {"image_url": GARBAGE_URL}}}, "mask"),
+    "variations image": (VARY, {"files": {"image": ("a.png", GARBAGE, "image/png")}}, "image"),
+    "img2img init_images": ("/sdapi/v1/img2img", {"json": {"prompt": "a", "init_images": [GARBAGE_URL]}},
+                            "init_images"),
+    "img2img mask": ("/sdapi/v1/img2img", {"json": {"prompt": "a", "init_images": [PNG_URL], "mask": GARBAGE_URL}},
+                     "mask"),
+}
+
+
+@pytest.mark.parametrize("case", UNDECODABLE)
+def test_an_undecodable_image_is_named_with_the_accepted_formats(server: ServerProcess, case: str) -> None:
+    """The message names the field and the formats, and nothing of the server's insides (PIL's own message
+    holds the repr of the buffer it read, `<_io.BytesIO object at 0x…>`)."""
+    path, kwargs, param = UNDECODABLE[case]
+    response = httpx.post(server.url + path, timeout=60, **kwargs)
+    if path.startswith("/sdapi"):  # A1111's (FastAPI's) shape
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"][0]
+        assert detail["loc"] == ["body", param]
+        message = detail["msg"]
+    else:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, "invalid_image_format")
+        message = error["message"]
+    assert f"'{param}'" in message and "PNG, JPEG or WebP" in message, message
+    assert "0x" not in message and "<" not in message, message

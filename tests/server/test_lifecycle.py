@@ -4,9 +4,8 @@ Retry-After estimate, background tasks, and how long SIGTERM waits."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
+import math
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from server.metrics import Metrics
 from server.node.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
+from tests.faults import StepGate
 from tests.processes import ROOT, ServerProcess
 from tests.server.test_operations import metric, wait_until_idle
 
@@ -82,16 +82,22 @@ def test_a_mistyped_default_model_stops_a_standalone_server(models_dir: Path) ->
 
 
 @pytest.fixture(scope="module")
-def lean(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gate(tmp_path_factory: pytest.TempPathFactory) -> StepGate:
+    return StepGate(tmp_path_factory.mktemp("gate"))
+
+
+@pytest.fixture(scope="module")
+def lean(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, gate: StepGate) -> Iterator[ServerProcess]:
     work = tmp_path_factory.mktemp("lean")
     process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", "tiny-sd15",
                                            "--images-dir", str(work / "images"), "--queue-depth", "1",
-                                           "--request-timeout", "300", "--drain-timeout", "2"], work).start()
+                                           "--request-timeout", "300", "--drain-timeout", "2"], work,
+                            env=gate.env).start()
     yield process
     process.kill()
 
 
-BLOCKER = {"prompt": "long", "size": "512x512", "steps": 150, "n": 4, "response_format": "b64_json"}
+BLOCKER = {"prompt": "long", "size": "64x64", "steps": 40, "response_format": "b64_json"}
 QUICK = {"prompt": "quick", "size": "64x64", "steps": 1, "response_format": "b64_json"}
 
 
@@ -102,18 +108,17 @@ async def _until(server: ServerProcess, name: str, value: float) -> None:
     assert metric(server, name) >= value
 
 
-def test_retry_after_is_the_pools_estimate(lean: ServerProcess) -> None:
-    """With one render running and one waiting, the next request is refused with the queue's own estimate:
-    the last render's duration × (waiting + 1) / render slots."""
+def test_retry_after_is_the_running_renders_remaining_steps(lean: ServerProcess, gate: StepGate) -> None:
+    """One 40-step render runs (every step at least 0.2 s long, held after its 3rd), one waits: the next
+    request is refused until the running one ends, 37 steps of at least 0.2 s from now, and Retry-After says
+    so. The message is the queue's own (there are no nodes on a standalone server)."""
     wait_until_idle(lean)
-    first = httpx.post(lean.url + GEN, json={**QUICK, "size": "256x256", "steps": 8}, timeout=120)
-    total = float(re.search(r"total;dur=([\d.]+)", first.headers["server-timing"]).group(1)) / 1000
-    expected = {max(1, int(total * 2 + d)) for d in (-0.001, 0.001)}
+    step = 0.2
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
             blocker = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
-            await _until(lean, "sdserve_renders_in_flight", 1)
+            await asyncio.to_thread(gate.wait_held)
             queued = asyncio.ensure_future(client.post(GEN, json=QUICK))
             await _until(lean, "sdserve_queue_depth", 1)
             refused = await client.post(GEN, json=QUICK)
@@ -121,31 +126,49 @@ def test_retry_after_is_the_pools_estimate(lean: ServerProcess) -> None:
                 task.cancel()  # the client goes away: the server drops both
             return refused
 
-    refused = asyncio.run(scenario())
-    assert refused.status_code == 429
-    assert int(refused.headers["retry-after"]) in expected, (refused.headers["retry-after"], total)
+    gate.slow(step)
+    gate.hold(after_steps=3)
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        gate.release()
+        gate.slow(0)
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) >= math.ceil(37 * step)
+    message = refused.json()["error"]["message"]
+    assert "the queue for model 'tiny-sd15' is full" in message and "node" not in message, message
+    assert f"retry in about {refused.headers['retry-after']} s" in message
 
 
-def test_sigterm_waits_at_most_the_drain_timeout(lean: ServerProcess) -> None:
-    """Two renders far longer than --drain-timeout (2 s here) are accepted: the server still exits in time,
-    cleanly (the running render stops at its next step; a process exiting inside ONNX Runtime would abort).
-    (On hardware fast enough to finish it first, it exits sooner: the bound holds either way.)"""
+def test_what_outlasts_the_drain_timeout_is_answered_503_and_the_server_exits_in_time(lean: ServerProcess,
+                                                                                     gate: StepGate) -> None:
+    """A render held running past --drain-timeout (2 s here), and one waiting behind it: on SIGTERM both are
+    answered 503 `draining` with the OpenAI error body at the drain timeout (never a cut connection or a bare
+    500), and the server exits cleanly (the running render stops at its next step; a process exiting inside
+    ONNX Runtime would abort)."""
     wait_until_idle(lean)
 
-    async def scenario() -> int:
+    async def scenario() -> tuple[int, list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=lean.url, timeout=300) as client:
             running = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
-            await _until(lean, "sdserve_renders_in_flight", 1)
+            await asyncio.to_thread(gate.wait_held)
             queued = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_queue_depth", 1)
             lean.signal(signal.SIGTERM)
             exit_status = await asyncio.to_thread(lean.process.wait, 30)  # TimeoutExpired if it waits longer
-            for request in (running, queued):
-                with contextlib.suppress(httpx.HTTPError):  # cut at the drain timeout: the connection closes
-                    await request
-            return exit_status
+            return exit_status, [await running, await queued]
 
-    assert asyncio.run(scenario()) == 0
+    gate.hold()
+    try:
+        exit_status, answers = asyncio.run(scenario())
+    finally:
+        gate.release()
+    assert exit_status == 0
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "draining" and answer.headers["retry-after"]
+    assert lean.log_lines("drain timeout (2 s): 2 render(s) unfinished")
+    assert "Traceback" not in lean.log()
 
 
 def test_a_failing_background_task_is_logged_and_restarted(caplog: pytest.LogCaptureFixture) -> None:

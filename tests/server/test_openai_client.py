@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -11,7 +12,9 @@ import numpy as np
 import openai
 import pytest
 from openai import OpenAI
+from openai.types import ImagesResponse
 from PIL import Image
+from tokenizers import Tokenizer
 
 from engines import limits
 from tests.processes import ServerProcess
@@ -176,6 +179,33 @@ def test_create_variation(client: OpenAI) -> None:
     result = client.images.create_variation(image=("cat.png", opaque_png(80, 48), "image/png"), n=2, size="64x64",
                                             response_format="b64_json", extra_body=FAST)
     assert len(result.data) == 2 and decode(result.data[1].b64_json).size == (64, 64)
+
+
+def prompt_tokens(model_dir: Path, *texts: str) -> int:
+    """Text tokens, special tokens aside, as the model's own tokenizer file counts them (read with the
+    tokenizers library, not through the server)."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
+    return sum(len(tokenizer.encode(text, add_special_tokens=False).ids) for text in texts)
+
+
+def assert_usage(result: ImagesResponse, tokens: int) -> None:
+    """OpenAI's `usage`, parsed by the SDK's own types: text tokens in, no image tokens either way."""
+    usage = result.usage
+    assert usage is not None, result
+    assert (usage.input_tokens, usage.input_tokens_details.text_tokens, usage.input_tokens_details.image_tokens,
+            usage.output_tokens, usage.total_tokens) == (tokens, tokens, 0, 0, tokens), usage
+
+
+def test_every_response_reports_usage(client: OpenAI, models_dir: Path) -> None:
+    prompt, negative = "a red bicycle at dawn", "fog, blur"
+    tokens = prompt_tokens(models_dir / "tiny-sd15", prompt, negative)
+    assert tokens > 2
+    extra = {**FAST, "negative_prompt": negative}
+    assert_usage(client.images.generate(prompt=prompt, size="64x64", extra_body=extra), tokens)
+    assert_usage(client.images.edit(image=("a.png", opaque_png(64, 64), "image/png"), prompt=prompt, size="64x64",
+                                    extra_body=extra), tokens)
+    assert_usage(client.images.create_variation(image=("a.png", opaque_png(64, 64), "image/png"), size="64x64",
+                                                extra_body=FAST), 0)  # a variation reads no prompt
 
 
 def test_headers(server: ServerProcess) -> None:

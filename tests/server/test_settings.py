@@ -1,12 +1,21 @@
-"""Settings out of range, or naming files the process cannot use: one line on stderr and exit status 2."""
+"""Settings out of range, naming files the process cannot use, or an SDSERVE_ variable that is no setting: one
+line on stderr and exit status 2."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
+import msgspec
 import pytest
 
 from server.__main__ import main
+from server.settings import Settings, env_name, variables
+from tests.processes import ROOT, ServerProcess, free_port
 
 
 @pytest.mark.parametrize(("args", "env", "named"), [
@@ -56,3 +65,79 @@ def test_boolean_variables_take_only_yes_or_no_words_and_empty_is_unset() -> Non
                         ).fetch_image_urls is True
     assert from_sources("standalone", None, {"SDSERVE_PLAYGROUND": "no", "SDSERVE_IMAGES_DIR": "/tmp"}
                         ).playground is False
+
+
+# --- SDSERVE_* variables: one per setting, named in --help; any other one stops the server -----------------
+
+def _server(env: dict[str, str], tmp_path: Path, timeout: float = 90.0) -> subprocess.CompletedProcess[str] | None:
+    """`python -m server standalone` with these variables: its exit, or None when it was still serving after
+    `timeout` (then it is stopped)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+    command = [sys.executable, "-m", "server", "standalone", "--port", str(free_port()), "--models-dir",
+               str(tmp_path / "models"), "--images-dir", str(tmp_path / "images")]
+    try:
+        return subprocess.run(command, cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+@pytest.mark.parametrize(("variable", "meant"), [
+    ("SDSERVE_API_KEY", "SDSERVE_API_KEYS"),  # the server stayed open with it set
+    ("SDSERVE_MODEL", "SDSERVE_MODELS"),
+    ("SDSERVE_NO_PLAYGROUND", "SDSERVE_PLAYGROUND=false"),
+    ("SDSERVE_DRAIN_TIMOUT", "SDSERVE_DRAIN_TIMEOUT"),
+])
+def test_an_unknown_variable_stops_the_server_naming_the_one_meant(variable: str, meant: str,
+                                                                 tmp_path: Path) -> None:
+    done = _server({variable: "secret"}, tmp_path, timeout=120)  # only a server that stays up waits this long
+    assert done is not None, f"the server started and served with {variable} set"
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"{variable} (did you mean {meant}" in lines[0] and lines[0].startswith("server: error: "), lines[0]
+
+
+def test_known_variables_start_a_server_that_applies_them(tmp_path: Path) -> None:
+    """SDSERVE_API_KEYS closes the server; SDSERVE_CACHE_DIR (the engines' variable) is accepted."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+    env = {**clean, "SDSERVE_API_KEYS": "key-one,key-two", "SDSERVE_CACHE_DIR": str(tmp_path / "cache"),
+           "SDSERVE_PORT": str(port)}
+    process = ServerProcess("standalone", ["--models-dir", str(tmp_path / "models"), "--images-dir",
+                                           str(tmp_path / "images")], tmp_path, env=env, port=port)
+    process.env = env  # exactly these SDSERVE_ variables, none from the caller
+    process.start(ready=False)
+    try:
+        assert httpx.get(f"{process.url}/v1/models", timeout=10).status_code == 401
+        keyed = httpx.get(f"{process.url}/v1/models", headers={"Authorization": "Bearer key-two"}, timeout=10)
+        assert keyed.status_code == 200
+    finally:
+        process.stop()
+
+
+def test_help_names_every_settings_variable() -> None:
+    done = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    named = set(re.findall(r"\[(SDSERVE_[A-Z_]+)", " ".join(done.stdout.split())))
+    settings = {env_name(f.name) for f in msgspec.structs.fields(Settings) if f.name != "role"}
+    assert named == settings, (sorted(settings - named), sorted(named - settings))
+
+
+def test_every_sdserve_variable_the_project_names_is_one_a_server_accepts() -> None:
+    """The README, deploy files, bench, playground and engines use the server's names. (Tests and the settings
+    module name wrong ones on purpose.)"""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    used: dict[str, set[str]] = {}
+    for name in files:
+        path = ROOT / name
+        if name.startswith("tests/") or name == "server/settings.py" or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for variable in re.findall(r"\bSDSERVE_[A-Z][A-Z0-9_]*", text):
+            used.setdefault(variable, set()).add(name)
+    unknown = {variable: sorted(where) for variable, where in used.items() if variable not in variables()}
+    assert not unknown, unknown
+    assert "SDSERVE_API_KEYS" in used and "SDSERVE_CACHE_DIR" in used  # the scan sees them
