@@ -86,6 +86,16 @@ def check_seed(seed: object, n: int = 1, param: str = "seed") -> int:
     return seed
 
 
+def check_decoder(decoder: object, model: str, has_tiny: bool, param: str = "decoder") -> str:
+    """The final image's decoder: "tiny" only where the model has one."""
+    if decoder not in DECODERS:
+        raise InvalidRequest(param, f"decoder must be one of: {', '.join(DECODERS)}")
+    if decoder == "tiny" and not has_tiny:
+        raise InvalidRequest(param, f"model '{model}' has no tiny decoder (export it with `python -m export … "
+                             "--tiny-decoder`)")
+    return decoder
+
+
 def random_seed() -> int:
     return secrets.randbelow(RANDOM_SEEDS)
 
@@ -115,15 +125,6 @@ def lora_not_found(model: str, name: str, available: Sequence[str], param: str =
 
 
 # -- what a request costs ----------------------------------------------------------------------------
-
-
-def check_decoder(decoder: object, model: str, has_tiny: bool, param: str = "decoder") -> str:
-    if decoder not in DECODERS:
-        raise InvalidRequest(param, f"decoder must be one of: {', '.join(DECODERS)}")
-    if decoder == "tiny" and not has_tiny:
-        raise InvalidRequest(param, f"model '{model}' has no tiny decoder (export it with `python -m export … "
-                             "--tiny-decoder`)")
-    return decoder
 
 
 def guided(guidance: float) -> bool:

@@ -9,6 +9,7 @@ load: a file existing is never enough.
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -294,3 +295,12 @@ def check_refs(root: Path, refs: list[FileRef], hashes: bool = True) -> None:
             raise ModelInvalid(f"{root}: {ref.path} has {path.stat().st_size} bytes, manifest says {ref.bytes}")
         if hashes and sha256_file(path) != ref.sha256:
             raise ModelInvalid(f"{root}: {ref.path} does not match its sha256 in {MANIFEST_FILE}")
+
+
+def sdserve_version() -> str:
+    """The installed sdserve's version, as manifests record it and servers report it ("unknown" when run
+    from a source tree that is not installed)."""
+    try:
+        return metadata.version("sdserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,7 @@ def infer(root: Path, hashes: bool = False) -> mf.Manifest:
         scheduler=ref(root, SCHEDULER_FILE),
         source=mf.Source(kind="folder", id=str(root)),
         exporter={"layout": "optimum (inferred)", "diffusers": str(index.get("_diffusers_version", "unknown")),
-                  "sdserve": _version()},
+                  "sdserve": mf.sdserve_version()},
     )
     if not hashes:  # served in place, not adopted
         log.warning("%s: no %s; manifest inferred from its optimum layout (%s/%s, %s, native %dx%d); `python -m "
@@ -224,10 +223,3 @@ def _vocabulary(path: Path) -> dict[str, int]:
         vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
         return vocab
     return data
-
-
-def _version() -> str:
-    try:
-        return metadata.version("sdserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -14,13 +14,3 @@ The wings import the floor and never each other: a front door's APIs reach the d
 `state.Renderer`, the dispatcher reaches nodes through `wire.NodeTransport`, the batcher its queue through
 `batcher.Slot`. Only the process (`app.py`, `__main__.py`) imports the wings, to wire them together.
 """
-
-from importlib import metadata
-
-
-def version() -> str:
-    """sdserve's version, as installed ("unknown" when run from a source tree that is not installed)."""
-    try:
-        return metadata.version("sdserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"

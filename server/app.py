@@ -21,7 +21,8 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from server import errors, health, version
+from engines.manifest import sdserve_version
+from server import errors, health
 from server.a1111 import routes as sdapi
 from server.guards import api_key
 from server.logs import AccessLog
@@ -137,7 +138,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         lifespan=[lifespan],
         # two files at the upload limit (image and mask), as base64 data URLs in a JSON edit a third larger
         request_max_body_size=2 * (settings.max_upload_bytes * 4 // 3 + 4) + 1024 * 1024,
-        openapi_config=OpenAPIConfig(title="sdserve", version=version(),
+        openapi_config=OpenAPIConfig(title="sdserve", version=sdserve_version(),
                                      description="OpenAI-compatible image generation: Stable Diffusion on ONNX "
                                      "Runtime and TensorRT"),
         logging_config=None,

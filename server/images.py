@@ -77,17 +77,11 @@ def edit_mask(alpha_source: Image.Image) -> Image.Image | None:
     return repaint if repaint.getbbox() is not None else None
 
 
-def fit(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Center-crop to the target aspect ratio, then resize: exactly what the engines do to their inputs, done
-    here so that an order carries the pixels it renders from (a node's own fit is then a no-op) instead of a
-    16-megapixel upload re-encoded as PNG, which could outgrow a node's body limit."""
-    if image.size == (width, height):
-        return image
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-
-
 def png(image: Image.Image) -> bytes:
-    """Lossless transport between the front door and a node."""
+    """Lossless transport between the front door and a node. Uploads are fitted to the render size first
+    (`engines.images.fit`, exactly what the engines do to their inputs), so that an order carries the pixels
+    it renders from (a node's own fit is then a no-op) instead of a 16-megapixel upload re-encoded as PNG,
+    which could outgrow a node's body limit."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from engines import limits
+from engines.limits import Bounds
 
 Quality = Literal["standard", "hd", "low", "medium", "high", "xhigh", "max", "auto"]
 Background = Literal["auto", "opaque", "transparent"]
@@ -217,6 +218,14 @@ class AdapterCard(msgspec.Struct):
     parts: list[str]  # the components it changes: unet, text_encoder, text_encoder_2
 
 
+class StrengthDefaults(msgspec.Struct):
+    """The strength an edit or variation that sets none renders at (`engines.limits.default_strength`)."""
+
+    image: float  # an edit without a mask (image to image)
+    mask: float  # an edit with a mask (inpainting)
+    variation: float
+
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int
@@ -233,6 +242,8 @@ class ModelCard(msgspec.Struct):
     backends: list[str] = msgspec.field(default_factory=list)
     lora_rank: int = 0  # largest total adapter rank per request; 0: no LoRA support
     adapters: list[AdapterCard] = msgspec.field(default_factory=list)
+    limits: Bounds = msgspec.field(default_factory=Bounds)  # the bounds of every request field, for forms
+    default_strength: StrengthDefaults | None = None
 
 
 class ModelList(msgspec.Struct):

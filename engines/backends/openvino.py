@@ -36,6 +36,7 @@ log = logging.getLogger("sdserve.engines")
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 _HINT = {"bf16": "bf16", "fp32": "f32"}
+LORA_RANK = "lora_rank"  # the named axis of LoRA inputs (`export.lora`)
 
 
 @functools.cache
@@ -92,15 +93,26 @@ def _bf16_units() -> str:
 
 
 class OpenVinoSession(Session):
-    """One compiled graph, with a pool of inference requests so that render threads never share one."""
+    """One compiled graph, with a pool of inference requests so that render threads never share one. LoRA
+    inputs are padded with zeros to the model's rank (`rank`), which the graph was compiled for: OpenVINO's
+    CPU convolutions take no weights of dynamic shape (the 1×1 LoRA branches), and zero rank adds nothing."""
 
-    def __init__(self, name: str, component: mf.Component, compiled: Any) -> None:
+    def __init__(self, name: str, component: mf.Component, compiled: Any, rank: int | None = None) -> None:
         super().__init__(name, component)
         self._compiled, self._idle = compiled, []
+        self._padded = {t.name: t.shape.index(LORA_RANK) for t in component.inputs if LORA_RANK in t.shape} \
+            if rank else {}
+        self._rank = rank or 0
         self._lock = threading.Lock()
+        # what the compiled graph really computes in ("bf16" / "f32"), for the doctor's report
+        self.engine = f"OpenVINO [CPU, {compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}]"
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         inputs = self.cast(feeds)
+        for name, axis in self._padded.items():
+            value = inputs[name]
+            widths = [(0, self._rank - value.shape[axis]) if i == axis else (0, 0) for i in range(value.ndim)]
+            inputs[name] = np.pad(value, widths)
         with self._lock:
             request = self._idle.pop() if self._idle else self._compiled.create_infer_request()
         try:
@@ -111,6 +123,7 @@ class OpenVinoSession(Session):
         finally:
             with self._lock:
                 self._idle.append(request)
+        self.ran_on[self.engine] += 1
         return {k: v.astype(np.float32, copy=False) if v.dtype == np.float16 else v for k, v in values.items()}
 
     def close(self) -> None:
@@ -142,11 +155,20 @@ class OpenVinoBackend(Backend):
             raise EngineFailure(f"{name}: exported with --optimize cuda (fused operators that only CUDA runs); the "
                                 "openvino backend cannot run it: re-export with --optimize cpu or none")
         path = self.root / component.graph.path
+        rank = self.manifest.lora.rank if self.manifest.lora and any(
+            LORA_RANK in t.shape for t in component.inputs) else None
         try:
-            compiled = _core().compile_model(str(path), "CPU", self.config(name, component))
+            if rank is None:  # compiled from the path: a cached compilation loads without reading the graph
+                compiled = _core().compile_model(str(path), "CPU", self.config(name, component))
+            else:
+                model = _core().read_model(str(path))
+                model.reshape({t.name: runtime().PartialShape(",".join(
+                    str(rank) if d == LORA_RANK else str(d) if isinstance(d, int) else "?" for d in t.shape))
+                    for t in component.inputs})
+                compiled = _core().compile_model(model, "CPU", self.config(name, component))
         except Exception as exc:
             raise EngineFailure(f"OpenVINO cannot compile {path}: {exc}") from exc
-        return OpenVinoSession(name, component, compiled)
+        return OpenVinoSession(name, component, compiled, rank)
 
 
 def cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import time
 from typing import Any
 
@@ -29,6 +28,8 @@ import msgspec
 from PIL import Image, ImageOps
 
 from engines import limits
+from engines.errors import InvalidRequest
+from engines.images import fit
 from engines.info import ModelInfo
 from server import adapters, images
 from server.a1111 import protocol as a1111
@@ -39,7 +40,6 @@ from server.settings import Settings
 from server.state import AppState
 from server.wire import RenderOrder
 
-MAX_IMAGES = 10  # batch_size × n_iter, as OpenAI's n
 FORMATS: dict[str, OutputFormat] = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
 
 
@@ -118,11 +118,7 @@ def a1111_sampler(sampler: str) -> tuple[str, str]:
 def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]:
     width = info.defaults.width if request.width is None else request.width
     height = info.defaults.height if request.height is None else request.height
-    sizes = info.sizes
-    for param, side in (("width", width), ("height", height)):
-        if not sizes.min <= side <= sizes.max or side % sizes.step:
-            raise invalid(param, f"{param} {side} is not supported by model '{info.id}': both sides must be "
-                          f"multiples of {sizes.step} from {sizes.min} to {sizes.max}")
+    info.sizes.check(width, height, info.id, params=("width", "height"))
     return width, height
 
 
@@ -135,21 +131,18 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
         raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT}")
     try:  # <lora:name:weight> tags, as on the OpenAI routes
         prompt, lora = adapters.resolve(None, prompt)
-    except ApiError as exc:
+    except InvalidRequest as exc:
         raise invalid("prompt", exc.message) from None
     width, height = resolve_size(request, info)
-    steps = info.defaults.steps if request.steps is None else request.steps
-    if not 1 <= steps <= 150:
-        raise invalid("steps", "steps must be from 1 to 150")
-    cfg = info.defaults.guidance_scale if request.cfg_scale is None else request.cfg_scale
-    if not (math.isfinite(cfg) and 0 <= cfg <= 30):
-        raise invalid("cfg_scale", "cfg_scale must be from 0 to 30")
+    steps = limits.check_steps(info.defaults.steps if request.steps is None else request.steps)
+    cfg = limits.check_guidance(info.defaults.guidance_scale if request.cfg_scale is None else request.cfg_scale,
+                                "cfg_scale")
     for param, value in (("batch_size", request.batch_size), ("n_iter", request.n_iter)):
         if value < 1:
             raise invalid(param, f"{param} must be at least 1")
-    if request.batch_size * request.n_iter > MAX_IMAGES:
+    if request.batch_size * request.n_iter > limits.MAX_IMAGES:
         raise invalid("batch_size", f"batch_size × n_iter is {request.batch_size * request.n_iter}; the limit "
-                      f"is {MAX_IMAGES} images")
+                      f"is {limits.MAX_IMAGES} images")
     if request.seed != -1:  # -1: random
         limits.check_seed(request.seed, request.batch_size * request.n_iter)
     output_format = FORMATS.get(str(options.get("samples_format", "png")).lower(), "png")
@@ -173,8 +166,7 @@ def img2img_inputs(request: Img2ImgRequest, size: tuple[int, int], settings: Set
     """The image (PNG) and the engines' mask (PNG, white = repaint), both at `size` (see the module doc)."""
     if not request.init_images:
         raise invalid("init_images", "init_images must hold one base64 image")
-    if not 0 < request.denoising_strength <= 1:
-        raise invalid("denoising_strength", "denoising_strength must be in (0, 1]")
+    limits.check_strength(request.denoising_strength, "denoising_strength")
     if request.resize_mode not in (0, 1, 2, 3):
         raise invalid("resize_mode", "resize_mode must be 0, 1, 2 or 3")
     picture = _image(request.init_images[0], "init_images", settings)
@@ -206,7 +198,7 @@ def _image(text: str, param: str, settings: Settings) -> Image.Image:
 def _resize(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Image:
     if mode in (0, 3):
         return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
-    return images.fit(image, *size)
+    return fit(image, *size)
 
 
 # -- what the answer carries -----------------------------------------------------------------------

@@ -25,7 +25,8 @@ import anyio
 import msgspec
 from litestar import Request, Response, Router, get, post
 
-from server import errors, version
+from engines.manifest import sdserve_version
+from server import errors
 from server.a1111 import protocol as a1111
 from server.a1111 import requests as orders
 from server.a1111.protocol import (
@@ -104,7 +105,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     pictures, seeds = (task.finished, task.seeds) if task.finished is not None else interrupted_images(task)
     encoded = [base64.b64encode(p).decode("ascii") for p in pictures] if body.send_images else []
     answer = ImagesResponse(images=encoded, parameters=orders.parameters(body, order),
-                            info=orders.info(body, order, seeds, version(), task.finished is None))
+                            info=orders.info(body, order, seeds, sdserve_version(), task.finished is None))
     return Response(answer)
 
 

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from engines import limits
 from server.a1111.protocol import ProgressResponse, ProgressState
 from server.a1111.shared import SharedState
 from server.errors import ApiError
@@ -38,7 +39,7 @@ def preview_count(options: dict[str, Any], steps: int, strength: float) -> int:
     every = options.get("show_progress_every_n_steps", 10)
     if not options.get("live_previews_enable", True) or not isinstance(every, int) or every < 0:
         return 0
-    total = max(1, int(steps * strength))
+    total = limits.steps_run(steps, strength)
     return total if every == 0 else max(0, math.ceil(total / every) - 1)
 
 

@@ -12,7 +12,7 @@ from functools import partial
 import httpx
 import msgspec
 
-from server import version
+from engines.manifest import sdserve_version
 from server.node.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
@@ -37,7 +37,7 @@ def node_report(pool: EnginePool, settings: Settings, identity: str, url: str) -
     load = {name: ModelLoad(**numbers) for name, numbers in pool.load().items()}
     first = next(iter(ready.values()), None)
     return NodeReport(
-        node_id=identity, url=url, version=version(), models=list(ready.values()),
+        node_id=identity, url=url, version=sdserve_version(), models=list(ready.values()),
         loading=[name for name, state in pool.states.items() if state == "loading"],
         backend=first.backend if first else "none", device=first.device if first else "none",
         render_slots=settings.render_slots, load=load, draining=pool.draining, sick=pool.sick(),

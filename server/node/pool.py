@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import engines
+from engines import limits
 from server import sse
 from server.errors import ApiError
 from server.metrics import Metrics
@@ -80,8 +81,7 @@ class EnginePool:
         if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
             rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch
             # renders: the setting, else as many default requests (one image) as one call steps together
-            defaults = pipeline.info.defaults
-            per_render = 2 if defaults.guidance_scale > 1.0 else 1
+            per_render = limits.rows_per_image(pipeline.info.defaults.guidance_scale)
             batching = Batching(max_rows=rows, max_renders=s.batch_renders or max(1, rows // per_render),
                                 window=s.batch_window / 1000)
         return ModelQueue(pipeline, s.render_slots, s.queue_depth, self.metrics, s.preview, batching, self.health)

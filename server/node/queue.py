@@ -80,7 +80,7 @@ class ModelQueue:
 
     def rows(self, order: RenderOrder) -> int:
         """UNet rows an order's calls take: its images (up to a chunk), twice when guided."""
-        return min(order.n, self.pipeline.max_batch) * (2 if order.guidance_scale > 1.0 else 1)
+        return self.pipeline.info.rows(order.n, order.guidance_scale)
 
     def outstanding_work(self) -> int:
         with self._ready:
@@ -91,9 +91,10 @@ class ModelQueue:
 
     def enqueue(self, order: RenderOrder, on_partial: Callable[[PartialImage], None] | None = None) -> Ticket:
         """Queue an order (from the event loop), or refuse it at once: 429 when full, 503 when closing."""
-        self.pipeline.check_prompt_lengths(order.prompt, order.negative_prompt)  # before it takes a place in the queue
+        # tokenized once: checked before the order takes a place in the queue, counted, then encoded by the render
+        tokens = self.pipeline.tokenize(order.prompt, order.negative_prompt)
         loop = asyncio.get_running_loop()
-        ticket = Ticket(order, loop, loop.create_future(), on_partial=on_partial)
+        ticket = Ticket(order, tokens, loop, loop.create_future(), on_partial=on_partial)
         with self._ready:
             if self._closed:
                 raise ApiError(503, f"model {self.id} is shutting down", code="draining",
@@ -180,11 +181,13 @@ class ModelQueue:
         """A taken ticket's outcome (a render's result, a finished render, or its error), answered on the
         finishing thread, after the previews handed over before it."""
         try:
-            self._finisher.submit(self._answer, ticket, outcome)
+            self._finisher.submit(self._complete, ticket, outcome)
         except RuntimeError:  # closed: answered here, late in a shutdown
-            self._answer(ticket, outcome)
+            self._complete(ticket, outcome)
 
-    def _answer(self, ticket: Ticket, outcome: Outcome) -> None:
+    def _complete(self, ticket: Ticket, outcome: Outcome) -> None:
+        """On the finishing thread: a finished render's images, encoded; then the ticket leaves the counts and
+        its request gets its answer."""
         try:
             if isinstance(outcome, Rendering):
                 outcome = outcome.result()
@@ -192,9 +195,9 @@ class ModelQueue:
                 outcome = self.rendered(ticket, outcome)
         except BaseException as exc:  # its own error (or cancellation), delivered to its request only
             outcome = exc
-        self._deliver(ticket, outcome)
+        self._release(ticket, outcome)
 
-    def _deliver(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
+    def _release(self, ticket: Ticket, outcome: RenderedImages | BaseException) -> None:
         if isinstance(outcome, engines.RenderCancelled):
             log.info("%s", outcome)
         self.health.finished(ticket, "ok" if isinstance(outcome, RenderedImages)
@@ -208,12 +211,14 @@ class ModelQueue:
             self._ready.notify_all()
         _answer(ticket, outcome)
 
-    def render_request(self, order: RenderOrder) -> engines.RenderRequest:
+    @staticmethod
+    def render_request(ticket: Ticket) -> engines.RenderRequest:
+        order = ticket.order
         return engines.RenderRequest(
             prompt=order.prompt, negative_prompt=order.negative_prompt, width=order.width, height=order.height,
             steps=order.steps, guidance_scale=order.guidance_scale, sampler=order.sampler, seed=order.seed,
             n=order.n, image=_open(order.image), mask=_open(order.mask), strength=order.strength,
-            lora=[(ref.name, ref.scale) for ref in order.lora], decoder=order.decoder,
+            lora=[(ref.name, ref.scale) for ref in order.lora], decoder=order.decoder, tokens=ticket.tokens,
         )
 
     def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:
@@ -251,13 +256,13 @@ class ModelQueue:
         """The ticket's render, ready for its first step (`Pipeline.begin`: inputs checked, prompt encoded)."""
         order = ticket.order
         ticket.rendering = self.pipeline.begin(
-            self.render_request(order), on_step=self.on_step(ticket), on_partial=self.on_partial(ticket),
+            self.render_request(ticket), on_step=self.on_step(ticket), on_partial=self.on_partial(ticket),
             partial_images=order.partial_images, preview=order.preview or self.preview)
         return ticket.rendering
 
     def _render(self, ticket: Ticket) -> engines.RenderResult:
         order = ticket.order
-        return self.pipeline.render(self.render_request(order), on_step=self.on_step(ticket),
+        return self.pipeline.render(self.render_request(ticket), on_step=self.on_step(ticket),
                                     on_partial=self.on_partial(ticket), partial_images=order.partial_images,
                                     preview=order.preview or self.preview)
 
@@ -270,14 +275,7 @@ class ModelQueue:
         self.metrics.render_seconds.labels(self.id).observe(timings.get("total", 0.0))
         self.metrics.images.labels(self.id).inc(len(encoded))
         return RenderedImages(images=encoded, seeds=result.seeds, timings=timings, steps_run=result.steps_run,
-                              input_tokens=self._input_tokens(order))
-
-    def _input_tokens(self, order: RenderOrder) -> int:
-        """Prompt tokens (and negative prompt tokens) as the first text encoder's tokenizer counts them."""
-        tokenizer = next(iter(self.pipeline.tokenizers.values()), None)
-        if tokenizer is None:
-            return 0
-        return sum(tokenizer.tokens(text) for text in (order.prompt, order.negative_prompt or ""))
+                              input_tokens=ticket.tokens.count)  # by the first text encoder's tokenizer
 
     def give_up(self, error: ApiError) -> int:
         """Answer every accepted request with `error` now: what waits leaves the queue, what runs stops at its

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engines.render import Tokens
 from engines.rendering import Rendering
 from server.node.estimate import Progress
 from server.wire import PartialImage, RenderedImages, RenderOrder
@@ -15,11 +16,12 @@ from server.wire import PartialImage, RenderedImages, RenderOrder
 
 @dataclass(eq=False)
 class Ticket:
-    """The order, the future its request awaits (on `loop`), the cancellation a render checks at every step
-    (set once nobody waits for it), when it was queued and taken, the streaming callback, and, once a
-    render slot began it, its render in progress and how far it got."""
+    """The order and its tokens, the future its request awaits (on `loop`), the cancellation a render checks
+    at every step (set once nobody waits for it), when it was queued and taken, the streaming callback, and,
+    once a render slot began it, its render in progress and how far it got."""
 
     order: RenderOrder
+    tokens: Tokens  # its prompts, tokenized once when it was queued
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[RenderedImages]
     enqueued: float = field(default_factory=time.perf_counter)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from litestar import Request, get
 
+from engines import limits
 from engines.info import ModelInfo
 from server import adapters
 from server.errors import documented
-from server.protocol import ModelCard, ModelList, SizeRange
+from server.protocol import ModelCard, ModelList, SizeRange, StrengthDefaults
 from server.state import AppState
+
+STRENGTHS = StrengthDefaults(image=limits.default_strength(False), mask=limits.default_strength(True),
+                             variation=limits.default_strength(False, variation=True))
 
 
 def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
@@ -18,6 +22,7 @@ def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
         default_size=f"{info.defaults.width}x{info.defaults.height}", default_steps=info.defaults.steps,
         default_guidance_scale=info.defaults.guidance_scale, default_sampler=info.defaults.sampler,
         samplers=list(info.samplers), backends=backends, lora_rank=info.lora_rank, adapters=adapters.cards(info),
+        limits=limits.BOUNDS, default_strength=STRENGTHS,
     )
 
 

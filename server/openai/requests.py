@@ -17,6 +17,7 @@ import re
 from PIL import Image
 
 from engines import limits
+from engines.images import fit
 from engines.info import ModelInfo
 from server import adapters, images
 from server.errors import ApiError
@@ -40,8 +41,7 @@ def resolve_size(size: str | None, info: ModelInfo) -> tuple[int, int]:
     if size is None or size == "auto":
         return default
     match = _SIZE.match(size)
-    allowed = (f"sizes are WIDTHxHEIGHT with both sides multiples of {sizes.step} from {sizes.min} to "
-               f"{sizes.max}, or 'auto' ({default[0]}x{default[1]}) for model '{info.id}'")
+    allowed = f"sizes are WIDTHxHEIGHT ({sizes.rule}), or 'auto' ({default[0]}x{default[1]}) for model '{info.id}'"
     if not match:
         raise ApiError(400, f"invalid size '{size}': {allowed}", param="size", code="invalid_size")
     width, height = int(match.group(1)), int(match.group(2))
@@ -57,7 +57,7 @@ def resolve_steps(request: Request, info: ModelInfo) -> int:
     quality = getattr(request, "quality", None)
     if quality in ("hd", "high", "xhigh", "max"):
         steps = math.ceil(default * 1.5)
-        return min(150, steps if info.variant == "turbo" else max(30, steps))
+        return min(limits.MAX_STEPS, steps if info.variant == "turbo" else max(30, steps))
     if quality == "low":
         return max(1, round(default * 0.5))
     return default
@@ -150,13 +150,13 @@ def edit_inputs(image: Upload, mask: Upload | None, settings: Settings, size: tu
         engine_mask = images.edit_mask(alpha_source) or Image.new("L", picture.size, 0)
     else:
         engine_mask = images.edit_mask(picture) if images.has_alpha(picture) else None
-    fitted = images.png(images.fit(picture.convert("RGB"), *size))
-    return fitted, None if engine_mask is None else images.png(images.fit(engine_mask, *size))
+    fitted = images.png(fit(picture.convert("RGB"), *size))
+    return fitted, None if engine_mask is None else images.png(fit(engine_mask, *size))
 
 
 def variation_input(image: Upload, settings: Settings, size: tuple[int, int]) -> bytes:
     picture = images.decode(image.data, image.param, settings.max_pixels)
-    return images.png(images.fit(picture.convert("RGB"), *size))
+    return images.png(fit(picture.convert("RGB"), *size))
 
 
 def _wxh(image: Image.Image) -> str:

@@ -14,6 +14,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body
 from litestar.response import File, Stream
 
+from engines import limits
 from server import sse
 from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.guards import edit_body, for_tenant, json_body, multipart_body, rate_limit
@@ -91,7 +92,7 @@ async def _edit(request: Request, state: AppState, data: ImageEditRequest | Imag
     size = orders.resolve_size(data.size, info)
     with state.admission(info.id):
         image_png, mask_png = await anyio.to_thread.run_sync(orders.edit_inputs, image, mask, state.settings, size)
-    strength = data.strength if data.strength is not None else (1.0 if mask_png else 0.75)
+    strength = data.strength if data.strength is not None else limits.default_strength(mask_png is not None)
     order = orders.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
     return await _render_and_reply(state, request, order, data.response_format)
 
@@ -107,7 +108,7 @@ async def variations(data: Annotated[ImageVariationRequest, Multipart], request:
     image = await upload(data.image, "image", state.settings.max_upload_bytes)
     with state.admission(info.id):
         image_png = await anyio.to_thread.run_sync(orders.variation_input, image, state.settings, size)
-    strength = 0.6 if data.strength is None else data.strength
+    strength = limits.default_strength(False, variation=True) if data.strength is None else data.strength
     order = orders.build(data, info, state.request_id(request), "", strength, image_png)
     return await _render_and_reply(state, request, order, data.response_format)
 

@@ -10,7 +10,8 @@ const OPENAI_SIZES = ["256x256", "512x512", "1024x1024", "1536x1024", "1024x1536
 const PARAM_CONTROL = { "image[]": "image", images: "image" };
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
-const state = { models: new Map(), lastSeed: null, running: null, retry: null, strengthSet: false };
+const state = { models: new Map(), lastSeed: null, running: null, retry: null, strengthSet: false,
+                loraScale: null, strengths: null, masked: false };
 const painter = new MaskPainter($("picture"), $("mask-canvas"), $("brush"));
 const gallery = new Gallery($("gallery"), $("gallery-empty"), { onReuse: reuse, onStatus: say });
 
@@ -88,7 +89,24 @@ function applyModel(card) {
   const samplers = card.samplers?.length ? card.samplers : [card.default_sampler].filter(Boolean);
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s, s)));
   if (card.default_sampler) $("sampler").value = card.default_sampler;
+  applyLimits(card);
   applyAdapters(card.adapters || []);
+}
+
+// The request bounds the server enforces (the card's `limits`), on the controls; the untouched strength
+// slider shows the server's own default.
+function applyLimits(card) {
+  const limits = card.limits;
+  if (!limits) return;
+  const bound = (id, min, max) => Object.assign($(id), { min: String(min), max: String(max) });
+  bound("n", 1, limits.max_images);
+  bound("steps", limits.min_steps, limits.max_steps);
+  bound("guidance_scale", limits.min_guidance, limits.max_guidance);
+  bound("seed", 0, limits.max_seed);
+  $("strength").max = String(limits.max_strength);
+  state.loraScale = limits.max_lora_scale;
+  state.strengths = card.default_strength || state.strengths;
+  defaultStrength(state.masked);
 }
 
 // LoRA controls only when the model lists adapters (entries are names or {name, …}).
@@ -99,7 +117,8 @@ function applyAdapters(adapters) {
     row.className = "row lora-row";
     row.innerHTML = `<label class="check"><input type="checkbox" id="lora-use-${i}"> <span></span></label>
       <label for="lora-scale-${i}">scale</label>
-      <input type="number" id="lora-scale-${i}" min="-4" max="4" step="0.05" value="1">`;
+      <input type="number" id="lora-scale-${i}" min="${-state.loraScale}" max="${state.loraScale}" step="0.05"
+       value="1">`;
     row.querySelector("span").textContent = name;
     row.dataset.name = name;
     return row;
@@ -310,10 +329,11 @@ function setMode() {
   $("run").textContent = edit ? "Edit" : "Generate";
 }
 
-// The API's own default until the user moves the slider: 1.0 inside a mask, 0.75 without one.
+// The API's own default until the user moves the slider (the card's `default_strength`: inside a mask or not).
 function defaultStrength(masked) {
-  if (state.strengthSet) return;
-  $("strength").value = masked ? "1" : "0.75";
+  state.masked = masked;
+  if (state.strengthSet || !state.strengths) return;
+  $("strength").value = String(masked ? state.strengths.mask : state.strengths.image);
   showStrength();
 }
 

@@ -155,3 +155,21 @@ def test_the_render_thread_steps_on_while_a_preview_is_finished(queue: ModelQueu
     finally:
         release.set()
     assert finished and len(result.images) == 1
+
+
+def test_a_prompt_is_tokenized_once_per_request(pipeline: engines.Pipeline) -> None:
+    """Checked before the queue, counted for `usage`, encoded by the render: one tokenization of each prompt
+    by each tokenizer (there were three)."""
+    alone = ModelQueue(pipeline, slots=1, depth=0, metrics=Metrics())
+    tokenizer = next(iter(pipeline.tokenizers.values()))
+    read: list[str] = []
+    ids = tokenizer.ids
+    tokenizer.ids = lambda text: read.append(text) or ids(text)  # type: ignore[method-assign]
+    try:
+        asked = msgspec.structs.replace(order(50, 2), prompt="a lighthouse, once", negative_prompt="fog")
+        result = asyncio.run(_submit(alone, asked))
+    finally:
+        del tokenizer.ids  # the class's own method again
+        alone.close(wait=30)
+    assert read.count("a lighthouse, once") == 1 and read.count("fog") == 1, read
+    assert result.input_tokens == len(ids("a lighthouse, once")) + len(ids("fog"))

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import httpx
+import msgspec
 import numpy as np
 import openai
 import pytest
@@ -15,6 +16,7 @@ from openai.types import ImagesResponse
 from PIL import Image
 from tokenizers import Tokenizer
 
+from engines import limits
 from tests.processes import ServerProcess
 
 FAST = {"steps": 2}
@@ -226,6 +228,11 @@ def test_models_route(client: OpenAI) -> None:
     assert card.object == "model" and card.owned_by == "sdserve"
     assert card.model_dump()["family"] == "sdxl"
     assert card.model_dump()["sizes"] == {"min": 64, "max": 512, "step": 16}
+    # the request bounds and strength defaults, as the engines enforce them (what the playground's form reads)
+    assert card.model_dump()["limits"] == msgspec.to_builtins(limits.BOUNDS)
+    assert card.model_dump()["default_strength"] == {"image": limits.default_strength(False),
+                                                     "mask": limits.default_strength(True),
+                                                     "variation": limits.default_strength(False, variation=True)}
 
 
 def test_models_retrieve(client: OpenAI) -> None:

@@ -133,6 +133,14 @@ def test_page_loads_without_console_errors_and_fits_a_phone(browser: Any, server
     card = next(m for m in httpx.get(server.url + "/v1/models").json()["data"] if m["id"] == "tiny-sd15")
     shown = [tab.page.input_value(f"#{name}") for name in ("size", "steps", "guidance_scale", "sampler")]
     assert shown == [card["default_size"], str(card["default_steps"]), "7.5", "euler"]  # the tiny presets' defaults
+    bounds = card["limits"]  # the form's bounds and strength default come from the card, not the page
+    shown_bounds = {name: [float(tab.page.get_attribute(f"#{name}", end)) for end in ("min", "max")]
+                    for name in ("n", "steps", "guidance_scale", "seed")}
+    assert shown_bounds == {"n": [1, bounds["max_images"]], "steps": [bounds["min_steps"], bounds["max_steps"]],
+                            "guidance_scale": [bounds["min_guidance"], bounds["max_guidance"]],
+                            "seed": [0, bounds["max_seed"]]}
+    assert float(tab.page.get_attribute("#strength", "max")) == bounds["max_strength"]
+    assert float(tab.page.input_value("#strength")) == card["default_strength"]["image"]
     assert tab.page.is_hidden("#key-box")  # no keys configured
     tab.page.screenshot(path=shots / "loaded.png", full_page=True)
     assert tab.errors == []
