@@ -371,7 +371,7 @@ class Pipeline:
         scale, defaults = self.manifest.vae_scale_factor, self.manifest.defaults
         native = (defaults.width // scale) * (defaults.height // scale)
         decoded = vae_tiling.decode(lambda z: session.run({"latent_sample": z}, ["sample"])["sample"], latents,
-                                    scale, threshold=max(vae_tiling.THRESHOLD, native))
+                                    scale, threshold=max(self.backend.tile_above, native))
         return images.to_pixels(decoded)
 
     def close(self) -> None:

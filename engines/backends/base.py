@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from engines import manifest as mf
+from engines.vae_tiling import THRESHOLD
 
 
 class Session(ABC):
@@ -44,8 +45,9 @@ class Session(ABC):
 
 
 class Backend(ABC):
-    name: str  # "cpu", "cuda", "tensorrt-ep", "tensorrt"
+    name: str  # "cpu", "openvino", "cuda", "tensorrt-ep", "tensorrt"
     device: str  # what it runs on, for people: "CPU (2 threads)", "NVIDIA H100 80GB HBM3"
+    tile_above: int = THRESHOLD  # latent cells above which the VAE decodes in tiles (`engines.vae_tiling`)
 
     @abstractmethod
     def open(self, name: str, component: mf.Component) -> Session: ...

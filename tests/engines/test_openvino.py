@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engines
+from engines import images, vae_tiling
 from engines.backends import openvino
 from tests.conftest import TINY
 from tests.engines import batches
@@ -133,10 +134,21 @@ def test_streaming_partials_leave_the_final_image_alone(fp32: dict, cpu: dict) -
 
 
 def test_tiled_decodes_as_the_cpu_backend(fp32: dict, cpu: dict) -> None:
-    latents = np.random.default_rng(2).standard_normal((1, 4, 100, 104)).astype(np.float32)  # above the threshold
+    latents = np.random.default_rng(2).standard_normal((1, 4, 136, 144)).astype(np.float32)  # above both thresholds
     tiled = fp32["tiny-sd15"].decode_latents(latents)
-    assert tiled.shape == (1, 800, 832, 3)
+    assert tiled.shape == (1, 1088, 1152, 3)
     assert np.abs(tiled - cpu["tiny-sd15"].decode_latents(latents)).max() <= TOLERANCE
+
+
+def test_decodes_up_to_1024_pixels_whole(fp32: dict) -> None:
+    """Above ONNX Runtime's tiling threshold, OpenVINO still decodes whole (its bf16 decode of 1024² needs 1.7 GiB,
+    and whole is faster than tiled): the pixels are the graph's own, no tile seams."""
+    pipeline = fp32["tiny-sd15"]
+    latents = np.random.default_rng(2).standard_normal((1, 4, 100, 128)).astype(np.float32)
+    assert vae_tiling.THRESHOLD < 100 * 128
+    whole = pipeline.sessions["vae_decoder"].run({"latent_sample": latents / pipeline.manifest.vae_scaling_factor},
+                                                  ["sample"])["sample"]
+    assert np.array_equal(pipeline.decode_latents(latents), images.to_pixels(whole))
 
 
 def test_one_compilation_serves_every_shape(fp32: dict, cpu: dict) -> None:
