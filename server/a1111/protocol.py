@@ -41,7 +41,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "jpeg_quality": 80,
     "live_previews_enable": True,
     "show_progress_every_n_steps": 10,  # -1: no preview while rendering; 0: every step
-    "show_progress_type": "Approx cheap",  # how previews are drawn: "Full" (the VAE decoder) or a cheap map
+    "show_progress_type": "Approx NN",  # previews: "Full" (the VAE), else cheap (`tasks.preview_mode`)
     "CLIP_stop_at_last_layers": 1,
     "eta_noise_seed_delta": 0,
 }

@@ -9,7 +9,7 @@ Options and each client's render in progress live where every front door sees th
 under --images-dir): `sd_model_checkpoint` picks the model of later requests that do not name one in
 `override_settings`, as A1111's does; other options are kept and echoed, and `samples_format`,
 `jpeg_quality`, `live_previews_enable`, `show_progress_every_n_steps` and `show_progress_type` ("Full"
-previews by the VAE decoder; otherwise the cheap linear map) are honoured.
+previews by the VAE decoder, otherwise a cheap one: `tasks.preview_mode`) are honoured.
 """
 
 from __future__ import annotations
