@@ -53,24 +53,7 @@ def parser() -> argparse.ArgumentParser:
                       help="exit 1 when an engines side's end-to-end median exceeds this many seconds (a gate)")
     pipe.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
 
-    graphs = commands.add_parser("graphs", help="one model's UNet and decoders alone on each backend",
-                                 description="Time the graphs alone (ONNX Runtime fp32, OpenVINO fp32 and bf16, …) on "
-                                 "the same inputs, interleaved: the UNet on every step of a real schedule, the "
-                                 "decoders at the render size; report seconds per call and each output's relative "
-                                 "error against the first backend's.")
-    graphs.add_argument("model_dir", help="an exported SD 1.x/2.x model directory")
-    graphs.add_argument("--components", default="unet,vae_decoder",
-                        help="comma-separated: unet, vae_decoder, tiny_vae_decoder (default unet,vae_decoder)")
-    graphs.add_argument("--backend", default="cpu,openvino:fp32,openvino:bf16",
-                        help="comma-separated backends, the first the error's reference (default "
-                        "cpu,openvino:fp32,openvino:bf16)")
-    graphs.add_argument("--size", help=SIZE_HELP)
-    graphs.add_argument("--steps", type=int, default=4, help="UNet inputs: the steps of a schedule (default 4)")
-    graphs.add_argument("--sampler", default="euler", help="the schedule's sampler (default euler)")
-    graphs.add_argument("--rows", type=int, default=2, help="UNet rows per call (default 2: one guided image)")
-    graphs.add_argument("--threads", type=int, help="threads per call (default: all cores)")
-    graphs.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
-    graphs.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
+    _graphs_parser(commands)
 
     http = commands.add_parser("http", help="HTTP load against a running server or router",
                                description="Send requests at each concurrency level and report throughput, latency "
@@ -97,6 +80,27 @@ def parser() -> argparse.ArgumentParser:
                       help="exit 1 when more requests than this are not answered 200 (a gate; default: none)")
     http.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
     return cli
+
+
+def _graphs_parser(commands: Any) -> None:
+    graphs = commands.add_parser("graphs", help="one model's UNet and decoders alone on each backend",
+                                 description="Time the graphs alone (ONNX Runtime fp32, OpenVINO fp32 and bf16, …) on "
+                                 "the same inputs, interleaved: the UNet on every step of a real schedule, the "
+                                 "decoders at the render size; report seconds per call and each output's relative "
+                                 "error against the first backend's.")
+    graphs.add_argument("model_dir", help="an exported SD 1.x/2.x model directory")
+    graphs.add_argument("--components", default="unet,vae_decoder",
+                        help="comma-separated: unet, vae_decoder, tiny_vae_decoder (default unet,vae_decoder)")
+    graphs.add_argument("--backend", default="cpu,openvino:fp32,openvino:bf16",
+                        help="comma-separated backends, the first the error's reference (default "
+                        "cpu,openvino:fp32,openvino:bf16)")
+    graphs.add_argument("--size", help=SIZE_HELP)
+    graphs.add_argument("--steps", type=int, default=4, help="UNet inputs: the steps of a schedule (default 4)")
+    graphs.add_argument("--sampler", default="euler", help="the schedule's sampler (default euler)")
+    graphs.add_argument("--rows", type=int, default=2, help="UNet rows per call (default 2: one guided image)")
+    graphs.add_argument("--threads", type=int, help="threads per call (default: all cores)")
+    graphs.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    graphs.add_argument("--out", help="results folder (default: bench/results/<timestamp>/)")
 
 
 def pipeline_settings(args: argparse.Namespace) -> Any:

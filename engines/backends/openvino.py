@@ -161,6 +161,8 @@ class OpenVinoBackend(Backend):
         rank = self.manifest.lora.rank if self.manifest.lora and any(
             LORA_RANK in t.shape for t in component.inputs) else None
         try:
+            if self.precision == "bf16":
+                path = self.half_weights(name, component, path)
             if rank is None:  # compiled from the path: a cached compilation loads without reading the graph
                 compiled = _core().compile_model(str(path), "CPU", self.config(name, component))
             else:
@@ -172,6 +174,20 @@ class OpenVinoBackend(Backend):
         except Exception as exc:
             raise EngineFailure(f"OpenVINO cannot compile {path}: {exc}") from exc
         return OpenVinoSession(name, component, compiled, rank)
+
+    def half_weights(self, name: str, component: mf.Component, path: Path) -> Path:
+        """For bf16, the graph with its weights stored in fp16 (OpenVINO's IR, written once into the cache): a
+        compiled graph keeps the weights it was read with beside its bf16 copy, and fp16 halves them (SD 1.5's
+        UNet: 5.7 → 3.7 GiB resident; its output's mean relative error to fp32 3.1e-2 against 2.9e-2)."""
+        target = cache_dir(self.manifest, name, component) / "fp16-weights.xml"
+        if not target.is_file():
+            log.info("%s: storing its weights in fp16 for OpenVINO's bf16 (once per graph)", name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged = target.with_name(f".{os.getpid()}-{threading.get_ident()}.xml")
+            runtime().save_model(_core().read_model(str(path)), str(staged), compress_to_fp16=True)
+            os.replace(staged.with_suffix(".bin"), target.with_suffix(".bin"))  # the weights first: the .xml says done
+            os.replace(staged, target)
+        return target
 
 
 def cache_dir(manifest: mf.Manifest, key: str, component: mf.Component) -> Path:
