@@ -7,7 +7,7 @@ Folders say where each piece runs; imports run one way, from the wings down to t
     router/                 a front door's dispatch of orders over nodes: registry, prober, relay, admission
     node/                   where orders render (node, standalone): engine pool, queues, batcher, streams
     floor: protocol.py (the public OpenAI Structs), wire.py (router ↔ node), sse.py (event streams),
-           state.py, errors.py, settings.py, guards.py, tenants.py, health.py, images.py, adapters.py,
+           state.py, errors.py, settings.py, guards.py, tenants.py, images.py, adapters.py,
            metrics.py, logs.py, supervisor.py
 
 The wings import the floor and never each other: a front door's APIs reach the dispatcher through

@@ -1,4 +1,6 @@
-"""`create_app(settings)`: the Litestar app for one process in its role, wrapped in the access log.
+"""`create_app(settings)`: the Litestar app for one process in its role, wrapped in the access log, and the
+process's probes: GET /healthz (alive: it answers, and its engine pool has not been sick for
+--liveness-seconds), /readyz (a model can render, and the node is not sick), /metrics (Prometheus).
 
     standalone  public API + a dispatcher whose first node is this process's own engine pool
                 (remote nodes may join too, given a node token)
@@ -16,17 +18,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 
-from litestar import Litestar, Router
+from litestar import Litestar, Request, Response, Router, get
 from litestar.config.cors import CORSConfig
+from litestar.enums import MediaType
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
 from engines.manifest import sdserve_version
-from server import errors, health
+from server import errors
 from server.a1111 import routes as sdapi
+from server.errors import ApiError, documented
 from server.guards import api_key
 from server.logs import AccessLog
-from server.metrics import Metrics
+from server.metrics import CONTENT_TYPE, Metrics
 from server.node.agent import NodeAgent, node_report
 from server.node.local import LocalNode
 from server.node.models_dir import discover
@@ -117,7 +121,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
                 for record in list(parts.registry.nodes.values()):
                     await record.transport.close()
 
-    handlers: list = [health.healthz, health.readyz, health.metrics]
+    handlers: list = [healthz, readyz, prometheus]
     if parts.dispatcher is not None:
         handlers += [
             Router("/v1", route_handlers=[images.generations, images.edits, images.variations, models.list_models,
@@ -203,3 +207,28 @@ def default_model(settings: Settings) -> str | None:
         return settings.models[0]
     found = discover(settings.models_dir, [])
     return found[0].name if found else None
+
+
+@get("/healthz", responses=documented(503), summary="Liveness: the process answers and is not stuck sick")
+async def healthz(request: Request) -> dict[str, str]:
+    dead = AppState.of(request).dead
+    if dead is not None and (reason := dead()):
+        raise ApiError(503, f"not live: {reason}", code="not_live")
+    return {"status": "ok"}
+
+
+@get("/readyz", responses=documented(503), summary="Readiness: at least one model can render")
+async def readyz(request: Request) -> dict[str, object]:
+    state = AppState.of(request)
+    problems = state.problems()
+    if not state.renderer.ready():
+        detail = f"; {problems}" if problems else ""
+        raise ApiError(503, f"not ready, no model can render: {state.why_not_ready()}{detail}", code="not_ready",
+                       headers={"Retry-After": "5"})
+    return {"status": "ready", "models": sorted(state.renderer.ready_models()), **problems}
+
+
+@get("/metrics", media_type=MediaType.TEXT, summary="Prometheus metrics")
+async def prometheus(request: Request) -> Response[bytes]:
+    body = AppState.of(request).metrics.text()
+    return Response(body, media_type=MediaType.TEXT, headers={"content-type": CONTENT_TYPE})

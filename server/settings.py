@@ -218,18 +218,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
     flag("--threads", type=int, help="threads per graph call of a render (default: all cores)")
     flag("--no-verify-models", dest="verify_models", action="store_const", const=False,
          help="skip the sha256 check of model files at load")
-    flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
-    flag("--queue-depth", type=int, help="waiting requests per model before 429 (default 8)")
-    flag("--batch-window", type=float, metavar="MS",
-         help="step-level batching: milliseconds an idle render slot waits for more requests to share its UNet "
-         "calls (default 0: no batching, each render alone)")
-    flag("--max-batch", type=int, metavar="ROWS",
-         help="step-level batching: UNet rows per call (default: the largest batch of the TensorRT profiles, else "
-         "the model's max batch × 2 for guidance)")
-    flag("--batch-renders", type=int, metavar="N",
-         help="step-level batching: renders one slot interleaves, what the model takes at once per slot before "
-         "its queue (default: as many of the model's default requests as one call of --max-batch rows steps "
-         "together, e.g. 4 guided images in 8 rows)")
+    _batching_arguments(flag)
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
     flag("--preview", choices=["tiny", "full", "linear"],
          help="streaming and A1111 previews: by the model's tiny decoder (default; the full VAE for models exported "
@@ -264,6 +253,22 @@ def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
          metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
          "https://app.example.com, or * for any (repeatable; default none)")
     return actions
+
+
+def _batching_arguments(flag: Callable[..., object]) -> None:
+    """How many renders a model runs at once, waits for, and steps together."""
+    flag("--render-slots", type=int, help="concurrent renders per model (default 1)")
+    flag("--queue-depth", type=int, help="waiting requests per model before 429 (default 8)")
+    flag("--batch-window", type=float, metavar="MS",
+         help="step-level batching: milliseconds an idle render slot waits for more requests to share its UNet "
+         "calls (default 0: no batching, each render alone)")
+    flag("--max-batch", type=int, metavar="ROWS",
+         help="step-level batching: UNet rows per call (default: the largest batch of the TensorRT profiles, else "
+         "the model's max batch × 2 for guidance)")
+    flag("--batch-renders", type=int, metavar="N",
+         help="step-level batching: renders one slot interleaves, what the model takes at once per slot before "
+         "its queue (default: as many of the model's default requests as one call of --max-batch rows steps "
+         "together, e.g. 4 guided images in 8 rows)")
 
 
 def _fleet_arguments(flag: Callable[..., object]) -> None:
