@@ -16,6 +16,7 @@ from engines import images
 from engines import manifest as mf
 from engines.backends import Session
 from engines.canny import canny
+from engines.info import ControlNetInfo
 
 Preprocess = Literal["none", "canny"]
 PREPROCESSORS: tuple[str, ...] = get_args(Preprocess)
@@ -63,6 +64,12 @@ class ResidualSession(Session):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def infos(manifest: mf.Manifest) -> list[ControlNetInfo]:
+    """The ControlNets exported beside this model, by name, as `ModelInfo.controlnets` lists them."""
+    return [ControlNetInfo(name=name, sha256=net.component.graph.sha256)
+            for name, net in sorted(manifest.controlnets.items())]
 
 
 def wrap(sessions: dict[str, Session], manifest: mf.Manifest) -> dict[str, Session]:

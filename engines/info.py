@@ -17,6 +17,13 @@ class AdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
     format: str  # "diffusers" or "kohya"
 
 
+class ControlNetInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A ControlNet a model offers (`model.json`'s `controlnets`): requests name it; `sha256` is its graph's."""
+
+    name: str
+    sha256: str
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     id: str  # the model directory's name: the `model` field of API requests
     name: str  # the preset it was exported as
@@ -34,6 +41,7 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     lora_rank: int = 0  # largest total adapter rank per request; 0: exported without LoRA support
     adapters: list[AdapterInfo] = []
     refused_adapters: dict[str, str] = {}  # adapter name → why this model cannot take it
+    controlnets: list[ControlNetInfo] = []
 
     def rows(self, n: int, guidance_scale: float) -> int:
         """UNet rows each step of a request takes: its images (at most a chunk of `max_batch`), twice when

@@ -62,10 +62,14 @@ def unavailable(model: str, names: set[str], infos: list[ModelInfo]) -> InvalidR
 
 
 def merged(first: ModelInfo, other: ModelInfo) -> ModelInfo:
-    """A model as the fleet offers it: one node's card with the adapters of every node."""
+    """A model as the fleet offers it: one node's card with the adapters and ControlNets of every node."""
     known = {a.name for a in first.adapters}
     extra = [a for a in other.adapters if a.name not in known]
-    return msgspec.structs.replace(first, adapters=[*first.adapters, *extra]) if extra else first
+    nets = {c.name for c in first.controlnets}
+    more = [c for c in other.controlnets if c.name not in nets]
+    if not extra and not more:
+        return first
+    return msgspec.structs.replace(first, adapters=[*first.adapters, *extra], controlnets=[*first.controlnets, *more])
 
 
 def cards(info: ModelInfo) -> list[AdapterCard]:

@@ -21,6 +21,7 @@ from functools import partial
 from litestar import Litestar, Request, Response, Router, get
 from litestar.config.cors import CORSConfig
 from litestar.enums import MediaType
+from litestar.exceptions import MethodNotAllowedException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
@@ -138,7 +139,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Litestar:
         handlers.append(Router("/v0", route_handlers=POOL_ROUTES))
     app = Litestar(
         route_handlers=handlers,
-        exception_handlers={Exception: errors.handle},
+        # unknown routes (and methods) under /sdapi and /controlnet answer as FastAPI does there
+        exception_handlers={Exception: errors.handle, NotFoundException: sdapi.unknown_route,
+                            MethodNotAllowedException: sdapi.unknown_route},
         lifespan=[lifespan],
         # two files at the upload limit (image and mask), as base64 data URLs in a JSON edit a third larger
         request_max_body_size=2 * (settings.max_upload_bytes * 4 // 3 + 4) + 1024 * 1024,

@@ -67,6 +67,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     width: int | None = None
     height: int | None = None
     override_settings: OverrideSettings | None = None
+    script_name: str | None = None  # a selectable script: none here, so any name is a 422
+    alwayson_scripts: dict[str, Any] = msgspec.field(default_factory=dict)  # only ControlNet's, with no unit
     send_images: bool = True
     save_images: bool = False
     # accepted, no effect here: one line each in the README
@@ -144,6 +146,7 @@ class Info(msgspec.Struct):
     is_using_inpainting_conditioning: bool
     version: str
     interrupted: bool = False  # ours: the render was interrupted; images are the estimates at that step
+    comments: str = ""  # A1111's `Processed.comments`: one line each, e.g. "Lora not found: name"
 
 
 class ProgressState(msgspec.Struct):
@@ -200,6 +203,33 @@ class LoraItem(msgspec.Struct):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class EmbeddingsResponse(msgspec.Struct):
+    """Textual-inversion embeddings by name: none here (the engines load none)."""
+
+    loaded: dict[str, Any] = msgspec.field(default_factory=dict)
+    skipped: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class MemoryResponse(msgspec.Struct):
+    ram: dict[str, Any]  # free, used (this process's resident memory), total; or error
+    cuda: dict[str, Any]  # A1111 reads torch's counters; or error
+
+
+class ScriptsList(msgspec.Struct):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class PNGInfoRequest(msgspec.Struct):
+    image: str = ""  # base64, with or without a data-URL prefix
+
+
+class PNGInfoResponse(msgspec.Struct):
+    info: str  # the infotext ("" when the image has none)
+    items: dict[str, Any]  # the image's other text fields
+    parameters: dict[str, Any]  # the infotext parsed, as A1111's `parse_generation_parameters`
+
+
 class ValidationProblem(msgspec.Struct):
     """One entry of FastAPI's 422 `detail` list."""
 
@@ -222,3 +252,50 @@ class HTTPErrorBody(msgspec.Struct):
 
 
 Kind = Literal["txt2img", "img2img"]
+
+
+# -- sd-webui-controlnet (/controlnet) ----------------------------------------------------------------------
+
+
+class DetectRequest(msgspec.Struct, kw_only=True):
+    """POST /controlnet/detect. -1 (and values outside the module's sliders) take the module's defaults."""
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = msgspec.field(default_factory=list)
+    controlnet_images: list[str] = msgspec.field(default_factory=list)  # the name webuiapi sends
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = msgspec.field(default_factory=list)  # no module here takes a mask: unused
+    low_vram: bool = False
+
+
+class DetectResponse(msgspec.Struct):
+    info: str
+    images: list[str]  # base64 PNGs
+
+
+class Slider(msgspec.Struct):
+    name: str
+    value: float
+    min: float
+    max: float
+    step: float
+
+
+class ModuleDetail(msgspec.Struct):
+    model_free: bool
+    sliders: list[Slider]
+
+
+class ModuleList(msgspec.Struct):
+    module_list: list[str]
+    module_detail: dict[str, ModuleDetail]
+
+
+class ModelList(msgspec.Struct):
+    model_list: list[str]  # "name [hash]", the hash the first 8 hex digits of the graph's sha256
+
+
+class VersionResponse(msgspec.Struct):
+    version: int

@@ -21,8 +21,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from PIL import Image, ImageOps
@@ -32,13 +33,17 @@ from engines.errors import InvalidRequest
 from engines.images import fit
 from engines.info import ModelInfo
 from server import adapters, images
+from server.a1111 import infotext
 from server.a1111 import protocol as a1111
 from server.a1111.protocol import GenerationRequest, Img2ImgRequest, Info, Kind, Txt2ImgRequest
 from server.errors import ApiError, error_path
-from server.protocol import MAX_PROMPT, OutputFormat
+from server.protocol import MAX_PROMPT, LoraRef, OutputFormat
 from server.settings import Settings
 from server.state import AppState
 from server.wire import RenderOrder
+
+log = logging.getLogger("sdserve.a1111")
+T = TypeVar("T")
 
 FORMATS: dict[str, OutputFormat] = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
 
@@ -48,8 +53,11 @@ def invalid(param: str, message: str) -> ApiError:
 
 
 def decode(body: bytes, kind: Kind) -> Txt2ImgRequest | Img2ImgRequest:
+    return decode_body(body, Txt2ImgRequest if kind == "txt2img" else Img2ImgRequest)
+
+
+def decode_body(body: bytes, target: type[T]) -> T:
     """Lenient like pydantic: "20" is 20. A field of the wrong type names its path."""
-    target = Txt2ImgRequest if kind == "txt2img" else Img2ImgRequest
     try:
         return msgspec.json.decode(body or b"{}", type=target, strict=False)
     except msgspec.ValidationError as exc:
@@ -123,16 +131,16 @@ def resolve_size(request: GenerationRequest, info: ModelInfo) -> tuple[int, int]
 
 
 def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: dict[str, Any], request_id: str,
-          strength: float = 1.0, image: bytes | None = None, mask: bytes | None = None) -> RenderOrder:
+          strength: float = 1.0, image: bytes | None = None, mask: bytes | None = None
+          ) -> tuple[RenderOrder, list[str]]:
+    """The render order, and the comments `info` carries (adapters left out)."""
     if isinstance(request, Txt2ImgRequest) and request.enable_hr:
         raise invalid("enable_hr", "the hires fix (enable_hr) is not available here; render at the final size")
     prompt = request.prompt.strip()
     if len(prompt) > MAX_PROMPT:
         raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT}")
-    try:  # <lora:name:weight> tags, as on the OpenAI routes
-        prompt, lora = adapters.resolve(None, prompt)
-    except InvalidRequest as exc:
-        raise invalid("prompt", exc.message) from None
+    check_scripts(request)
+    prompt, lora, comments = prompt_adapters(prompt, info)
     width, height = resolve_size(request, info)
     steps = limits.check_steps(info.defaults.steps if request.steps is None else request.steps)
     cfg = limits.check_guidance(info.defaults.guidance_scale if request.cfg_scale is None else request.cfg_scale,
@@ -147,7 +155,7 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
         limits.check_seed(request.seed, request.batch_size * request.n_iter)
     output_format = FORMATS.get(str(options.get("samples_format", "png")).lower(), "png")
     quality = options.get("jpeg_quality")
-    return RenderOrder(
+    order = RenderOrder(
         request_id=request_id, model=info.id, prompt=prompt, negative_prompt=(request.negative_prompt or "").strip()
         or None, width=width, height=height, steps=steps, guidance_scale=float(cfg),
         sampler=resolve_sampler(request, info),
@@ -157,6 +165,44 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
         output_compression=quality if output_format != "png" and isinstance(quality, int) and 0 <= quality <= 100
         else None,
     )
+    return order, comments
+
+
+def check_scripts(request: GenerationRequest) -> None:
+    """A1111 refuses scripts it does not have (422); here there are none to select, and ControlNet's always-on
+    script takes no enabled unit yet (its units are not rendered)."""
+    if request.script_name:
+        raise invalid("script_name", f"Script '{request.script_name}' not found: this server has no selectable "
+                      "scripts")
+    for name, script in request.alwayson_scripts.items():
+        if name.lower() != "controlnet":
+            raise invalid(f"alwayson_scripts.{name}", f"always on script {name} not found; this server has "
+                          "ControlNet's only")
+        units = script.get("args", []) if isinstance(script, dict) else script
+        if not isinstance(units, list):
+            raise invalid(f"alwayson_scripts.{name}", "'args' must be a list of ControlNet units")
+        if any(not isinstance(unit, dict) or unit.get("enabled", True) is not False for unit in units):
+            raise invalid(f"alwayson_scripts.{name}.args", "ControlNet units are not rendered on this server "
+                          "yet; send none, or only units with \"enabled\": false")
+
+
+def prompt_adapters(prompt: str, info: ModelInfo) -> tuple[str, list[LoraRef], list[str]]:
+    """`<lora:name:weight>` tags, read as on the OpenAI routes; but as A1111 does, a tag naming an adapter the
+    model does not offer renders without it, and the comments say so ("Lora not found: name")."""
+    try:
+        prompt, lora = adapters.resolve(None, prompt)
+    except InvalidRequest as exc:
+        raise invalid("prompt", exc.message) from None
+    offered = {adapter.name for adapter in info.adapters}
+    missing = [ref.name for ref in lora if ref.name not in offered]
+    comments = [f"Lora {name} not applied: {info.refused_adapters[name]}" for name in missing
+                if name in info.refused_adapters]
+    unknown = [name for name in missing if name not in info.refused_adapters]
+    if unknown:
+        comments.append(f"Lora not found: {', '.join(unknown)}")
+    for comment in comments:
+        log.warning("%s (model %s); rendering without it", comment, info.id)
+    return prompt, [ref for ref in lora if ref.name in offered], comments
 
 
 # -- img2img inputs --------------------------------------------------------------------------------
@@ -169,17 +215,17 @@ def img2img_inputs(request: Img2ImgRequest, size: tuple[int, int], settings: Set
     limits.check_strength(request.denoising_strength, "denoising_strength")
     if request.resize_mode not in (0, 1, 2, 3):
         raise invalid("resize_mode", "resize_mode must be 0, 1, 2 or 3")
-    picture = _image(request.init_images[0], "init_images", settings)
+    picture = decode_image(request.init_images[0], "init_images", settings)
     fitted = _resize(picture.convert("RGB"), size, request.resize_mode)
     if not request.mask:
         return images.png(fitted), None
-    mask = _image(request.mask, "mask", settings).convert("L")
+    mask = decode_image(request.mask, "mask", settings).convert("L")
     if request.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
     return images.png(fitted), images.png(_resize(mask, size, request.resize_mode))
 
 
-def _image(text: str, param: str, settings: Settings) -> Image.Image:
+def decode_image(text: str, param: str, settings: Settings) -> Image.Image:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
@@ -216,11 +262,11 @@ def parameters(request: Txt2ImgRequest | Img2ImgRequest, order: RenderOrder) -> 
 
 
 def info(request: Txt2ImgRequest | Img2ImgRequest, order: RenderOrder, seeds: list[int], version: str,
-         interrupted: bool = False) -> str:
+         interrupted: bool = False, comments: list[str] | None = None) -> str:
     sampler, schedule = a1111_sampler(order.sampler)
     negative = order.negative_prompt or ""
     count = len(seeds)
-    texts = [_infotext(order, seed, sampler, schedule) for seed in seeds]
+    texts = [infotext.write(order, seed, sampler, schedule) for seed in seeds]
     body = Info(
         prompt=order.prompt, all_prompts=[order.prompt] * count, negative_prompt=negative,
         all_negative_prompts=[negative] * count, seed=seeds[0] if seeds else order.seed, all_seeds=seeds,
@@ -232,17 +278,6 @@ def info(request: Txt2ImgRequest | Img2ImgRequest, order: RenderOrder, seeds: li
         extra_generation_params={"Schedule type": schedule}, index_of_first_image=0, infotexts=texts,
         styles=request.styles or [], job_timestamp=time.strftime("%Y%m%d%H%M%S"), clip_skip=1,
         is_using_inpainting_conditioning=order.mask is not None, version=version, interrupted=interrupted,
+        comments="".join(f"{comment}\n" for comment in comments or []),
     )
     return json.dumps(msgspec.to_builtins(body))
-
-
-def _infotext(order: RenderOrder, seed: int, sampler: str, schedule: str) -> str:
-    lines = [order.prompt]
-    if order.negative_prompt:
-        lines.append(f"Negative prompt: {order.negative_prompt}")
-    settings = [f"Steps: {order.steps}", f"Sampler: {sampler}", f"Schedule type: {schedule}",
-                f"CFG scale: {order.guidance_scale:g}", f"Seed: {seed}", f"Size: {order.width}x{order.height}",
-                f"Model: {order.model}"]
-    if order.image is not None:
-        settings.append(f"Denoising strength: {order.strength:g}")
-    return "\n".join([*lines, ", ".join(settings)])

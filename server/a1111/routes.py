@@ -3,7 +3,9 @@
 Handlers parse (`server.a1111.requests`), render through the same dispatcher as the OpenAI routes (as a
 stream of events, so that /progress can follow it: `server.a1111.tasks`), and shape A1111's answers. Errors
 keep the shapes A1111 clients parse: FastAPI's 422 `{"detail": [{"loc": ["body", field], "msg", "type"}]}`
-for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1).
+for invalid fields, A1111's `{"error", "detail", "body", "errors"}` for the rest (statuses as on /v1), and
+FastAPI's `{"detail": "Not Found"}` for unknown routes (`unknown_route`). `router()` also mounts the lists
+scripts read at start-up (`server.a1111.lists`) and sd-webui-controlnet's routes (`server.a1111.controlnet`).
 
 Options and each client's render in progress live where every front door sees them (`server.a1111.shared`,
 under --images-dir): `sd_model_checkpoint` picks the model of later requests that do not name one in
@@ -18,26 +20,29 @@ import asyncio
 import base64
 import hashlib
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.exceptions import HTTPException
 
 from engines.manifest import sdserve_version
 from server import errors
+from server.a1111 import infotext
 from server.a1111 import protocol as a1111
 from server.a1111 import requests as orders
+from server.a1111.controlnet import CONTROLNET_ROUTES
+from server.a1111.lists import LIST_ROUTES
 from server.a1111.protocol import (
     HTTPErrorBody,
     ImagesResponse,
     Kind,
-    LoraItem,
+    PNGInfoRequest,
+    PNGInfoResponse,
     ProgressResponse,
-    SamplerItem,
-    SchedulerItem,
-    SDModelItem,
     ValidationErrorBody,
     ValidationProblem,
 )
@@ -47,6 +52,7 @@ from server.errors import ApiError
 from server.guards import credential, for_tenant, rate_limit, sdapi_key
 from server.state import AppState, client_gone
 
+FASTAPI_PATHS = ("/sdapi/", "/controlnet/")  # FastAPI answers there, in A1111 (sd-webui-controlnet is its extension)
 MAX_OPTIONS = 1024  # A1111 has about 600
 MAX_OPTION_BYTES = 64 * 1024
 
@@ -91,7 +97,7 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
         size = orders.resolve_size(body, info)
         image, mask = await anyio.to_thread.run_sync(orders.img2img_inputs, body, size, state.settings)
         strength = body.denoising_strength
-    order = orders.build(body, info, options, state.request_id(request), strength, image, mask)
+    order, comments = orders.build(body, info, options, state.request_id(request), strength, image, mask)
     previews = preview_count(options, order.steps, order.strength)
     order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews,
                                     preview=preview_mode(options, info.tiny_decoder),
@@ -103,9 +109,12 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
     finally:
         gone.cancel()
     pictures, seeds = (task.finished, task.seeds) if task.finished is not None else interrupted_images(task)
+    sampler, schedule = orders.a1111_sampler(order.sampler)
+    pictures = [infotext.embed(picture, infotext.write(order, seed, sampler, schedule))
+                for picture, seed in zip(pictures, seeds, strict=True)]
     encoded = [base64.b64encode(p).decode("ascii") for p in pictures] if body.send_images else []
     answer = ImagesResponse(images=encoded, parameters=orders.parameters(body, order),
-                            info=orders.info(body, order, seeds, sdserve_version(), task.finished is None))
+                            info=orders.info(body, order, seeds, sdserve_version(), task.finished is None, comments))
     return Response(answer)
 
 
@@ -159,40 +168,37 @@ async def set_options(request: Request) -> Response[None]:
     return Response(None, media_type="application/json")
 
 
-@get("/sd-models", summary="The models, as A1111 lists checkpoints")
-async def sd_models(request: Request) -> list[SDModelItem]:
-    ready = sorted(AppState.of(request).renderer.ready_models())
-    return [SDModelItem(title=name, model_name=name, hash=None, sha256=None, filename=name) for name in ready]
+@post("/skip", status_code=200, summary="As /interrupt: the images of a request render together, so there is "
+      "no next batch to go on to")
+async def skip(request: Request) -> None:
+    await interrupt.fn(request)
 
 
-@get("/samplers", summary="The samplers, by A1111's names")
-async def samplers() -> list[SamplerItem]:
-    return [SamplerItem(name=name, aliases=a1111.SAMPLER_ALIASES[name], options={}) for name in a1111.SAMPLERS]
-
-
-@get("/schedulers", summary="The schedules (Karras with DPM++ 2M only)")
-async def schedulers() -> list[SchedulerItem]:
-    return [SchedulerItem(name=name, label=label, default_rho=7.0 if name == "karras" else -1.0)
-            for name, label in a1111.SCHEDULERS.items()]
-
-
-@get("/loras", summary="LoRA adapters of the models that can render now, for `<lora:name:weight>` prompt tags")
-async def loras(request: Request) -> list[LoraItem]:
-    ready = AppState.of(request).renderer.ready_models().values()
-    names = sorted({adapter.name for info in ready for adapter in info.adapters})
-    return [LoraItem(name=name, alias=name, path=f"{name}.safetensors") for name in names]
-
-
-@get(["/upscalers", "/sd-vae", "/latent-upscale-modes", "/prompt-styles", "/hypernetworks", "/face-restorers"],
-     summary="Lists A1111 has and this server does not use: empty")
-async def empty_lists() -> list[Any]:
-    return []
+@post("/png-info", status_code=200, summary="The generation parameters an image carries (A1111's PNGs, and ours)")
+async def png_info(request: Request) -> PNGInfoResponse:
+    body = orders.decode_body(await request.body(), PNGInfoRequest)
+    if not body.image.strip():
+        raise orders.invalid("image", "image must hold a base64 image")
+    image = await anyio.to_thread.run_sync(orders.decode_image, body.image.strip(), "image",
+                                           AppState.of(request).settings)
+    text, items = infotext.read(image)
+    return PNGInfoResponse(info=text, items=items, parameters=infotext.parse(text) if text else {})
 
 
 def router() -> Router:
-    return Router("/sdapi/v1", guards=[sdapi_key], exception_handlers={Exception: handle},
-                  route_handlers=[txt2img, img2img, progress, interrupt, get_options, set_options, sd_models,
-                                  samplers, schedulers, loras, empty_lists])
+    """A1111's routes and sd-webui-controlnet's, behind the same keys and with the same error shapes."""
+    sdapi = Router("/sdapi/v1", route_handlers=[txt2img, img2img, progress, interrupt, skip, get_options,
+                                                set_options, png_info, *LIST_ROUTES])
+    return Router("/", guards=[sdapi_key], exception_handlers={Exception: handle},
+                  route_handlers=[sdapi, Router("/controlnet", route_handlers=CONTROLNET_ROUTES)])
+
+
+def unknown_route(request: Request, exc: Exception) -> Response[Any]:
+    """404 and 405 before any route: FastAPI's `{"detail": "Not Found"}` under A1111's and sd-webui-controlnet's
+    paths (webuiapi would hand an OpenAI error body to its caller as data), the OpenAI error elsewhere."""
+    if isinstance(exc, HTTPException) and request.url.path.startswith(FASTAPI_PATHS):
+        return Response({"detail": HTTPStatus(exc.status_code).phrase}, status_code=exc.status_code)
+    return errors.handle(request, exc)
 
 
 def handle(request: Request, exc: Exception) -> Response[Any]:

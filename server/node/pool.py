@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
+import msgspec
+
 import engines
 from engines import limits
 from server import sse
@@ -74,9 +76,13 @@ class EnginePool:
                      time.perf_counter() - started)
 
     def _load(self, path: Path) -> ModelQueue:
+        from engines import controlnet  # with the engines: a router imports this module without them
+
         s = self.settings
         pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
                                 lora_dir=s.lora_dir, precision=s.precision)
+        # the ControlNets beside it reach the front doors with its card, as its adapters do
+        pipeline.info = msgspec.structs.replace(pipeline.info, controlnets=controlnet.infos(pipeline.manifest))
         batching = None
         if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
             rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch

@@ -66,6 +66,13 @@ def _decode(b64: str) -> Image.Image:
     return image
 
 
+def _same_images(a1111: list[str], openai: list[bytes]) -> bool:
+    """The same pixels (A1111's PNGs also carry their `parameters` text, the OpenAI route's do not)."""
+    ours = [np.asarray(_decode(image)) for image in a1111]
+    theirs = [np.asarray(Image.open(io.BytesIO(data))) for data in openai]
+    return len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
 def _openai(url: str, path: str, **fields: object) -> list[bytes]:
     if path == "generations":
         response = httpx.post(f"{url}/v1/images/generations", json={**fields, "response_format": "b64_json"},
@@ -97,7 +104,7 @@ def test_open_webui_flow_renders_what_the_openai_route_renders(front: ServerProc
     assert reply["parameters"]["prompt"] == body["prompt"] and reply["parameters"]["steps"] == 3
     expected = _openai(front.url, "generations", prompt=body["prompt"], negative_prompt="fog", n=2, size="64x96",
                        steps=3, seed=info["seed"], guidance_scale=info["cfg_scale"], sampler="euler")
-    assert [base64.b64decode(image) for image in reply["images"]] == expected
+    assert _same_images(reply["images"], expected)
 
 
 @pytest.mark.parametrize(("sampler", "scheduler", "ours"), [("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
@@ -110,7 +117,7 @@ def test_sampler_names_map_onto_ours(standalone: ServerProcess, sampler: str, sc
     reply = httpx.post(f"{standalone.url}/sdapi/v1/txt2img", json=body, headers=BEARER, timeout=60).json()
     expected = _openai(standalone.url, "generations", prompt="a red boat", size="64x64", steps=3, seed=41,
                        guidance_scale=4.5, sampler=ours)
-    assert [base64.b64decode(image) for image in reply["images"]] == expected
+    assert _same_images(reply["images"], expected)
 
 
 def test_lora_prompt_tags_render_as_the_openai_lora_field(standalone: ServerProcess) -> None:
@@ -122,10 +129,28 @@ def test_lora_prompt_tags_render_as_the_openai_lora_field(standalone: ServerProc
               ["cfg_scale"]}
     with_lora = _openai(standalone.url, "generations", prompt="a red boat", lora=[{"name": "style", "scale": 0.8}],
                         **common)
-    assert [base64.b64decode(image) for image in reply["images"]] == with_lora
-    assert with_lora != _openai(standalone.url, "generations", prompt="a red boat", **common)  # the tag did something
-    unknown = httpx.post(f"{url}/txt2img", json={**body, "prompt": "a boat <lora:nope:1>"}, auth=BASIC, timeout=60)
-    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "prompt"]
+    assert _same_images(reply["images"], with_lora)
+    without = _openai(standalone.url, "generations", prompt="a red boat", **common)
+    assert with_lora != without  # the tag did something
+    assert json.loads(reply["info"])["comments"] == ""
+
+
+def test_unknown_lora_tags_render_without_them_and_say_so(standalone: ServerProcess) -> None:
+    """As A1111 does: "Lora not found: nope" in `info`, the image as if the tag were not there. The OpenAI
+    routes keep their 400."""
+    url = f"{standalone.url}/sdapi/v1"
+    body = {"prompt": "a red boat <lora:nope:1> <lora:style:0.8>", "width": 64, "height": 64, "steps": 3, "seed": 12}
+    reply = httpx.post(f"{url}/txt2img", json=body, auth=BASIC, timeout=60)
+    assert reply.status_code == 200, reply.text
+    info = json.loads(reply.json()["info"])
+    assert info["comments"] == "Lora not found: nope\n" and info["prompt"] == "a red boat"
+    common = {"size": "64x64", "steps": 3, "seed": 12, "sampler": "euler", "guidance_scale": info["cfg_scale"]}
+    expected = _openai(standalone.url, "generations", prompt="a red boat", lora=[{"name": "style", "scale": 0.8}],
+                       **common)
+    assert _same_images(reply.json()["images"], expected)  # with style, without nope
+    openai = httpx.post(f"{standalone.url}/v1/images/generations", headers=BEARER, timeout=60,
+                        json={"prompt": "a red boat <lora:nope:1>", **common})
+    assert openai.status_code == 400 and openai.json()["error"]["code"] == "lora_not_found"
 
 
 def _png(image: Image.Image) -> bytes:
@@ -154,13 +179,13 @@ def test_img2img_mask_is_the_openai_edit_with_the_inverted_mask(standalone: Serv
     assert answer.status_code == 200, answer.text
     expected = _openai(standalone.url, "edits", image=picture, mask=openai_mask, prompt="a window", size="64x64",
                        strength=0.8, steps=4, guidance_scale=6, seed=9, sampler="euler")
-    assert [base64.b64decode(image) for image in answer.json()["images"]] == expected
+    assert _same_images(answer.json()["images"], expected)
     assert answer.json()["parameters"]["init_images"] is None  # include_init_images is false
 
 
-def _interrupted_render(api: httpx.Client) -> tuple[dict, httpx.Response]:
+def _interrupted_render(api: httpx.Client, stop: str = "/interrupt") -> tuple[dict, httpx.Response]:
     """A 150-step txt2img with a preview per step: /progress once it shows an estimate, then the reply to
-    /interrupt (the latest estimate of the image)."""
+    `stop` (the latest estimate of the image)."""
     assert api.post("/options", json={"show_progress_every_n_steps": 0}).status_code == 200  # a preview per step
     outcome: dict[str, httpx.Response] = {}
     body = {"prompt": "a long render", "width": 128, "height": 128, "steps": 150, "seed": 5}
@@ -174,7 +199,7 @@ def _interrupted_render(api: httpx.Client) -> tuple[dict, httpx.Response]:
                 break
             time.sleep(0.02)
         assert api.get("/progress", params={"skip_current_image": "true"}).json()["current_image"] is None
-        assert api.post("/interrupt").status_code == 200
+        assert api.post(stop).status_code == 200
         worker.join(60)
     finally:
         api.post("/options", json={"show_progress_every_n_steps": 10})
@@ -200,6 +225,16 @@ def test_progress_shows_the_estimate_and_interrupt_ends_the_render(front: Server
     assert json.loads(reply.json()["info"])["interrupted"] is True
     assert [_decode(image).size for image in reply.json()["images"]] == [(128, 128)]
     assert _blocks(_decode(reply.json()["images"][0]))
+    assert api.get("/progress").json()["progress"] == 0
+
+
+def test_skip_ends_the_render_as_interrupt_does(standalone: ServerProcess) -> None:
+    """A request's images render together, so A1111's "skip to the next batch" has only the end to go to."""
+    api = httpx.Client(base_url=f"{standalone.url}/sdapi/v1", auth=BASIC, timeout=120)
+    assert api.post("/skip").json() is None  # A1111's answer; idle, nothing to stop
+    _, reply = _interrupted_render(api, "/skip")
+    assert reply.status_code == 200, reply.text
+    assert json.loads(reply.json()["info"])["interrupted"] is True and len(reply.json()["images"]) == 1
     assert api.get("/progress").json()["progress"] == 0
 
 
