@@ -68,8 +68,8 @@ class ResidualSession(Session):
 
 def infos(manifest: mf.Manifest) -> list[ControlNetInfo]:
     """The ControlNets exported beside this model, by name, as `ModelInfo.controlnets` lists them."""
-    return [ControlNetInfo(name=name, sha256=net.component.graph.sha256)
-            for name, net in sorted(manifest.controlnets.items())]
+    return [ControlNetInfo(name=name, family=net.family, source=net.source.id, sha256=net.component.graph.sha256)
+            for name, net in manifest.controlnets.items()]
 
 
 def wrap(sessions: dict[str, Session], manifest: mf.Manifest) -> dict[str, Session]:

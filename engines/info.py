@@ -18,10 +18,12 @@ class AdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ControlNetInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A ControlNet a model offers (`model.json`'s `controlnets`): requests name it; `sha256` is its graph's."""
+    """A ControlNet a model offers: requests name it in `ControlUnit.name`."""
 
     name: str
-    sha256: str
+    family: mf.Family
+    source: str  # the preset, hub id, folder or file it was exported from
+    sha256: str = ""  # its graph's (model.json): sd-webui-controlnet's names end in " [first 8 hex digits]"
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
