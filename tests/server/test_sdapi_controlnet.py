@@ -89,9 +89,11 @@ def _edges(pixels: np.ndarray, low: int, high: int) -> np.ndarray:
 
 
 def _picture(seed: int) -> np.ndarray:
-    """Noise with a bright square: edges of both kinds."""
-    pixels = np.random.default_rng(seed).integers(0, 120, (80, 96, 3), dtype=np.uint8)
-    pixels[20:60, 30:70] += 120
+    """A faint noise under a rectangle whose left half stands out strongly (Sobel L1 about 240) and its right
+    half weakly (about 60): which edges show depends on both thresholds."""
+    pixels = np.random.default_rng(seed).integers(100, 104, (80, 96, 3), dtype=np.uint8)
+    pixels[20:60, 16:48] += 60
+    pixels[20:60, 48:80] += 15
     return pixels
 
 
@@ -104,6 +106,7 @@ def test_detect_canny_is_opencvs(standalone: ServerProcess) -> None:
     for found, picture in zip(maps, pictures, strict=True):
         assert np.array_equal(found, _edges(picture, 40, 160))
     assert _edges(pictures[0], 40, 160).any()  # the comparison is not of two blank maps
+    assert not np.array_equal(_edges(pictures[0], 40, 160), _edges(pictures[0], 100, 160))  # thresholds tell
 
 
 def test_detect_defaults_resolution_and_none(standalone: ServerProcess) -> None:
