@@ -17,6 +17,14 @@ class AdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
     format: str  # "diffusers" or "kohya"
 
 
+class ControlNetInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A ControlNet a model offers: requests name it in `ControlUnit.name`."""
+
+    name: str
+    family: mf.Family
+    source: str  # the preset, hub id, folder or file it was exported from
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     id: str  # the model directory's name: the `model` field of API requests
     name: str  # the preset it was exported as
@@ -34,6 +42,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     lora_rank: int = 0  # largest total adapter rank per request; 0: exported without LoRA support
     adapters: list[AdapterInfo] = []
     refused_adapters: dict[str, str] = {}  # adapter name → why this model cannot take it
+    controlnet_inputs: bool = False  # its UNet takes ControlNet residuals (exported with --controlnet)
+    controlnets: list[ControlNetInfo] = []
+    refused_controlnets: dict[str, str] = {}  # ControlNet name → why this model cannot use it
 
     def rows(self, n: int, guidance_scale: float) -> int:
         """UNet rows each step of a request takes: its images (at most a chunk of `max_batch`), twice when
