@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import (
     StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -25,10 +26,20 @@ import engines
 from bench.reference import diffusers_scheduler
 from engines import manifest as mf
 from engines.render import ControlUnit
-from export import presets, tiny
+from export import ExportSettings, export_model, presets, tiny
 from export import controlnet as cn
 from export.controlnet import ControlNetSettings, export_controlnet
-from tests.engines.test_parity import HEIGHT, NEGATIVE, PROMPT, STEPS, WIDTH, input_image, recorded_draws
+from tests import adapters
+from tests.engines.test_parity import (
+    HEIGHT,
+    NEGATIVE,
+    PROMPT,
+    STEPS,
+    WIDTH,
+    input_image,
+    input_mask,
+    recorded_draws,
+)
 
 TOLERANCE = 1 / 255  # max pixel difference on a 0-1 scale
 NAMES = ("tiny-sd15", "tiny-sdxl")
@@ -81,20 +92,25 @@ def _preset(name: str) -> str:
     return f"tiny-controlnet-{'sdxl' if name == 'tiny-sdxl' else 'sd15'}"
 
 
+def _kind(sdxl: bool, image: Image.Image | None, mask: Image.Image | None) -> type:
+    if mask is not None:
+        return StableDiffusionControlNetInpaintPipeline
+    if image is not None:
+        return StableDiffusionXLControlNetImg2ImgPipeline if sdxl else StableDiffusionControlNetImg2ImgPipeline
+    return StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
+
+
 def run_pair(pipeline: engines.Pipeline, reference: tuple[object, dict[str, object]], name: str,
              units: list[ControlUnit], *, sampler: str = "euler", image: Image.Image | None = None,
-             strength: float = 0.6, guidance: float = 6.0) -> float:
+             mask: Image.Image | None = None, strength: float = 0.6, guidance: float = 6.0,
+             lora: list[tuple[str, float]] | None = None) -> float:
     """Our render of `units` and diffusers' ControlNet pipeline with the same ControlNets, control images,
     scales and windows (canny maps drawn by OpenCV on diffusers' side), from the same draws."""
     base, modules = reference
-    sdxl = name == "tiny-sdxl"
     nets = [modules[u.name] for u in units]
     maps = [Image.fromarray(np.repeat(cv2.Canny(np.asarray(u.image), u.low, u.high)[:, :, None], 3, axis=2))
             if u.preprocess == "canny" else u.image for u in units]
-    kind = ((StableDiffusionXLControlNetImg2ImgPipeline if sdxl else StableDiffusionControlNetImg2ImgPipeline)
-            if image is not None else
-            (StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline))
-    pipe = kind.from_pipe(base, controlnet=nets[0] if len(nets) == 1 else nets)
+    pipe = _kind(name == "tiny-sdxl", image, mask).from_pipe(base, controlnet=nets[0] if len(nets) == 1 else nets)
     pipe.scheduler = diffusers_scheduler(sampler, dict(base.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     one = len(units) == 1
@@ -111,10 +127,13 @@ def run_pair(pipeline: engines.Pipeline, reference: tuple[object, dict[str, obje
         ours = {"image": image, "strength": strength}
     else:
         args["image"] = maps[0] if one else maps
+    if mask is not None:
+        args["mask_image"], ours["mask"] = mask, mask
     with recorded_draws() as draws, torch.no_grad():
         expected = pipe(**args).images
     request = engines.RenderRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, steps=STEPS,
-                                    guidance_scale=guidance, sampler=sampler, seed=0, controlnet=units, **ours)
+                                    guidance_scale=guidance, sampler=sampler, seed=0, controlnet=units,
+                                    lora=lora or [], **ours)
     noise = engines.Noise(posterior=(draws["posterior"] or [None])[0], steps=draws["steps"] or None)
     result = pipeline.render(request, latents=draws["latents"][0], noise=noise)
     assert result.pixels.shape == expected.shape == (1, HEIGHT, WIDTH, 3)
@@ -157,4 +176,31 @@ def test_controlnet_parity_without_guidance(pipelines: dict, references: dict) -
     """guidance ≤ 1: one row per image, the ControlNet on the conditional row only."""
     difference = run_pair(pipelines["tiny-sdxl"], references["tiny-sdxl"], "tiny-sdxl",
                           _units("tiny-sdxl", "second"), guidance=1.0)
+    assert difference <= TOLERANCE
+
+
+def test_controlnet_parity_inpainting(pipelines: dict, references: dict) -> None:
+    """diffusers' StableDiffusionControlNetInpaintPipeline on a plain UNet: the area outside the mask blended
+    back each step, the ControlNet on the UNet's latent input."""
+    difference = run_pair(pipelines["tiny-sd15"], references["tiny-sd15"], "tiny-sd15",
+                          _units("tiny-sd15", "one", "window"), image=input_image(), mask=input_mask("box"),
+                          strength=0.75, sampler="euler_a")
+    assert difference <= TOLERANCE
+
+
+def test_controlnet_parity_with_lora(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """LoRA and ControlNet together (diffusers applies the adapter to the UNet and text encoder, not the
+    ControlNet, as the engines do): a model exported with --lora-rank and --controlnet."""
+    target = tmp_path_factory.mktemp("lora-controlnet") / "tiny-sd15"
+    export_model(ExportSettings(preset="tiny-sd15", output=str(target), lora_rank=8, controlnet=True))
+    export_controlnet(ControlNetSettings(source=_preset("tiny-sd15"), model_dir=str(target)))
+    folder = tmp_path_factory.mktemp("lora-adapters")
+    path = adapters.make(folder, "full", "tiny-sd15", ("unet", "text_encoder"), rank=4, alpha=8, seed=3)
+    base = tiny.build(presets.get("tiny-sd15"))  # its own: the adapter changes its modules
+    base.load_lora_weights(str(path), adapter_name="full")
+    base.set_adapters(["full"], adapter_weights=[0.8])
+    modules = {_preset("tiny-sd15"): cn.random_controlnet(cn.PRESETS[_preset("tiny-sd15")])}
+    pipeline = engines.load(target, backend="cpu", lora_dir=folder)
+    difference = run_pair(pipeline, (base, modules), "tiny-sd15", _units("tiny-sd15", "window"),
+                          lora=[("full", 0.8)], sampler="dpmpp_2m")
     assert difference <= TOLERANCE
