@@ -110,7 +110,8 @@ class Dispatcher:
                         failures: set[NodeRecord]) -> T:
         full: dict[NodeRecord, int] = {}  # node → its Retry-After
         waiting = False
-        wanted = frozenset(ref.name for ref in order.lora)  # only nodes offering every named adapter
+        # only nodes offering every named adapter and ControlNet
+        wanted = adapters.wanted([ref.name for ref in order.lora], [unit.name for unit in order.controlnet])
         self._check_adapters(order.model, wanted)
         try:
             while True:
@@ -228,7 +229,8 @@ class Dispatcher:
         self.count_healthy()
 
     def _check_adapters(self, model: str, wanted: frozenset[str]) -> None:
-        """400 when the nodes serving `model` hold its adapters nowhere together (none hosting it: 503 below)."""
+        """400 when the nodes serving `model` hold its adapters and ControlNets nowhere together (none hosting
+        it: 503 below)."""
         self._refresh_local()
         hosting = self.registry.candidates(model)
         if wanted and hosting and not self.registry.candidates(model, wanted):
