@@ -48,8 +48,8 @@ def _map(seed: int, width: int = 64, height: int = 96) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def _unit(name: str, **overrides: object) -> ControlUnit:
-    fields = {"name": _preset(name), "image": _map(1), "scale": 1.0} | overrides
+def _unit(model: str, **overrides: object) -> ControlUnit:
+    fields = {"name": _preset(model), "image": _map(1), "scale": 1.0} | overrides
     return ControlUnit(**fields)
 
 

@@ -34,7 +34,8 @@ def folder(controlnet_model: Callable[[str], Path]) -> Path:
 def server(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     work = tmp_path_factory.mktemp("controlnet-server")
     process = ServerProcess("standalone", ["--models-dir", str(folder.parent), "--model", MODEL, "--images-dir",
-                                           str(work / "images")], work).start(timeout=180)
+                                           str(work / "images"), "--backend", "cpu"],  # as `_engines` renders
+                            work).start(timeout=180)
     wait_for_models(process, {MODEL})
     yield process
     process.stop()
