@@ -124,5 +124,6 @@ def test_edits_and_variations_take_the_list_as_json_text(client: OpenAI, folder:
 def test_bad_units_are_400s_naming_the_field(client: OpenAI, units: list, code: str, says: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(model=MODEL, prompt="a", size=f"{SIZE}x{SIZE}", extra_body={"controlnet": units})
-    error = caught.value.body
-    assert error["param"] == "controlnet" and error["code"] == code and says in error["message"], error
+    error = caught.value.body  # a bound the body's schema declares names the unit's field: controlnet[0].scale
+    assert error["param"].split("[")[0] == "controlnet" and error["code"].startswith(code), error
+    assert says in error["message"], error
