@@ -22,7 +22,7 @@ import engines
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.node.catalog import Entry, ModelList, describe, resident_bytes, too_large
-from server.node.models_dir import discover
+from server.node.models_dir import discover, nothing_servable
 from server.node.queue import ModelQueue
 from server.settings import Settings
 
@@ -37,6 +37,7 @@ class ModelCache:
         self.max_models, self.max_bytes = settings.max_loaded_models, settings.max_loaded_bytes
         self.budgeted = self.max_models is not None or self.max_bytes is not None
         self.entries: dict[str, Entry] = {path.name: self._describe(path) for path in self._found()}
+        self.empty = nothing_servable(settings.models_dir, settings.models)  # why there is nothing to serve
         self.preloading = not self.budgeted  # until every model has been tried once (no budget)
         self._one_load = asyncio.Lock()
 
@@ -80,6 +81,7 @@ class ModelCache:
         for entry in described:
             if entry.name not in self.entries or not self.entries[entry.name].busy():
                 self.entries[entry.name] = entry
+        self.empty = await asyncio.to_thread(nothing_servable, self.settings.models_dir, self.settings.models)
         if added or removed:
             log.info("models folder rescanned: %s added, %s removed", ", ".join(added) or "none",
                      ", ".join(removed) or "none")

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import engines
@@ -18,7 +19,6 @@ from server.node import stream
 from server.node.batcher import Batching
 from server.node.cache import ModelCache
 from server.node.health import Limits, NodeHealth
-from server.node.models_dir import nothing_servable
 from server.node.queue import ModelQueue
 from server.settings import Settings
 from server.supervisor import supervise
@@ -34,7 +34,6 @@ class EnginePool:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.cache = ModelCache(settings, metrics, self._load)
-        self.empty = nothing_servable(settings.models_dir, settings.models)  # why there is nothing to load
         self.draining = False
         self.health = NodeHealth(Limits(stall_seconds=settings.stall_seconds, stall_factor=settings.stall_factor,
                                         failure_limit=settings.unhealthy_after_failures,
@@ -44,29 +43,19 @@ class EnginePool:
 
     def start(self) -> None:
         """From the event loop: the start-up loads (no budget), and the periodic rescan."""
-        if self.empty:
+        if self.cache.empty:
             log.warning("%s: this server can render nothing until models are there (it looks again every "
-                        "--rescan-interval, and on POST /v0/models/rescan)", self.empty)
+                        "--rescan-interval, and on POST /v0/models/rescan)", self.cache.empty)
         if self.cache.preloading:
             self._tasks.append(asyncio.ensure_future(self.cache.preload()))
         if self.settings.rescan_interval > 0:
-            self._tasks.append(supervise("models folder rescan", self._rescans))
+            self._tasks.append(supervise("models folder rescan",
+                                         partial(self.cache.rescan_every, self.settings.rescan_interval)))
 
     async def wait_loaded(self) -> None:
         """Until the start-up loads have ended."""
         while self.cache.preloading:
             await asyncio.sleep(0.05)
-
-    async def _rescans(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.rescan_interval)
-            await self.rescan()
-
-    async def rescan(self) -> tuple[list[str], list[str]]:
-        """Look at the models folder again (added, removed)."""
-        changes = await self.cache.rescan()
-        self.empty = nothing_servable(self.settings.models_dir, self.settings.models)
-        return changes
 
     @property
     def queues(self) -> dict[str, ModelQueue]:
@@ -129,8 +118,8 @@ class EnginePool:
             return "draining: this server is shutting down"
         if sick := self.sick():
             return f"unhealthy: {sick}"
-        if self.empty:
-            return self.empty
+        if self.cache.empty:
+            return self.cache.empty
         if loading:
             return f"loading {', '.join(loading)}"
         return "every model failed to load: " + "; ".join(f"{name}: {why}" for name, why in self.failed().items())

@@ -72,7 +72,7 @@ async def list_models(request: Request) -> ModelList:
       summary="Look at the models folder again: folders added are served, folders removed leave (admin key)")
 async def rescan(request: Request) -> Rescanned:
     pool = pool_of(request)
-    added, removed = await pool.rescan()
+    added, removed = await pool.cache.rescan()
     return Rescanned(added=added, removed=removed, models=pool.cache.listing())
 
 

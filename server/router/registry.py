@@ -83,6 +83,14 @@ class NodeRecord:
         """Whether this node renders `model`, offering every named LoRA adapter for it."""
         return any(m.id == model and offers(m, adapters) for m in self.report.models)
 
+    def readiness(self, model: str) -> int:
+        """How soon this node renders `model`: 0 loaded (or a node that loads everything at start-up), 1 loading
+        or loadable without unloading another model, 2 only after unloading one."""
+        loaded = self.report.loaded
+        if loaded is None or model in loaded:
+            return 0
+        return 1 if model in self.report.room_for or model in self.report.loading else 2
+
     def has_room(self, model: str) -> bool:
         load = self.report.load.get(model, ModelLoad())
         return self.in_flight.get(model, 0) < load.capacity
