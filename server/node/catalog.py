@@ -71,7 +71,7 @@ class Entry:
         queue = self.queue
         return ModelView(id=self.name, state=self.state, bytes=self.size, measured=self.measured > 0,
                          error=self.error.message if self.error else None,
-                         running=queue.running if queue else 0, waiting=queue.waiting if queue else 0,
+                         running=queue.running if queue else 0, waiting=queue.waiting if queue else self.users,
                          idle_seconds=round(time.monotonic() - self.last_used, 1) if queue else None,
                          backend=self.info.backend if self.info else None)
 
@@ -85,7 +85,7 @@ class ModelView(msgspec.Struct):
     measured: bool
     error: str | None  # failed: why
     running: int
-    waiting: int
+    waiting: int  # requests queued; not loaded: requests waiting for its load
     idle_seconds: float | None  # loaded: since its last request
     backend: str | None
 

@@ -33,6 +33,7 @@ class NodeView(msgspec.Struct):
     url: str
     state: Literal["healthy", "unhealthy", "sick", "draining"]  # sick: the node says so (last_error: why)
     models: list[str]
+    loaded: list[str] | None  # the models loaded there now (None: it loads every model at start-up)
     backend: str  # the first model's, for a glance; model_backends has each
     device: str
     model_backends: dict[str, str]  # model id → backend it renders on ("tensorrt", "cuda", "cpu"…)
@@ -124,7 +125,8 @@ class NodeRecord:
     def view(self) -> NodeView:
         age = None if self.local else round(time.monotonic() - self.last_seen, 2)
         return NodeView(node_id=self.id, url=self.report.url, state=self.state(),
-                        models=[m.id for m in self.report.models], backend=self.report.backend,
+                        models=[m.id for m in self.report.models], loaded=self.report.loaded,
+                        backend=self.report.backend,
                         device=self.report.device, model_backends={m.id: m.backend for m in self.report.models},
                         in_flight=sum(self.in_flight.values()), load=self.report.load,
                         requests=self.requests, failures=self.failures, last_heartbeat_seconds=age,
