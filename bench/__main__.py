@@ -90,7 +90,8 @@ def _graphs_parser(commands: Any) -> None:
                                  "error against the first backend's.")
     graphs.add_argument("model_dir", help="an exported SD 1.x/2.x model directory")
     graphs.add_argument("--components", default="unet,vae_decoder",
-                        help="comma-separated: unet, vae_decoder, tiny_vae_decoder (default unet,vae_decoder)")
+                        help="comma-separated: unet, vae_decoder, vae_decoder:tiled (the VAE in the engines' tiles), "
+                        "tiny_vae_decoder (default unet,vae_decoder)")
     graphs.add_argument("--backend", default="cpu,openvino:fp32,openvino:bf16",
                         help="comma-separated backends, the first the error's reference (default "
                         "cpu,openvino:fp32,openvino:bf16)")

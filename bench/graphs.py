@@ -6,6 +6,8 @@ timestep, guided: two rows); a decoder, latents of the render size. The sides of
 together, then each repetition runs every side over every input, starting one side later each time. For
 each side: the median seconds per call, and per input the relative error of its output against the first
 side's (mean |output - first| / mean |first|): for the UNet, the drift each step's prediction suffers.
+`vae_decoder:tiled` is the VAE decoder called in the engines' overlapping tiles (`engines.vae_tiling`) at any
+size, to show what tiling costs against the whole decode.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from bench import hardware, report
 from bench.errors import BenchError
 from bench.stats import Summary, summarize
 from engines import manifest as mf
-from engines import schedulers
+from engines import schedulers, vae_tiling
 from engines.backends import Session, open_component
 
-COMPONENTS = ("unet", "vae_decoder", "tiny_vae_decoder")
+COMPONENTS = ("unet", "vae_decoder", "vae_decoder:tiled", "tiny_vae_decoder")
+TILED = ":tiled"
 
 
 class GraphSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +84,8 @@ def run(settings: GraphSettings, progress: Callable[[str], None] | None = None) 
 def check(settings: GraphSettings, manifest: mf.Manifest) -> None:
     if settings.repeat < 1 or settings.steps < 1 or settings.rows < 1:
         raise BenchError("--repeat, --steps and --rows must be at least 1")
-    missing = [c for c in settings.components if c not in COMPONENTS or c not in manifest.components]
+    missing = [c for c in settings.components
+               if c not in COMPONENTS or c.removesuffix(TILED) not in manifest.components]
     if missing:
         raise BenchError(f"components {', '.join(missing)}: this model has {', '.join(manifest.components)}; "
                          f"bench graphs times {', '.join(COMPONENTS)}")
@@ -115,14 +119,16 @@ def _inputs(manifest: mf.Manifest, component: str, settings: GraphSettings, widt
 def _measure(root: Path, manifest: mf.Manifest, component: str, feeds: list[dict[str, np.ndarray]],
              settings: GraphSettings, tick: Callable[[str], None]) -> list[GraphSide]:
     opened: list[tuple[str, Session, float]] = []
+    graph = component.removesuffix(TILED)
     for spec in settings.backends:
         backend, _, precision = spec.partition(":")
         begun = time.perf_counter()
-        opened.append((spec, open_component(root, manifest, component, backend, settings.threads, precision or "auto"),
+        opened.append((spec, open_component(root, manifest, graph, backend, settings.threads, precision or "auto"),
                        time.perf_counter() - begun))
-    output = manifest.components[component].outputs[0].name
+    output = manifest.components[graph].outputs[0].name
+    call = _tiled if component.endswith(TILED) else _whole
     for _, session, _ in opened:  # warm-up: the first call allocates and, for OpenVINO, finishes compiling
-        session.run(feeds[0], [output])
+        call(session, feeds[0], output, manifest.vae_scale_factor)
     times: dict[str, list[float]] = {spec: [] for spec, _, _ in opened}
     outputs: dict[str, list[np.ndarray]] = {}
     for index in range(settings.repeat):
@@ -131,7 +137,7 @@ def _measure(root: Path, manifest: mf.Manifest, component: str, feeds: list[dict
             outputs[spec] = []
             for feed in feeds:
                 begun = time.perf_counter()
-                outputs[spec].append(session.run(feed, [output])[output])
+                outputs[spec].append(call(session, feed, output, manifest.vae_scale_factor))
                 times[spec].append(time.perf_counter() - begun)
                 tick(f"{component} {spec} {index + 1}/{settings.repeat}")
     first = outputs[opened[0][0]]
@@ -143,6 +149,15 @@ def _measure(root: Path, manifest: mf.Manifest, component: str, feeds: list[dict
     for _, session, _ in opened:
         session.close()
     return sides
+
+
+def _whole(session: Session, feed: dict[str, np.ndarray], output: str, _scale: int) -> np.ndarray:
+    return session.run(feed, [output])[output]
+
+
+def _tiled(session: Session, feed: dict[str, np.ndarray], output: str, scale: int) -> np.ndarray:
+    return vae_tiling.decode(lambda z: session.run({"latent_sample": z}, [output])[output], feed["latent_sample"],
+                             scale, threshold=0)
 
 
 def markdown(result: GraphResult) -> str:

@@ -99,6 +99,16 @@ def test_graphs_alone_on_each_backend(tiny_model: Callable[[str], Path], tmp_pat
         assert max(others[0].errors) < 1e-4 and 1e-4 < max(others[1].errors) < 0.1
 
 
+def test_graphs_time_the_tiled_decode_beside_the_whole(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """640² is 80 latent cells a side: four overlapping 64-cell tiles, each a decoder call, against one call."""
+    done = bench("graphs", str(tiny_model("tiny-sd15")), "--size", "640x640", "--repeat", "1", "--backend", "cpu",
+                 "--components", "vae_decoder,vae_decoder:tiled", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = msgspec.json.decode(check_files(tmp_path, "graphs"), type=GraphResult)
+    assert [(s.component, s.call.count) for s in result.sides] == [("vae_decoder", 1), ("vae_decoder:tiled", 1)]
+    assert all(s.call.median > 0 for s in result.sides)
+
+
 def test_pipeline_gate_and_engines_alone(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
     done = bench("pipeline", str(tiny_model("tiny-sd15")), "--no-reference", "--size", "64x64", "--steps", "1",
                  "--repeat", "2", "--warmup", "0", "--out", str(tmp_path), "--max-seconds", "1e-9")
