@@ -64,8 +64,12 @@ def test_the_loader_survives_any_exception(models_dir: Path) -> None:
     """An absurd thread count makes ONNX Runtime raise a TypeError, not one of our errors."""
     settings = Settings(models_dir=str(models_dir), models=["tiny-sd15", "tiny-sd21"], backend="cpu", threads=2**40)
     pool = EnginePool(settings, Metrics())
-    pool.start()
-    pool.wait_loaded(60)
+
+    async def load_all() -> None:  # the start-up loads run on the event loop
+        pool.start()
+        await asyncio.wait_for(pool.wait_loaded(), 60)
+
+    asyncio.run(load_all())
     assert pool.states.keys() == {"tiny-sd15", "tiny-sd21"}
     assert set(pool.failed()) == {"tiny-sd15", "tiny-sd21"}  # each tried and reported; none left "loading"
     # ONNX Runtime's TypeError, reported (the backend wraps it as an EngineFailure so that `auto` falls back)
