@@ -15,10 +15,10 @@ from collections.abc import Callable
 PATIENCE = float(os.environ.get("TESTS_PATIENCE", "120"))
 
 
-def until(what: str, check: Callable[[], bool], bound: float = PATIENCE) -> None:
-    """Poll `check` until it holds; TimeoutError naming `what` once `bound` seconds have passed."""
-    end = time.monotonic() + bound
+def until(what: str, check: Callable[[], bool], deadline: float = PATIENCE) -> None:
+    """Poll `check` until it holds; TimeoutError naming `what` once `deadline` seconds have passed."""
+    end = time.monotonic() + deadline
     while not check():
         if time.monotonic() > end:
-            raise TimeoutError(f"not within {bound:g} s: {what}")
+            raise TimeoutError(f"not within {deadline:g} s: {what}")
         time.sleep(0.05)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults import until
+from tests.patience import until
 from tests.router.fleet import ADMIN_HEADERS, GEN, Fleet
 
 

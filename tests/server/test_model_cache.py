@@ -147,7 +147,7 @@ def test_folders_added_and_removed_are_picked_up_by_a_rescan(two_models: Path, t
 def test_the_periodic_rescan_finds_a_new_folder(two_models: Path, tiny_model: Callable, start: Callable) -> None:
     server = start(two_models, "--rescan-interval", "0.2", "--max-loaded-models", "1")
     (two_models / "tiny-sdxl").symlink_to(tiny_model("tiny-sdxl"))
-    until("the new folder is listed", lambda: "tiny-sdxl" in states(server), deadline=60)
+    until("the new folder is listed", lambda: "tiny-sdxl" in states(server))
     assert states(server)["tiny-sdxl"]["state"] == "available"
 
 
