@@ -7,6 +7,7 @@
     result.images[0].save("cat.png")
 
 What the server uses, and all it may use:
+    `describe(model_dir, …)` → its `ModelInfo` from the manifest, without loading it
     `load(model_dir, …)` → a `Pipeline`: `render(request)` for a render alone, or for step-level batching
         `begin` / `step` / `batch_key` over `rendering.Rendering`s (`finished`, `rows`, `progress`, `result`); `info`, a
         `ModelInfo` (sizes with `sizes.check`, defaults, `rows(n, guidance)`, adapters, `controlnets`:
@@ -58,16 +59,22 @@ __all__ = [
     "RenderResult",
     "Timings",
     "Tokens",
+    "describe",
     "is_model_dir",
     "limits",
     "load",
 ]
 
 if TYPE_CHECKING:
+    from engines.description import describe
     from engines.pipeline import Pipeline, load
 
 
 def __getattr__(name: str) -> object:
+    if name == "describe":
+        from engines import description
+
+        return description.describe
     if name in ("Pipeline", "load"):
         from engines import pipeline
 

@@ -88,6 +88,10 @@ def _unit_image(unit: ControlUnit, i: int, width: int, height: int) -> np.ndarra
                                                               (float(unit.low), float(unit.high))), field)
 
 
+def info(name: str, entry: mf.ControlNet) -> ControlNetInfo:
+    return ControlNetInfo(name=name, family=entry.family, source=entry.source.id)
+
+
 class ControlNets:
     """The ControlNets one model offers (`manifest.controlnets`, opened on the model's backend), and the
     residuals a render's units add to a UNet call. One that cannot be opened costs itself (`refused`)."""
@@ -102,7 +106,7 @@ class ControlNets:
         for name, entry in manifest.controlnets.items():
             try:
                 self.sessions[name] = self._open(root, name, entry, backend, verify)
-                self.infos.append(ControlNetInfo(name=name, family=entry.family, source=entry.source.id))
+                self.infos.append(info(name, entry))
             except Exception as exc:  # a broken ControlNet costs itself, never the model
                 self.refused[name] = f"ControlNet '{name}' of model '{self.model}' cannot be used: {exc}"
                 log.warning("%s", self.refused[name])

@@ -17,11 +17,12 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import controlnet, images, optimum_folder, schedulers, unet_feeds, vae_tiling
+from engines import controlnet, images, schedulers, unet_feeds, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
-from engines.errors import EngineError, InvalidRequest, ModelNotFound
-from engines.info import AdapterInfo, ModelInfo
+from engines.description import model_info, read_manifest
+from engines.errors import EngineError, InvalidRequest
+from engines.info import AdapterInfo
 from engines.job import Job, resolve
 from engines.lora import Adapters
 from engines.noise import Noise, SeededNoise, given
@@ -44,13 +45,8 @@ class Pipeline:
         self.lora = Adapters(root.name, manifest)
         self.sessions = controlnet.wrap(self.lora.wrap(sessions), manifest)
         self.controlnets = controlnet.ControlNets(root, manifest, backend, verify)
-        self.info = ModelInfo(
-            id=root.name, name=manifest.name, family=manifest.family, variant=manifest.variant,
-            prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
-            max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
-            samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device, lora_rank=self.lora.rank,
-            tiny_decoder=manifest.tiny_decoder is not None, controlnet_inputs=manifest.residuals is not None,
-            controlnets=self.controlnets.infos, refused_controlnets=self.controlnets.refused)
+        self.info = model_info(root, manifest, backend.name, backend.device, self.max_batch, self.lora,
+                               self.controlnets)
         timestep = next(i for i in manifest.components["unet"].inputs if i.name == "timestep")
         self._scalar_timestep = not timestep.shape
         self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor,
@@ -389,9 +385,7 @@ def load(model_dir: str | Path, backend: str = "auto", threads: int | None = Non
     """Open a model directory: read and check its manifest, then create every component's session once
     (`precision`: what the openvino backend computes in)."""
     root = Path(model_dir)
-    if not root.is_dir():
-        raise ModelNotFound(str(model_dir), f"no model directory at {model_dir}")
-    manifest = optimum_folder.infer(root) if optimum_folder.is_optimum_folder(root) else mf.read(root, verify=verify)
+    manifest = read_manifest(root, verify)
     chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify, precision=precision)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
     pipeline = Pipeline(root, manifest, chosen, sessions, max_batch, verify)

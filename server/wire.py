@@ -115,8 +115,10 @@ class NodeReport(msgspec.Struct, kw_only=True):
     node_id: str
     url: str
     version: str
-    models: list[ModelInfo]  # models that can render now
-    loading: list[str] = msgspec.field(default_factory=list)  # models still loading (known, not ready)
+    models: list[ModelInfo]  # models it serves: loaded, or loaded on their first request
+    loading: list[str] = msgspec.field(default_factory=list)  # models loading now
+    loaded: list[str] | None = None  # models loaded now (None: a node that loads everything at start-up)
+    room_for: list[str] = msgspec.field(default_factory=list)  # models not loaded that load without unloading another
     backend: str
     device: str
     render_slots: int

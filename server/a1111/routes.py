@@ -27,6 +27,7 @@ from litestar import Request, Response, Router, get, post
 
 from engines.manifest import sdserve_version
 from server import errors
+from server.a1111 import checkpoints
 from server.a1111 import protocol as a1111
 from server.a1111 import requests as orders
 from server.a1111.protocol import (
@@ -146,6 +147,7 @@ async def set_options(request: Request) -> Response[None]:
         raise orders.invalid("body", f"options must be a JSON object: {exc}") from None
     if "sd_model_checkpoint" in update:
         update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
+        await checkpoints.switch(state, update["sd_model_checkpoint"])  # loaded before the answer, as A1111 does
     _check_options(update)
     for name, value in update.items():  # options are kept: bounded, as A1111's own set is
         if len(msgspec.json.encode(value)) > MAX_OPTION_BYTES:
@@ -157,6 +159,13 @@ async def set_options(request: Request) -> Response[None]:
 
     await anyio.to_thread.run_sync(Front.of(request).shared.update_options, update, bounded)
     return Response(None, media_type="application/json")
+
+
+@post("/reload-checkpoint", status_code=200, summary="Load the selected checkpoint (sd_model_checkpoint) now")
+async def reload_checkpoint(request: Request) -> dict[str, Any]:
+    selected = Front.of(request).shared.options().get("sd_model_checkpoint")
+    await checkpoints.reload(AppState.of(request), orders.checkpoint_name(selected))
+    return {}
 
 
 @get("/sd-models", summary="The models, as A1111 lists checkpoints")
@@ -192,7 +201,8 @@ async def empty_lists() -> list[Any]:
 def router() -> Router:
     return Router("/sdapi/v1", guards=[sdapi_key], exception_handlers={Exception: handle},
                   route_handlers=[txt2img, img2img, progress, interrupt, get_options, set_options, sd_models,
-                                  samplers, schedulers, loras, empty_lists])
+                                  samplers, schedulers, loras, empty_lists, reload_checkpoint,
+                                  *checkpoints.CHECKPOINT_ROUTES])
 
 
 def handle(request: Request, exc: Exception) -> Response[Any]:

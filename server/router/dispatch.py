@@ -1,4 +1,5 @@
-"""Dispatch: each order to the healthy node hosting its model with the least outstanding work.
+"""Dispatch: each order to the healthy node hosting its model with the least outstanding work, among those
+that have the model loaded, else those with room to load it without unloading another (`server.node.cache`).
 
 Work is weighted by steps × pixels × images; ties are broken at random. A node that cannot be reached,
 refuses before starting, or is lost while the order waits on it (its lease expired, a probe failed, it was
@@ -242,8 +243,9 @@ class Dispatcher:
         nodes = [n for n in self.registry.candidates(model, wanted) if n not in exclude and n.has_room(model)]
         if not nodes:
             return None
-        best = min(node.score() for node in nodes)
-        return random.choice([node for node in nodes if node.score() == best])
+        # nodes that have the model loaded first, then those with room to load it; then the least work
+        best = min((node.readiness(model), node.score()) for node in nodes)
+        return random.choice([node for node in nodes if (node.readiness(model), node.score()) == best])
 
     def _hosting(self, model: str, exclude: set[NodeRecord], wanted: frozenset[str] = frozenset()) -> bool:
         return any(n not in exclude for n in self.registry.candidates(model, wanted))
