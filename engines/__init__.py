@@ -7,13 +7,15 @@
     result.images[0].save("cat.png")
 
 What the server uses, and all it may use:
+    `describe(model_dir, …)` → its `ModelInfo` from the manifest, without loading it
     `load(model_dir, …)` → a `Pipeline`: `render(request)` for a render alone, or for step-level batching
         `begin` / `step` / `batch_key` over `rendering.Rendering`s (`finished`, `rows`, `progress`, `result`); `info`, a
-        `ModelInfo` (sizes with `sizes.check`, defaults, `rows(n, guidance)`, adapters); `tokenize`, the
+        `ModelInfo` (sizes with `sizes.check`, defaults, `rows(n, guidance)`, adapters, `controlnets`:
+        `ControlNetInfo`s, `controlnet_inputs`); `RenderRequest.controlnet`, `ControlUnit`s; `tokenize`, the
         prompts checked and tokenized once per request, handed back as `RenderRequest.tokens`;
         `load_adapters`; `max_batch` and `unet_rows`
-    `limits`: every request bound and rule (steps, guidance, strength, seeds, LoRA, steps run, strength
-        defaults), each check raising `InvalidRequest(param, message)`; the server's Structs take their
+    `limits`: every request bound and rule (steps, guidance, strength, seeds, LoRA, ControlNet units, steps
+        run, strength defaults), each check raising `InvalidRequest(param, message)`; the server's Structs take their
         bounds from it
     `is_model_dir`, `Partial` (a streamed preview) and the errors (`engines.errors`).
 `load` takes our model directories (with `model.json`) and ONNX pipeline folders in optimum's layout.
@@ -32,15 +34,17 @@ from engines.errors import (
     ModelNotFound,
     RenderCancelled,
 )
-from engines.info import ModelInfo
+from engines.info import ControlNetInfo, ModelInfo
 from engines.noise import Noise
 from engines.optimum_folder import is_model_dir
 from engines.progress import Partial
-from engines.render import RenderRequest, RenderResult, Timings, Tokens
+from engines.render import ControlUnit, RenderRequest, RenderResult, Timings, Tokens
 from engines.schedulers import SAMPLERS
 
 __all__ = [
     "SAMPLERS",
+    "ControlNetInfo",
+    "ControlUnit",
     "EngineError",
     "EngineFailure",
     "InvalidRequest",
@@ -55,16 +59,22 @@ __all__ = [
     "RenderResult",
     "Timings",
     "Tokens",
+    "describe",
     "is_model_dir",
     "limits",
     "load",
 ]
 
 if TYPE_CHECKING:
+    from engines.description import describe
     from engines.pipeline import Pipeline, load
 
 
 def __getattr__(name: str) -> object:
+    if name == "describe":
+        from engines import description
+
+        return description.describe
     if name in ("Pipeline", "load"):
         from engines import pipeline
 

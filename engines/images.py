@@ -6,8 +6,21 @@ are RGB scaled to [-1, 1] (NCHW), masks are single-channel, binarized at 0.5, 1 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image, ImageOps
+
+from engines.errors import InvalidRequest
+
+
+def decoded(param: str, convert: Callable[[], np.ndarray], field: str | None = None) -> np.ndarray:
+    """`convert()`, where a truncated or corrupt image is InvalidRequest(param): PIL decodes lazily, so it
+    fails only when its pixels are read. `field` names the image where `param` holds several (a unit's)."""
+    try:
+        return convert()
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
+        raise InvalidRequest(param, f"{field or param} cannot be decoded: {exc}") from exc
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -43,7 +43,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     lora_rank: int = 0  # largest total adapter rank per request; 0: exported without LoRA support
     adapters: list[AdapterInfo] = []
     refused_adapters: dict[str, str] = {}  # adapter name → why this model cannot take it
+    controlnet_inputs: bool = False  # its UNet takes ControlNet residuals (exported with --controlnet)
     controlnets: list[ControlNetInfo] = []
+    refused_controlnets: dict[str, str] = {}  # ControlNet name → why this model cannot use it
 
     def rows(self, n: int, guidance_scale: float) -> int:
         """UNet rows each step of a request takes: its images (at most a chunk of `max_batch`), twice when

@@ -13,14 +13,14 @@ kind of input decided once, so that the later stages only read what to do:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
-from engines import images, limits, schedulers
+from engines import controlnet, images, limits, schedulers
 from engines import manifest as mf
 from engines.errors import InvalidRequest
 from engines.info import ModelInfo
@@ -59,6 +59,7 @@ class Job:
     scheduler: schedulers.Scheduler
     seeds: list[int]
     inputs: Inputs
+    controls: tuple[controlnet.Control, ...] = ()  # its ControlNet units, checked, their images at the render size
 
     @property
     def copies(self) -> int:
@@ -84,9 +85,10 @@ def resolve(request: RenderRequest, info: ModelInfo, tokenizers: dict[str, Promp
     scheduler = schedulers.create(request.sampler, scheduler_config)
     limits.check_decoder(request.decoder, info.id, info.tiny_decoder)
     inputs = check_images(request, info.inpainting_unet)
+    controls = controlnet.check_units(request, info)
     return Job(request=request, tokens=tokens, width=request.width, height=request.height,
                steps=limits.schedule_steps(request.steps, inputs.strength), guided=limits.guided(guidance),
-               scheduler=scheduler, seeds=[seed + i for i in range(request.n)], inputs=inputs)
+               scheduler=scheduler, seeds=[seed + i for i in range(request.n)], inputs=inputs, controls=controls)
 
 
 def tokens_of(request: RenderRequest, model: str, tokenizers: dict[str, PromptTokenizer]) -> Tokens:
@@ -127,22 +129,15 @@ def check_images(request: RenderRequest, inpainting_unet: bool) -> Inputs:
     strength = request.strength
     strength = limits.check_strength(limits.default_strength(request.mask is not None) if strength is None
                                      else strength)
-    image = _decoded("image", lambda: images.to_array(request.image, width, height))
+    image = images.decoded("image", lambda: images.to_array(request.image, width, height))
     mask = None
     if request.mask is not None:
         if not hasattr(request.mask, "size") or request.mask.size != request.image.size:
             raise InvalidRequest("mask", f"the mask must have the image's size {request.image.size}")
-        mask = _decoded("mask", lambda: images.mask_to_array(request.mask, width, height))
+        mask = images.decoded("mask", lambda: images.mask_to_array(request.mask, width, height))
     elif inpainting_unet:  # image to image on an inpainting UNet: nothing masked
         mask = np.zeros((1, 1, height, width), np.float32)
     masking: Masking | None = None if mask is None else "condition" if inpainting_unet else "blend"
     from_noise = mask is not None and strength >= 1.0
     return Inputs(image, mask, strength, from_noise=from_noise, masking=masking)
 
-
-def _decoded(param: str, convert: Callable[[], np.ndarray]) -> np.ndarray:
-    """PIL decodes lazily: a truncated or corrupt image fails only when its pixels are read, here."""
-    try:
-        return convert()
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
-        raise InvalidRequest(param, f"{param} cannot be decoded: {exc}") from exc

@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from engines.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from engines.render import ControlUnit
 
 MIN_STEPS, MAX_STEPS = 1, 150
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
@@ -34,6 +38,13 @@ LONGEST_SCHEDULE = 1000
 MAX_IMAGES = 10  # per API request (OpenAI's n; A1111's batch_size × n_iter); the engines render any n, in chunks
 MAX_ADAPTERS = 8  # LoRA adapters per request
 MAX_LORA_SCALE = 4.0  # |scale| of one adapter; far beyond what adapters are trained for, still finite
+MAX_CONTROLNETS = 4  # ControlNet units per request (diffusers' MultiControlNet adds them up)
+MAX_CONTROLNET_SCALE = 2.0  # a unit's scale is in [0, 2] (diffusers' `controlnet_conditioning_scale`)
+# Control-image preprocessors: "none" (the client sends the map) or "canny" with its thresholds (low, high) on
+# OpenCV's L1 gradient magnitude, in sd-webui-controlnet's slider range and with its defaults
+PREPROCESSORS: tuple[str, ...] = ("none", "canny")
+MAX_CANNY_THRESHOLD = 255.0
+CANNY_THRESHOLDS = (100.0, 200.0)
 # The final image's decoder: the VAE, or the model's tiny decoder (TAESD) where it was exported with one
 DECODERS: tuple[str, ...] = ("full", "tiny")
 
@@ -50,6 +61,8 @@ class Bounds(msgspec.Struct, frozen=True, kw_only=True):
     max_images: int = MAX_IMAGES
     max_adapters: int = MAX_ADAPTERS
     max_lora_scale: float = MAX_LORA_SCALE
+    max_controlnets: int = MAX_CONTROLNETS
+    max_controlnet_scale: float = MAX_CONTROLNET_SCALE
 
 
 BOUNDS = Bounds()
@@ -122,6 +135,42 @@ def lora_unsupported(model: str, param: str = "lora") -> InvalidRequest:
 def lora_not_found(model: str, name: str, available: Sequence[str], param: str = "lora") -> InvalidRequest:
     return InvalidRequest(param, f"no LoRA adapter '{name}' for model '{model}'; available: "
                           f"{', '.join(available) or 'none'}", code="lora_not_found")
+
+
+def check_controlnets(units: Sequence[ControlUnit], param: str = "controlnet") -> None:
+    """A request's ControlNet units: how many, and each one's scale, window and preprocessor (which ControlNets
+    a model offers is the model's to say: `controlnet_unsupported`, `controlnet_not_found`). Each message
+    names the unit and its field: `controlnet[1].scale`."""
+    if len(units) > MAX_CONTROLNETS:
+        raise InvalidRequest(param, f"{len(units)} ControlNet units; at most {MAX_CONTROLNETS} per request")
+    for i, unit in enumerate(units):
+        where = f"{param}[{i}]"
+        if not unit.name or not isinstance(unit.name, str):
+            raise InvalidRequest(param, f"{where}.model: a ControlNet unit needs a ControlNet's name")
+        if not _number(unit.scale) or not 0.0 <= unit.scale <= MAX_CONTROLNET_SCALE:
+            raise InvalidRequest(param, f"{where}.scale must be a number from 0 to {MAX_CONTROLNET_SCALE:g}")
+        for field, value in (("start", unit.start), ("end", unit.end)):
+            if not _number(value) or not 0.0 <= value <= 1.0:
+                raise InvalidRequest(param, f"{where}.{field} must be a fraction of the schedule from 0 to 1")
+        if unit.start >= unit.end:
+            raise InvalidRequest(param, f"{where}: start ({unit.start:g}) must be below end ({unit.end:g})")
+        if unit.preprocess not in PREPROCESSORS:
+            raise InvalidRequest(param, f"{where}.preprocess must be one of: {', '.join(PREPROCESSORS)}")
+        for field, value in (("low", unit.low), ("high", unit.high)):
+            if not _number(value) or not 0.0 <= value <= MAX_CANNY_THRESHOLD:
+                raise InvalidRequest(param, f"{where}.{field} (a canny threshold) must be a number from 0 to "
+                                     f"{MAX_CANNY_THRESHOLD:g}")
+
+
+def controlnet_unsupported(model: str, param: str = "controlnet") -> InvalidRequest:
+    return InvalidRequest(param, f"model '{model}' was exported without ControlNet inputs; export it again with "
+                          "`python -m export … --controlnet` (then `python -m export controlnet SOURCE --for "
+                          "MODEL_DIR`) to use ControlNets", code="controlnet_unsupported")
+
+
+def controlnet_not_found(model: str, name: str, available: Sequence[str], param: str = "controlnet") -> InvalidRequest:
+    return InvalidRequest(param, f"no ControlNet '{name}' for model '{model}'; available: "
+                          f"{', '.join(available) or 'none'}", code="controlnet_not_found")
 
 
 # -- what a request costs ----------------------------------------------------------------------------

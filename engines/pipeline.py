@@ -17,11 +17,12 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from engines import controlnet, images, optimum_folder, schedulers, unet_feeds, vae_tiling
+from engines import controlnet, images, schedulers, unet_feeds, vae_tiling
 from engines import manifest as mf
 from engines.backends import Backend, Session, open_sessions
-from engines.errors import EngineError, InvalidRequest, ModelNotFound
-from engines.info import AdapterInfo, ModelInfo
+from engines.description import model_info, read_manifest
+from engines.errors import EngineError, InvalidRequest
+from engines.info import AdapterInfo
 from engines.job import Job, resolve
 from engines.lora import Adapters
 from engines.noise import Noise, SeededNoise, given
@@ -36,20 +37,16 @@ log = logging.getLogger("sdserve.engines")
 
 class Pipeline:
     def __init__(self, root: Path, manifest: mf.Manifest, backend: Backend, sessions: dict[str, Session],
-                 max_batch: int | None = None) -> None:
-        self.root, self.manifest, self.backend, self.sessions = root, manifest, backend, sessions
+                 max_batch: int | None = None, verify: bool = True) -> None:
+        self.root, self.manifest, self.backend = root, manifest, backend
         self.tokenizers = {key: PromptTokenizer(spec, root) for key, spec in manifest.tokenizers.items()}
         self.scheduler_config = msgspec.json.decode((root / manifest.scheduler.path).read_bytes())
         self.max_batch = max_batch or manifest.max_batch
         self.lora = Adapters(root.name, manifest)
         self.sessions = controlnet.wrap(self.lora.wrap(sessions), manifest)
-        self.info = ModelInfo(
-            id=root.name, name=manifest.name, family=manifest.family, variant=manifest.variant,
-            prediction_type=manifest.prediction_type, sizes=manifest.sizes, defaults=manifest.defaults,
-            max_batch=self.max_batch, inpainting_unet=manifest.unet_in_channels == 9,
-            samplers=schedulers.SAMPLERS, backend=backend.name, device=backend.device, lora_rank=self.lora.rank,
-            tiny_decoder=manifest.tiny_decoder is not None,
-        )
+        self.controlnets = controlnet.ControlNets(root, manifest, backend, verify)
+        self.info = model_info(root, manifest, backend.name, backend.device, self.max_batch, self.lora,
+                               self.controlnets)
         timestep = next(i for i in manifest.components["unet"].inputs if i.name == "timestep")
         self._scalar_timestep = not timestep.shape
         self.previewer = Previewer(self.decode_latents, manifest.latent_channels, manifest.vae_scale_factor,
@@ -81,8 +78,9 @@ class Pipeline:
             3. timesteps         → the sampler's immutable schedule (shortened by `strength` for image inputs)
             4. prepare latents   → noise, or the encoded image noised to the first timestep; and for
                                    inpainting the mask latents
-            5. denoise           → per step: one UNet call over the guidance-doubled rows, guidance, the
-                                   sampler step (and for inpainting with a plain UNet, the blend)
+            5. denoise           → per step: the ControlNets of the units active at that step, one UNet
+                                   call over the guidance-doubled rows (with their residuals), guidance,
+                                   the sampler step (and for inpainting with a plain UNet, the blend)
             6. decode            → the VAE decoder, then pixels in [0, 1]
 
         Stages 4–6 run per chunk of at most `max_batch` images. Every random draw comes from the image's own
@@ -162,10 +160,6 @@ class Pipeline:
         """Both prompts tokenized once, their length checked (InvalidRequest): a server calls this before it
         queues a request and hands the result to the render as `RenderRequest.tokens`."""
         return tokenize(self.info.id, self.tokenizers, prompt, negative_prompt)
-
-    def check_prompt_lengths(self, prompt: str, negative_prompt: str | None) -> None:
-        """Each prompt fits in MAX_WINDOWS token windows, else InvalidRequest (`tokenize`, keeping no tokens)."""
-        self.tokenize(prompt, negative_prompt)
 
     # -- 2 ------------------------------------------------------------------------------------------
 
@@ -283,6 +277,7 @@ class Pipeline:
         if len({self.batch_key(r) for r in renderings}) != 1:
             raise ValueError("these renders cannot share a UNet call (different batch keys)")
         inputs = [unet_feeds.step_inputs(r, self._scalar_timestep) for r in renderings]
+        inputs = self.controlnets.guide([(r.job.controls, r.progress) for r in renderings], inputs)  # + residuals
         feeds = {name: np.concatenate([i[name] for i in inputs]) if np.ndim(value) else value
                  for name, value in inputs[0].items()}
         rows = feeds["sample"].shape[0]
@@ -377,6 +372,7 @@ class Pipeline:
     def close(self) -> None:
         for session in self.sessions.values():
             session.close()
+        self.controlnets.close()
 
 
 def _chunk(rendering: Rendering) -> Chunk:
@@ -389,12 +385,10 @@ def load(model_dir: str | Path, backend: str = "auto", threads: int | None = Non
     """Open a model directory: read and check its manifest, then create every component's session once
     (`precision`: what the openvino backend computes in)."""
     root = Path(model_dir)
-    if not root.is_dir():
-        raise ModelNotFound(str(model_dir), f"no model directory at {model_dir}")
-    manifest = optimum_folder.infer(root) if optimum_folder.is_optimum_folder(root) else mf.read(root, verify=verify)
+    manifest = read_manifest(root, verify)
     chosen, sessions = open_sessions(root, manifest, backend, threads, verify=verify, precision=precision)
     log.info("loaded %s (%s/%s) on %s", root.name, manifest.family, manifest.variant, chosen.device)
-    pipeline = Pipeline(root, manifest, chosen, sessions, max_batch)
+    pipeline = Pipeline(root, manifest, chosen, sessions, max_batch, verify)
     if lora_dir is not None:
         pipeline.load_adapters(lora_dir)
     return pipeline

@@ -30,12 +30,30 @@ class Tokens:
         return len(prompt) + len(negative)
 
 
+class ControlUnit(msgspec.Struct, kw_only=True, frozen=True):
+    """One ControlNet guiding a render, as diffusers' ControlNet pipelines take it: `name` one of the model's
+    ControlNets (`Pipeline.info.controlnets`), `image` (PIL) its control image, fitted to the render size as
+    uploads are and with `preprocess` "canny" turned into its edge map (thresholds `low`, `high`); `scale`
+    (0–2) is `controlnet_conditioning_scale`, `start`/`end` `control_guidance_start/end`: the unit guides
+    step i of a schedule of n when start ≤ i/n and (i+1)/n ≤ end. Bounds: `engines.limits`."""
+
+    name: str
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str = "none"  # `limits.PREPROCESSORS`
+    low: float = 100.0  # canny's thresholds (`limits.CANNY_THRESHOLDS`)
+    high: float = 200.0
+
+
 class RenderRequest(msgspec.Struct, kw_only=True):
     """One call into a pipeline. `image` (PIL) turns it into image to image; `image` + `mask` (PIL,
     white = repaint) into inpainting. `seed` None draws a random one; image i uses seed + i. Size,
     steps, guidance and sampler left None take the model's defaults (`Pipeline.info.defaults`), strength
     `limits.default_strength`. `lora` applies adapters as diffusers' `set_adapters(names, scales)` does.
     `tokens`: the prompts already tokenized by `Pipeline.tokenize` (else the render tokenizes them).
+    `controlnet`: ControlNet units (`ControlUnit`), their residuals added up as diffusers' MultiControlNet does.
     `decoder` "tiny" decodes with the model's tiny decoder (TAESD: faster, less faithful) instead of the VAE."""
 
     prompt: str
@@ -51,6 +69,7 @@ class RenderRequest(msgspec.Struct, kw_only=True):
     mask: Any = None
     strength: float | None = None  # None: 1.0 with a mask, 0.75 without (`limits.default_strength`)
     lora: list[tuple[str, float]] = []  # LoRA adapters (name, scale) from the pipeline's `adapters`
+    controlnet: list[ControlUnit] = []  # at most `limits.MAX_CONTROLNETS`
     tokens: Tokens | None = None
     decoder: str = "full"  # the final image's decoder: "full" (the VAE) or "tiny" (the model's TAESD, if exported)
 

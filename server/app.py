@@ -88,7 +88,7 @@ def build(settings: Settings, metrics: Metrics) -> Parts:
                      capacity=dispatcher, problem_sources=sources, unready_sources=unready,
                      api_keys=tuple(settings.keys()),
                      tenants={tenant.key: tenant for tenant in settings.tenants()},
-                     dead=pool.dead if pool is not None else None)
+                     dead=pool.dead if pool is not None else None, models=pool.cache if pool is not None else None)
     store = ImageStore(settings.images_dir, settings.image_ttl, settings.images_max_bytes)
     return Parts(state, pool=pool, registry=registry, dispatcher=dispatcher, store=store)
 

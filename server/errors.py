@@ -34,13 +34,14 @@ _WHEN = {
     401: "API keys are configured and the key is missing or wrong",
     403: "the lease does not match the node's registration",
     404: "unknown model (`param` is `model`), route, or expired file",
-    409: "the node id is taken by a live node, or not registered here",
+    409: "the node id is taken by a live node, or not registered here; a model to unload is in use",
     413: "a file or the whole body is over the limit",
     415: "unsupported content type for the route",
     429: "the queue for the model is full; see `Retry-After`",
     500: "an internal fault, logged with the request id",
     503: "no node can serve the model now (none registered, loading, draining); see `Retry-After`",
     504: "the render took longer than the request timeout",
+    507: "the model is larger than the node's memory budget (--max-loaded-bytes)",
 }
 IMAGE_ERRORS = (400, 401, 404, 413, 415, 429, 500, 503, 504)
 _MISSING = re.compile(r"missing required field `([^`]+)`")

@@ -60,6 +60,32 @@ class LoraRef(msgspec.Struct, kw_only=True):
     scale: Scale = 1.0
 
 
+ControlScale = Annotated[float, Meta(ge=0, le=limits.MAX_CONTROLNET_SCALE, extra_json_schema=_FROM_ZERO,
+                                     description="ControlNet weight, as diffusers' controlnet_conditioning_scale")]
+Fraction = Annotated[float, Meta(ge=0, le=1, extra_json_schema=_FROM_ZERO,
+                                 description="a fraction of the schedule, as diffusers' control_guidance_start/end")]
+Threshold = Annotated[float, Meta(ge=0, le=limits.MAX_CANNY_THRESHOLD, extra_json_schema=_FROM_ZERO,
+                                  description="a canny threshold on OpenCV's L1 gradient magnitude")]
+Preprocess = Literal["none", "canny"]
+
+
+class ControlNetUnit(msgspec.Struct, kw_only=True):
+    """One ControlNet guiding a render (extension): a ControlNet of the model (`GET /v1/models`), its control
+    image (a data URL, plain base64, or an https URL fetched as JSON edits' image_url), weight and window."""
+
+    model: str
+    image: str
+    scale: ControlScale = 1.0
+    start: Fraction = 0.0
+    end: Fraction = 1.0
+    preprocess: Preprocess = "none"
+    low: Threshold = limits.CANNY_THRESHOLDS[0]
+    high: Threshold = limits.CANNY_THRESHOLDS[1]
+
+
+ControlNets = Annotated[list[ControlNetUnit], Meta(max_length=limits.MAX_CONTROLNETS)]
+
+
 class RenderOptions(msgspec.Struct, kw_only=True):
     """The fields every image route takes: OpenAI's, then our extensions."""
 
@@ -79,6 +105,8 @@ class RenderOptions(msgspec.Struct, kw_only=True):
     # LoRA adapters, at most MAX_ADAPTERS (JSON text on multipart routes); `<lora:name:w>` prompt tags add to them
     lora: list[LoraRef] | str | None = None
     decoder: Decoder | None = None
+    # ControlNet units, at most MAX_CONTROLNETS (JSON text on multipart routes)
+    controlnet: ControlNets | str | None = None
 
 
 PartialImages = Annotated[int, Meta(ge=0, le=3, description="partial images per image while streaming, 0-3",
@@ -218,6 +246,11 @@ class AdapterCard(msgspec.Struct):
     parts: list[str]  # the components it changes: unet, text_encoder, text_encoder_2
 
 
+class ControlNetCard(msgspec.Struct):
+    name: str  # what a unit's `model` names
+    family: str
+
+
 class StrengthDefaults(msgspec.Struct):
     """The strength an edit or variation that sets none renders at (`engines.limits.default_strength`)."""
 
@@ -242,6 +275,8 @@ class ModelCard(msgspec.Struct):
     backends: list[str] = msgspec.field(default_factory=list)
     lora_rank: int = 0  # largest total adapter rank per request; 0: no LoRA support
     adapters: list[AdapterCard] = msgspec.field(default_factory=list)
+    controlnet_inputs: bool = False  # exported with --controlnet: it can take ControlNets
+    controlnets: list[ControlNetCard] = msgspec.field(default_factory=list)
     limits: Bounds = msgspec.field(default_factory=Bounds)  # the bounds of every request field, for forms
     default_strength: StrengthDefaults | None = None
 

@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, kw_only=True):
     lora_dir: str | None = None  # LoRA adapters (.safetensors) offered to every model they fit
     threads: Positive | None = None
     verify_models: bool = True  # check every file's sha256 at load
+    # models as a cache (server.node.catalog): none set loads every model at start-up, as before
+    max_loaded_models: Positive | None = None  # models loaded at once; beyond, the least recently used idle one leaves
+    max_loaded_bytes: Positive | None = None  # memory the loaded models may take (measured per load)
+    rescan_interval: Annotated[float, Meta(ge=0)] = 60.0  # seconds between looks for added/removed folders; 0: never
     render_slots: Positive = 1  # concurrent renders per model
     queue_depth: Count = 8  # requests waiting per model beyond the slots; more → 429
     batch_window: Annotated[float, Meta(ge=0, le=10_000)] = 0.0  # ms a slot waits to fill a batch; 0 = no batching
@@ -218,6 +222,7 @@ def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
     flag("--threads", type=int, help="threads per graph call of a render (default: all cores)")
     flag("--no-verify-models", dest="verify_models", action="store_const", const=False,
          help="skip the sha256 check of model files at load")
+    _model_arguments(flag)
     _batching_arguments(flag)
     flag("--request-timeout", type=float, help="seconds before a request answers 504 (default 600)")
     flag("--preview", choices=["tiny", "full", "linear"],
@@ -253,6 +258,21 @@ def add_arguments(cli: argparse.ArgumentParser) -> list[argparse.Action]:
          metavar="ORIGIN[,ORIGIN...]", help="browser origins allowed to call the API (CORS), e.g. "
          "https://app.example.com, or * for any (repeatable; default none)")
     return actions
+
+
+def _model_arguments(flag: Callable[..., object]) -> None:
+    """How many models a node keeps loaded, and how often it looks for model folders added or removed."""
+    flag("--max-loaded-models", type=int, metavar="N",
+         help="keep at most N models loaded: models load on their first request and the least recently used idle "
+         "model is unloaded to make room (default: no limit; without this and --max-loaded-bytes every model loads "
+         "at start-up)")
+    flag("--max-loaded-bytes", type=int, metavar="BYTES",
+         help="memory the loaded models may take, each measured by the growth of the process's resident memory "
+         "while it loaded (before its first load: the size of its files); a model larger than this fails its load "
+         "with 507 model_too_large (default: no limit)")
+    flag("--rescan-interval", type=float, metavar="SECONDS",
+         help="seconds between looks at --models-dir for model folders added or removed (default 60; 0: only at "
+         "start-up and on POST /v0/models/rescan)")
 
 
 def _batching_arguments(flag: Callable[..., object]) -> None:

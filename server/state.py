@@ -43,6 +43,17 @@ class Renderer(Protocol):
     async def open_events(self, order: RenderOrder) -> AsyncIterator[StreamEvent]: ...
 
 
+class Models(Protocol):
+    """The models of this process's engine pool, as a cache (`server.node.cache`): what A1111's checkpoint
+    routes act on."""
+
+    async def rescan(self) -> tuple[list[str], list[str]]: ...
+
+    async def load(self, name: str) -> object: ...
+
+    async def unload_idle(self) -> list[str]: ...
+
+
 class Capacity(Protocol):
     """A front door's room for more orders of a model (the dispatcher's)."""
 
@@ -58,6 +69,7 @@ class AppState:
     metrics: Metrics
     default_model: str | None = None  # decided once at start-up (`server.app.default_model`); front doors only
     capacity: Capacity | None = None  # front doors: room before a 429
+    models: Models | None = None  # the engine pool's models (standalone; a router's are its nodes')
     problem_sources: tuple[Callable[[], dict[str, object]], ...] = ()  # what /readyz reports beside readiness
     unready_sources: tuple[Callable[[], str | None], ...] = ()  # why nothing can render, for /readyz
     dead: Callable[[], str | None] | None = None  # why /healthz should fail (restart me), with an engine pool

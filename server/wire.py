@@ -28,6 +28,19 @@ PROTOCOL_VERSION = 1
 MSGPACK = "application/msgpack"  # orders and answers travel as msgpack
 
 
+class ControlOrder(msgspec.Struct, kw_only=True):
+    """A ControlNet unit of an order: its control image read, checked and fitted to the render size."""
+
+    name: str
+    image: bytes  # PNG at the render size
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str = "none"
+    low: float = 100.0
+    high: float = 200.0
+
+
 class RenderOrder(msgspec.Struct, kw_only=True):
     """A request with every parameter resolved against the model: what a node renders, unchanged on a
     retry (the seed is drawn before dispatch, so a retried request gives the same images)."""
@@ -54,6 +67,7 @@ class RenderOrder(msgspec.Struct, kw_only=True):
     events: str | None = None  # streaming: the event type prefix, "image_generation" or "image_edit"
     lora: list[LoraRef] = msgspec.field(default_factory=list)
     decoder: str = "full"  # the final image's: "full" (the VAE) or "tiny" (the model's TAESD)
+    controlnet: list[ControlOrder] = msgspec.field(default_factory=list)
     tenant: str = ""  # who asked (a hash of the API key): a model's queue takes turns between tenants
     tenant_cap: int = 0  # renders of this tenant at once on a node (its keys-file max_concurrent); 0: no cap
 
@@ -101,8 +115,10 @@ class NodeReport(msgspec.Struct, kw_only=True):
     node_id: str
     url: str
     version: str
-    models: list[ModelInfo]  # models that can render now
-    loading: list[str] = msgspec.field(default_factory=list)  # models still loading (known, not ready)
+    models: list[ModelInfo]  # models it serves: loaded, or loaded on their first request
+    loading: list[str] = msgspec.field(default_factory=list)  # models loading now
+    loaded: list[str] | None = None  # models loaded now (None: a node that loads everything at start-up)
+    room_for: list[str] = msgspec.field(default_factory=list)  # models not loaded that load without unloading another
     backend: str
     device: str
     render_slots: int

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.patience import PATIENCE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready: bool = True, timeout: float = 90.0) -> ServerProcess:
+    def start(self, ready: bool = True, timeout: float = PATIENCE) -> ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after we return
         command = [sys.executable, "-m", "server", self.role, "--host", "127.0.0.1", "--port", str(self.port),
@@ -52,7 +54,7 @@ class ServerProcess:
             raise
         return self
 
-    def wait(self, ready: bool = True, timeout: float = 90.0) -> None:
+    def wait(self, ready: bool = True, timeout: float = PATIENCE) -> None:
         """Until /healthz (or /readyz with `ready`) answers 200."""
         deadline = time.monotonic() + timeout
         path = "/readyz" if ready else "/healthz"
@@ -70,7 +72,7 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def log_lines(self, *needles: str, timeout: float = 10.0) -> list[str]:
+    def log_lines(self, *needles: str, timeout: float = PATIENCE) -> list[str]:
         """The log lines holding every needle, waiting until there is one: a server writes its access line
         as the response finishes, so the client may see the answer first."""
         deadline = time.monotonic() + timeout
@@ -84,7 +86,7 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, sig)
 
-    def stop(self, timeout: float = 60.0) -> int | None:
+    def stop(self, timeout: float = PATIENCE) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time."""
         if self.process is None:
             return None

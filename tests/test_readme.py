@@ -36,7 +36,8 @@ from tests.processes import ROOT, ServerProcess, free_port
 
 README = ROOT / "README.md"
 MARKED = re.compile(r"^<!-- readme-test: ([\w-]+) -->\n```(\w+)\n(.*?)\n```$", re.M | re.S)
-RUN = {"quick-start", "export-and-serve", "streaming-python", "streaming-curl", "a1111", "router", "engines-python"}
+RUN = {"quick-start", "export-and-serve", "streaming-python", "streaming-curl", "a1111", "router", "engines-python",
+       "model-budgets"}
 PORTS = re.compile(r"\b808[0-2]\b")
 
 
@@ -194,6 +195,18 @@ def test_router_and_two_nodes(tiny_model: Callable[[str], Path], tmp_path: Path)
     assert all(item["url"].startswith(f"http://127.0.0.1:{ports[8080]}/v1/images/") for item in generated["data"])
     kept = list((work / "images").iterdir())  # the router keeps url images
     assert len(kept) == 2 and {png_size(path.read_bytes()) for path in kept} == {(256, 256)}
+
+
+def test_model_budgets_admin_routes(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    work = with_models(tmp_path / "work", tiny_model("tiny-sd15"), tiny_model("tiny-sd21"))
+    out, err = run_shell(adapt(block("model-budgets"), {8080: free_port()}, tmp_path), work)
+    ready, loaded, listing, unloaded, rescanned = answers(out)
+    assert ready["status"] == "ready", out + err
+    assert (loaded["id"], loaded["state"]) == ("tiny-sd15", "loaded"), out + err
+    states = {model["id"]: model["state"] for model in listing["data"]}
+    assert states == {"tiny-sd15": "available", "tiny-sd21": "loaded"}, out + err  # the request made room
+    assert (unloaded["id"], unloaded["state"]) == ("tiny-sd21", "available")
+    assert rescanned["added"] == rescanned["removed"] == [] and len(rescanned["models"]["data"]) == 2
 
 
 def test_engines_from_python(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:

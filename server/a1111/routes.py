@@ -31,7 +31,7 @@ from litestar.exceptions import HTTPException
 
 from engines.manifest import sdserve_version
 from server import errors
-from server.a1111 import infotext
+from server.a1111 import checkpoints, infotext
 from server.a1111 import protocol as a1111
 from server.a1111 import requests as orders
 from server.a1111.controlnet import CONTROLNET_ROUTES
@@ -155,6 +155,7 @@ async def set_options(request: Request) -> Response[None]:
         raise orders.invalid("body", f"options must be a JSON object: {exc}") from None
     if "sd_model_checkpoint" in update:
         update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
+        await checkpoints.switch(state, update["sd_model_checkpoint"])  # loaded before the answer, as A1111 does
     _check_options(update)
     for name, value in update.items():  # options are kept: bounded, as A1111's own set is
         if len(msgspec.json.encode(value)) > MAX_OPTION_BYTES:
@@ -166,6 +167,13 @@ async def set_options(request: Request) -> Response[None]:
 
     await anyio.to_thread.run_sync(Front.of(request).shared.update_options, update, bounded)
     return Response(None, media_type="application/json")
+
+
+@post("/reload-checkpoint", status_code=200, summary="Load the selected checkpoint (sd_model_checkpoint) now")
+async def reload_checkpoint(request: Request) -> dict[str, Any]:
+    selected = Front.of(request).shared.options().get("sd_model_checkpoint")
+    await checkpoints.reload(AppState.of(request), orders.checkpoint_name(selected))
+    return {}
 
 
 @post("/skip", status_code=200, summary="As /interrupt: the images of a request render together, so there is "
@@ -188,7 +196,8 @@ async def png_info(request: Request) -> PNGInfoResponse:
 def router() -> Router:
     """A1111's routes and sd-webui-controlnet's, behind the same keys and with the same error shapes."""
     sdapi = Router("/sdapi/v1", route_handlers=[txt2img, img2img, progress, interrupt, skip, get_options,
-                                                set_options, png_info, *LIST_ROUTES])
+                                                set_options, png_info, reload_checkpoint,
+                                                *checkpoints.CHECKPOINT_ROUTES, *LIST_ROUTES])
     return Router("/", guards=[sdapi_key], exception_handlers={Exception: handle},
                   route_handlers=[sdapi, Router("/controlnet", route_handlers=CONTROLNET_ROUTES)])
 

@@ -35,10 +35,12 @@ def node_id(settings: Settings) -> str:
 def node_report(pool: EnginePool, settings: Settings, identity: str, url: str) -> NodeReport:
     ready = pool.ready_models()
     load = {name: ModelLoad(**numbers) for name, numbers in pool.load().items()}
-    first = next(iter(ready.values()), None)
+    # the backend and device at a glance: a loaded model's (one not loaded has only the backend asked for)
+    first = next((q.pipeline.info for q in pool.queues.values()), None) or next(iter(ready.values()), None)
     return NodeReport(
         node_id=identity, url=url, version=sdserve_version(), models=list(ready.values()),
         loading=[name for name, state in pool.states.items() if state == "loading"],
+        loaded=sorted(pool.queues), room_for=pool.cache.room_for(),
         backend=first.backend if first else "none", device=first.device if first else "none",
         render_slots=settings.render_slots, load=load, draining=pool.draining, sick=pool.sick(),
     )

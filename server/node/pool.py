@@ -1,16 +1,14 @@
-"""The node's engine pool: every model directory under the models dir loaded once, each behind its own
-queue and render threads (`server.node.queue`)."""
+"""The node's engine pool: the models it serves (`server.node.cache`: loaded on demand within a budget, or all
+at start-up without one), each loaded model behind its own queue and render threads (`server.node.queue`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from pathlib import Path
-
-import msgspec
 
 import engines
 from engines import limits
@@ -19,70 +17,59 @@ from server.errors import ApiError
 from server.metrics import Metrics
 from server.node import stream
 from server.node.batcher import Batching
+from server.node.cache import ModelCache
 from server.node.health import Limits, NodeHealth
-from server.node.models_dir import discover, nothing_servable
 from server.node.queue import ModelQueue
 from server.settings import Settings
+from server.supervisor import supervise
 from server.wire import RenderedImages, RenderOrder, StreamEvent
 
 log = logging.getLogger("sdserve.server")
 
 
 class EnginePool:
-    """Every model directory under the models dir, loaded in the background at start-up.
-
-    The loader thread replaces `queues` and `states` with new dicts rather than changing them, so the event
-    loop can iterate them at any time; a model that fails to load, for any reason, is reported (log,
-    `failed`, metrics) and the others still load.
-    """
+    """Every model directory under the models dir, known at start-up; loaded as `server.node.cache` says.
+    A model that fails to load, for any reason, is reported (log, `failed`, metrics) and the others serve."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
-        self.queues: dict[str, ModelQueue] = {}
-        self.states: dict[str, str] = {p.name: "loading" for p in discover(settings.models_dir, settings.models)}
-        self.empty = nothing_servable(settings.models_dir, settings.models)  # why there is nothing to load
+        self.cache = ModelCache(settings, metrics, self._load)
         self.draining = False
         self.health = NodeHealth(Limits(stall_seconds=settings.stall_seconds, stall_factor=settings.stall_factor,
                                         failure_limit=settings.unhealthy_after_failures,
                                         liveness_seconds=settings.liveness_seconds))
         self._drain: asyncio.Task[None] | None = None
-        self._loader: threading.Thread | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._loader = threading.Thread(target=self._load_all, name="model-loader", daemon=True)
-        self._loader.start()
+        """From the event loop: the start-up loads (no budget), and the periodic rescan."""
+        if self.cache.empty:
+            log.warning("%s: this server can render nothing until models are there (it looks again every "
+                        "--rescan-interval, and on POST /v0/models/rescan)", self.cache.empty)
+        if self.cache.preloading:
+            self._tasks.append(asyncio.ensure_future(self.cache.preload()))
+        if self.settings.rescan_interval > 0:
+            self._tasks.append(supervise("models folder rescan",
+                                         partial(self.cache.rescan_every, self.settings.rescan_interval)))
 
-    def wait_loaded(self, timeout: float | None = None) -> None:
-        if self._loader is not None:
-            self._loader.join(timeout)
+    async def wait_loaded(self) -> None:
+        """Until the start-up loads have ended."""
+        while self.cache.preloading:
+            await asyncio.sleep(0.05)
 
-    def _load_all(self) -> None:
-        if self.empty:
-            log.warning("%s: this server can render nothing until models are there and it is restarted",
-                        self.empty)
-        for path in discover(self.settings.models_dir, self.settings.models):
-            started = time.perf_counter()
-            try:
-                queue = self._load(path)
-            except Exception as exc:  # any failure is this model's, never the loader's
-                log.error("model %s failed to load: %s: %s", path.name, type(exc).__name__, exc,
-                          exc_info=not isinstance(exc, engines.EngineError))
-                self.states = {**self.states, path.name: f"failed: {type(exc).__name__}: {exc}"}
-                self.metrics.model_load_failures.labels(path.name).inc()
-                continue
-            self.queues = {**self.queues, path.name: queue}
-            self.states = {**self.states, path.name: "ready"}
-            log.info("model %s ready on %s in %.1f s", path.name, queue.pipeline.info.device,
-                     time.perf_counter() - started)
+    @property
+    def queues(self) -> dict[str, ModelQueue]:
+        """The loaded models' queues."""
+        return self.cache.loaded()
+
+    @property
+    def states(self) -> dict[str, str]:
+        return {name: entry.state for name, entry in self.cache.entries.items()}
 
     def _load(self, path: Path) -> ModelQueue:
-        from engines import controlnet  # with the engines: a router imports this module without them
-
         s = self.settings
         pipeline = engines.load(path, backend=s.backend, threads=s.threads, verify=s.verify_models,
                                 lora_dir=s.lora_dir, precision=s.precision)
-        # the ControlNets beside it reach the front doors with its card, as its adapters do
-        pipeline.info = msgspec.structs.replace(pipeline.info, controlnets=controlnet.infos(pipeline.manifest))
         batching = None
         if s.batch_window > 0:  # rows per call: the setting, else what the backend runs best, else a full chunk
             rows = s.max_batch or pipeline.unet_rows or 2 * pipeline.max_batch
@@ -94,22 +81,34 @@ class EnginePool:
 
     def failed(self) -> dict[str, str]:
         """Models that failed to load, with why."""
-        return {name: state.removeprefix("failed: ") for name, state in self.states.items()
-                if state.startswith("failed: ")}
+        return {name: entry.error.message for name, entry in self.cache.entries.items()
+                if entry.state == "failed" and entry.error is not None}
 
     def ready_models(self) -> dict[str, engines.ModelInfo]:
-        return {name: queue.pipeline.info for name, queue in self.queues.items()}
+        """The models requests may ask for: loaded, or loaded on their first request (while the start-up loads
+        run, only those loaded so far)."""
+        entries = self.cache.entries.items()
+        if self.cache.preloading:
+            return {name: entry.queue.pipeline.info for name, entry in entries if entry.queue is not None}
+        return {name: entry.info for name, entry in entries if entry.offered and entry.info is not None}
 
     def known_models(self) -> set[str]:
-        return set(self.states)
+        return set(self.cache.entries)
 
-    def reload_adapters(self) -> None:
-        """Read the LoRA directory again for every loaded model (renders in flight keep their adapters)."""
-        for queue in self.queues.values():
-            queue.pipeline.load_adapters(self.settings.lora_dir)
+    async def reload_adapters(self) -> None:
+        """Read the LoRA directory again for every model (renders in flight keep their adapters)."""
+        def reload() -> None:
+            for queue in self.queues.values():
+                queue.pipeline.load_adapters(self.settings.lora_dir)
+
+        await asyncio.to_thread(reload)
+        for entry in self.cache.entries.values():
+            if entry.queue is not None:
+                entry.info = entry.queue.pipeline.info
+        await self.cache.reread()
 
     def ready(self) -> bool:
-        return bool(self.queues) and not self.draining and self.health.check().ready
+        return bool(self.ready_models()) and not self.draining and self.health.check().ready
 
     def why_not_ready(self) -> str:
         """What /readyz says while no model can render: draining, sick, nothing found, loading, or every model
@@ -119,8 +118,8 @@ class EnginePool:
             return "draining: this server is shutting down"
         if sick := self.sick():
             return f"unhealthy: {sick}"
-        if self.empty:
-            return self.empty
+        if self.cache.empty:
+            return self.cache.empty
         if loading:
             return f"loading {', '.join(loading)}"
         return "every model failed to load: " + "; ".join(f"{name}: {why}" for name, why in self.failed().items())
@@ -141,40 +140,40 @@ class EnginePool:
         return found | ({"unhealthy": sick} if (sick := self.sick()) else {})
 
     async def render(self, order: RenderOrder) -> RenderedImages:
-        return await self.queue_for(order).submit(order)
+        queue = await self.queue_for(order)
+        return await queue.submit(order)  # queued before its first await: the model stays loaded
 
     async def open_events(self, order: RenderOrder) -> AsyncGenerator[StreamEvent, None]:
-        """A streamed order's events (refusals raise here, before any event)."""
-        return stream.open_events(self.queue_for(order), order, self.settings.request_timeout)
+        """A streamed order's events (refusals raise here, before any event); its model's load, if it waits for
+        one, counts toward its timeout."""
+        started = time.monotonic()
+        queue = await self.queue_for(order)
+        return stream.open_events(queue, order, self.settings.request_timeout - (time.monotonic() - started))
 
     async def open_stream(self, order: RenderOrder) -> AsyncIterator[bytes]:
         """A streamed order as OpenAI's frames (refusals raise here, before any byte)."""
         return sse.frames(order, await self.open_events(order), self.settings.keepalive_interval)
 
-    def queue_for(self, order: RenderOrder) -> ModelQueue:
-        """The model's queue, or the error a request for it gets now (503 draining/loading, 404 unknown)."""
+    async def queue_for(self, order: RenderOrder) -> ModelQueue:
+        """The model's queue, loaded first if need be, or the error a request for it gets (503 draining or
+        sick, 404 unknown, its load's error)."""
         if self.draining:
             raise ApiError(503, "this node is draining and takes no new work", code="draining",
                            headers={"Retry-After": "5"})
         if sick := self.sick():
             raise ApiError(503, f"this node is unhealthy and takes no new work: {sick}", code="unhealthy",
                            headers={"Retry-After": str(int(self.settings.stall_seconds))})
-        queue = self.queues.get(order.model)
-        if queue is None:
-            state = self.states.get(order.model)
-            if state is None:
-                raise ApiError(404, f"model '{order.model}' not found", param="model", code="model_not_found")
-            what = "failed to load (see the server log)" if state.startswith("failed") else state
-            raise ApiError(503, f"model '{order.model}' {what}", code="model_unavailable",
-                           headers={"Retry-After": "10"})
-        return queue
+        return await self.cache.acquire(order.model)
 
     def load(self) -> dict[str, dict[str, int]]:
         """Per model: renders running, waiting, their work units (for balancing), the wait estimate and how many
-        requests it takes before refusing (429)."""
-        return {name: {"running": q.running, "waiting": q.waiting, "work": q.outstanding_work(),
-                       "retry_after": q.retry_after(), "capacity": q.capacity + q.depth}
-                for name, q in self.queues.items()}
+        requests it takes before refusing (429); for a model not loaded, what its queue will take."""
+        unloaded = {"capacity": self.settings.render_slots * (self.settings.batch_renders or 1)
+                    + self.settings.queue_depth}
+        loaded = {name: {"running": q.running, "waiting": q.waiting, "work": q.outstanding_work(),
+                         "retry_after": q.retry_after(), "capacity": q.capacity + q.depth}
+                  for name, q in self.queues.items()}
+        return {name: loaded.get(name, unloaded) for name in self.ready_models()}
 
     def idle(self) -> bool:
         return all(q.idle() for q in self.queues.values())
@@ -207,5 +206,7 @@ class EnginePool:
                     "another node", timeout, unfinished)
 
     def close(self, wait: float = 30.0) -> None:
-        for queue in self.queues.values():
+        for task in self._tasks:
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        for queue in list(self.queues.values()):
             queue.close(wait)

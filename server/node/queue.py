@@ -219,6 +219,8 @@ class ModelQueue:
             steps=order.steps, guidance_scale=order.guidance_scale, sampler=order.sampler, seed=order.seed,
             n=order.n, image=_open(order.image), mask=_open(order.mask), strength=order.strength,
             lora=[(ref.name, ref.scale) for ref in order.lora], decoder=order.decoder, tokens=ticket.tokens,
+            controlnet=[engines.ControlUnit(name=c.name, image=_open(c.image), scale=c.scale, start=c.start, end=c.end,
+                                            preprocess=c.preprocess, low=c.low, high=c.high) for c in order.controlnet],
         )
 
     def on_step(self, ticket: Ticket) -> Callable[[int, int], None]:

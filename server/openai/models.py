@@ -8,6 +8,7 @@ from engines import limits
 from engines.info import ModelInfo
 from server import adapters
 from server.errors import documented
+from server.openai import controlnets
 from server.protocol import ModelCard, ModelList, SizeRange, StrengthDefaults
 from server.state import AppState
 
@@ -22,7 +23,8 @@ def card(info: ModelInfo, created: int, backends: list[str]) -> ModelCard:
         default_size=f"{info.defaults.width}x{info.defaults.height}", default_steps=info.defaults.steps,
         default_guidance_scale=info.defaults.guidance_scale, default_sampler=info.defaults.sampler,
         samplers=list(info.samplers), backends=backends, lora_rank=info.lora_rank, adapters=adapters.cards(info),
-        limits=limits.BOUNDS, default_strength=STRENGTHS,
+        limits=limits.BOUNDS, default_strength=STRENGTHS, controlnet_inputs=info.controlnet_inputs,
+        controlnets=controlnets.cards(info),
     )
 
 

@@ -30,7 +30,7 @@ from server.protocol import (
     ImageVariationRequest,
 )
 from server.settings import Settings
-from server.wire import RenderOrder
+from server.wire import ControlOrder, RenderOrder
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 Request = ImageGenerationRequest | ImageEditRequest | ImageEditJsonRequest | ImageVariationRequest
@@ -100,7 +100,8 @@ def resolve_background(request: Request) -> None:
 
 
 def build(request: Request, info: ModelInfo, request_id: str, prompt: str, strength: float,
-          image: bytes | None = None, mask: bytes | None = None) -> RenderOrder:
+          image: bytes | None = None, mask: bytes | None = None,
+          controlnet: list[ControlOrder] | None = None) -> RenderOrder:
     width, height = resolve_size(request.size, info)
     resolve_background(request)
     streamed = bool(getattr(request, "stream", None))
@@ -130,6 +131,7 @@ def build(request: Request, info: ModelInfo, request_id: str, prompt: str, stren
         events=events if streamed else None,
         lora=lora,
         decoder=decoder,
+        controlnet=controlnet or [],
     )
 
 

@@ -15,11 +15,12 @@ from litestar.params import Body
 from litestar.response import File, Stream
 
 from engines import limits
+from engines.info import ModelInfo
 from server import sse
 from server.errors import IMAGE_ERRORS, ApiError, documented
 from server.guards import edit_body, for_tenant, json_body, multipart_body, rate_limit
 from server.logs import user_hash
-from server.openai import forms
+from server.openai import controlnets, forms
 from server.openai import requests as orders
 from server.openai.store import ImageStore
 from server.openai.uploads import Upload, read_image, upload
@@ -33,7 +34,7 @@ from server.protocol import (
     Usage,
 )
 from server.state import AppState
-from server.wire import RenderedImages, RenderOrder
+from server.wire import ControlOrder, RenderedImages, RenderOrder
 
 Multipart = Body(media_type=RequestEncodingType.MULTI_PART)
 # A JSON body is prompts and numbers: two 4000-character prompts, every character escaped, take ~100 KB.
@@ -51,8 +52,20 @@ async def generations(data: ImageGenerationRequest, request: Request) -> Respons
     request.state.user = user_hash(data.user)
     prompt = orders.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
-    order = orders.build(data, info, state.request_id(request), prompt, strength=1.0)
+    guides = await _controlnets(data, info, state, orders.resolve_size(data.size, info))
+    order = orders.build(data, info, state.request_id(request), prompt, strength=1.0, controlnet=guides)
     return await _render_and_reply(state, request, order, data.response_format)
+
+
+async def _controlnets(data: ImageGenerationRequest | ImageEditRequest | ImageEditJsonRequest | ImageVariationRequest,
+                       info: ModelInfo, state: AppState, size: tuple[int, int]) -> list[ControlOrder]:
+    """The request's ControlNet units checked (bounds, then names: before any image is read), then their images."""
+    chosen = controlnets.units(data.controlnet)
+    if not chosen:
+        return []
+    controlnets.check_names(chosen, info)
+    with state.admission(info.id):
+        return await controlnets.orders(chosen, state.settings, size)
 
 
 async def _json_edits(request: Request) -> Response[ImagesResponse] | None:
@@ -90,10 +103,11 @@ async def _edit(request: Request, state: AppState, data: ImageEditRequest | Imag
     prompt = orders.resolve_prompt(data.prompt)
     info = state.resolve_model(data.model, request)
     size = orders.resolve_size(data.size, info)
+    guides = await _controlnets(data, info, state, size)
     with state.admission(info.id):
         image_png, mask_png = await anyio.to_thread.run_sync(orders.edit_inputs, image, mask, state.settings, size)
     strength = data.strength if data.strength is not None else limits.default_strength(mask_png is not None)
-    order = orders.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png)
+    order = orders.build(data, info, state.request_id(request), prompt, strength, image_png, mask_png, guides)
     return await _render_and_reply(state, request, order, data.response_format)
 
 
@@ -106,10 +120,11 @@ async def variations(data: Annotated[ImageVariationRequest, Multipart], request:
     info = state.resolve_model(data.model, request)
     size = orders.resolve_size(data.size, info)
     image = await upload(data.image, "image", state.settings.max_upload_bytes)
+    guides = await _controlnets(data, info, state, size)
     with state.admission(info.id):
         image_png = await anyio.to_thread.run_sync(orders.variation_input, image, state.settings, size)
     strength = limits.default_strength(False, variation=True) if data.strength is None else data.strength
-    order = orders.build(data, info, state.request_id(request), "", strength, image_png)
+    order = orders.build(data, info, state.request_id(request), "", strength, image_png, controlnet=guides)
     return await _render_and_reply(state, request, order, data.response_format)
 
 

@@ -1,4 +1,5 @@
-"""Dispatch: each order to the healthy node hosting its model with the least outstanding work.
+"""Dispatch: each order to the healthy node hosting its model with the least outstanding work, among those
+that have the model loaded, else those with room to load it without unloading another (`server.node.cache`).
 
 Work is weighted by steps × pixels × images; ties are broken at random. A node that cannot be reached,
 refuses before starting, or is lost while the order waits on it (its lease expired, a probe failed, it was
@@ -110,7 +111,8 @@ class Dispatcher:
                         failures: set[NodeRecord]) -> T:
         full: dict[NodeRecord, int] = {}  # node → its Retry-After
         waiting = False
-        wanted = frozenset(ref.name for ref in order.lora)  # only nodes offering every named adapter
+        # only nodes offering every named adapter and ControlNet
+        wanted = adapters.wanted([ref.name for ref in order.lora], [unit.name for unit in order.controlnet])
         self._check_adapters(order.model, wanted)
         try:
             while True:
@@ -228,7 +230,8 @@ class Dispatcher:
         self.count_healthy()
 
     def _check_adapters(self, model: str, wanted: frozenset[str]) -> None:
-        """400 when the nodes serving `model` hold its adapters nowhere together (none hosting it: 503 below)."""
+        """400 when the nodes serving `model` hold its adapters and ControlNets nowhere together (none hosting
+        it: 503 below)."""
         self._refresh_local()
         hosting = self.registry.candidates(model)
         if wanted and hosting and not self.registry.candidates(model, wanted):
@@ -240,8 +243,9 @@ class Dispatcher:
         nodes = [n for n in self.registry.candidates(model, wanted) if n not in exclude and n.has_room(model)]
         if not nodes:
             return None
-        best = min(node.score() for node in nodes)
-        return random.choice([node for node in nodes if node.score() == best])
+        # nodes that have the model loaded first, then those with room to load it; then the least work
+        best = min((node.readiness(model), node.score()) for node in nodes)
+        return random.choice([node for node in nodes if (node.readiness(model), node.score()) == best])
 
     def _hosting(self, model: str, exclude: set[NodeRecord], wanted: frozenset[str] = frozenset()) -> bool:
         return any(n not in exclude for n in self.registry.candidates(model, wanted))

@@ -33,6 +33,7 @@ class NodeView(msgspec.Struct):
     url: str
     state: Literal["healthy", "unhealthy", "sick", "draining"]  # sick: the node says so (last_error: why)
     models: list[str]
+    loaded: list[str] | None  # the models loaded there now (None: it loads every model at start-up)
     backend: str  # the first model's, for a glance; model_backends has each
     device: str
     model_backends: dict[str, str]  # model id → backend it renders on ("tensorrt", "cuda", "cpu"…)
@@ -83,6 +84,14 @@ class NodeRecord:
         """Whether this node renders `model`, offering every named LoRA adapter for it."""
         return any(m.id == model and offers(m, adapters) for m in self.report.models)
 
+    def readiness(self, model: str) -> int:
+        """How soon this node renders `model`: 0 loaded (or a node that loads everything at start-up), 1 loading
+        or loadable without unloading another model, 2 only after unloading one."""
+        loaded = self.report.loaded
+        if loaded is None or model in loaded:
+            return 0
+        return 1 if model in self.report.room_for or model in self.report.loading else 2
+
     def has_room(self, model: str) -> bool:
         load = self.report.load.get(model, ModelLoad())
         return self.in_flight.get(model, 0) < load.capacity
@@ -116,7 +125,8 @@ class NodeRecord:
     def view(self) -> NodeView:
         age = None if self.local else round(time.monotonic() - self.last_seen, 2)
         return NodeView(node_id=self.id, url=self.report.url, state=self.state(),
-                        models=[m.id for m in self.report.models], backend=self.report.backend,
+                        models=[m.id for m in self.report.models], loaded=self.report.loaded,
+                        backend=self.report.backend,
                         device=self.report.device, model_backends={m.id: m.backend for m in self.report.models},
                         in_flight=sum(self.in_flight.values()), load=self.report.load,
                         requests=self.requests, failures=self.failures, last_heartbeat_seconds=age,

@@ -4,12 +4,11 @@ waiting for the states they lead to."""
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from tests.patience import until
+
 FOLDER = Path(__file__).parent
-DEADLINE = 60.0
 
 
 def environment(faults: Path, onnxruntime: bool = True) -> dict[str, str]:
@@ -19,16 +18,6 @@ def environment(faults: Path, onnxruntime: bool = True) -> dict[str, str]:
     between steps (`StepGate`) work on any backend (`onnxruntime=False` leaves the choice to the server)."""
     env = {"SDSERVE_TEST_FAULTS": str(faults), "PYTHONPATH": os.pathsep.join([str(FOLDER), str(FOLDER.parents[1])])}
     return {**env, "SDSERVE_BACKEND": "cpu"} if onnxruntime else env
-
-
-def until(what: str, check: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    """Poll `check` until it holds (a state, never a duration: the deadline is only a bound)."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"not within {deadline:g} s: {what}")
 
 
 class StepGate:
@@ -65,5 +54,5 @@ class StepGate:
         return path.read_text().split() if path.exists() else []
 
     def wait_held(self, count: int = 1) -> list[str]:
-        until(f"{count} renders held", lambda: len(self.held()) >= count, deadline=120)
+        until(f"{count} renders held", lambda: len(self.held()) >= count)
         return self.held()

@@ -3,6 +3,8 @@ SDSERVE_TEST_FAULTS=DIR; Python imports `sitecustomize` at start-up). Each UNet 
 latent's height and width to DIR/unet.log (so a test can read which render ran when), then blocks while
 DIR/pause exists (as a call wedged in a backend would, after writing DIR/paused so a test knows), and raises
 while DIR/fail exists (as a lost GPU does: ONNX Runtime's error, which the backend wraps in EngineFailure).
+Each ONNX Runtime session's creation (a model's load) blocks while DIR/load-pause exists, after writing
+DIR/loading.
 Control is by files, not timing: a test creates and removes them.
 
 Between two steps (the engines' per-step hook, so a held render still stops when its request is cancelled):
@@ -37,6 +39,16 @@ if FAULTS:
         return _run(self, output_names, input_feed, run_options)
 
     onnxruntime.InferenceSession.run = run
+
+    _init = onnxruntime.InferenceSession.__init__
+
+    def init(self, *args, **kwargs):
+        while (_folder / "load-pause").exists():  # a model's load held, as a slow disk would
+            (_folder / "loading").touch()
+            time.sleep(0.01)
+        _init(self, *args, **kwargs)
+
+    onnxruntime.InferenceSession.__init__ = init
 
     from engines import progress
 

@@ -4,11 +4,11 @@ each node optionally behind a `Proxy` (its advertised URL) that a test can make 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import httpx
 
+from tests.patience import PATIENCE, until
 from tests.processes import ServerProcess, free_port
 from tests.router.proxy import Proxy
 
@@ -18,6 +18,7 @@ GEN = "/v1/images/generations"
 ENV = {"SDSERVE_NODE_TOKEN": TOKEN, "SDSERVE_ADMIN_KEY": ADMIN}
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 NODE_HEADERS = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+LEASE = 4  # seconds: the router's heartbeat timeout, unless a fleet's router_args set another
 
 
 class Fleet:
@@ -26,7 +27,7 @@ class Fleet:
         self.models_dir, self.work = models_dir, work
         self.node_args = node_args or ["--heartbeat-interval", "1"]
         self.router = ServerProcess("router", ["--images-dir", str(work / "images"), "--queue-depth", "200",
-                                               "--heartbeat-timeout", "4", *(router_args or [])],
+                                               "--heartbeat-timeout", str(LEASE), *(router_args or [])],
                                     work, env=ENV, name="router")
         self.nodes: dict[str, ServerProcess] = {}
         self.proxies: dict[str, Proxy] = {}
@@ -53,17 +54,17 @@ class Fleet:
         return self
 
     def views(self) -> dict[str, dict]:
-        listing = httpx.get(self.router.url + "/v0/nodes", headers=ADMIN_HEADERS, timeout=10).json()
+        listing = httpx.get(self.router.url + "/v0/nodes", headers=ADMIN_HEADERS, timeout=PATIENCE).json()
         return {node["node_id"]: node for node in listing["data"]}
 
-    def wait_nodes(self, names: set[str], state: str = "healthy", timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_nodes(self, names: set[str], state: str = "healthy") -> None:
+        def there() -> bool:
             views = self.views()
-            if all(name in views and views[name]["state"] == state and views[name]["models"] for name in names):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"nodes {names} not {state}: {self.views()}\n{self.router.log()[-3000:]}")
+            return all(name in views and views[name]["state"] == state and views[name]["models"] for name in names)
+        try:
+            until(f"nodes {names} {state}", there)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self.views()}\n{self.router.log()[-3000:]}") from None
 
     def served(self, before: dict[str, dict]) -> dict[str, int]:
         """Requests each node was sent since `before` (a `views()`)."""
@@ -76,7 +77,8 @@ class Fleet:
             proxy.stop()
 
 
-async def generate_many(url: str, count: int, body: dict, timeout: float = 120) -> list[httpx.Response | Exception]:
+async def generate_many(url: str, count: int, body: dict,
+                        timeout: float = PATIENCE) -> list[httpx.Response | Exception]:
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
         tasks = [client.post(GEN, json=body) for _ in range(count)]
         return await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults import environment, until
+from tests.faults import environment
+from tests.patience import until
 from tests.processes import ServerProcess
 from tests.router.fleet import ENV
 

@@ -7,7 +7,6 @@ import base64
 import io
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,20 @@ from PIL import Image
 from engines.backends import openvino
 from server.wire import PROTOCOL_VERSION, NodeReport
 from tests.faults import StepGate
+from tests.patience import PATIENCE, until
 from tests.processes import ServerProcess, free_port
-from tests.router.fleet import ADMIN, ADMIN_HEADERS, ENV, GEN, NODE_HEADERS, TOKEN, Fleet, generate_many, statuses
+from tests.router.fleet import (
+    ADMIN,
+    ADMIN_HEADERS,
+    ENV,
+    GEN,
+    LEASE,
+    NODE_HEADERS,
+    TOKEN,
+    Fleet,
+    generate_many,
+    statuses,
+)
 from tests.server.test_openai_client import assert_usage, opaque_png, prompt_tokens
 
 
@@ -107,11 +118,9 @@ def test_usage_through_the_router(fleet: Fleet, models_dir: Path) -> None:
 def test_probes_and_heartbeats_are_not_logged_one_line_each(fleet: Fleet) -> None:
     """The router probes each node every second and nodes heartbeat every second here: httpx's line per
     request would bury everything else, in both logs."""
-    deadline = time.monotonic() + 30
-    while len(fleet.nodes["node-a"].log_lines("GET /v0/status")) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)  # the router's probes, as the node's access log records them
-    assert len(fleet.nodes["node-a"].log_lines("GET /v0/status")) >= 3
-    assert len(fleet.router.log_lines("/heartbeat 200")) >= 3
+    # the router's probes, as the node's access log records them, and the nodes' heartbeats in the router's
+    until("three probes", lambda: len(fleet.nodes["node-a"].log_lines("GET /v0/status")) >= 3)
+    until("three heartbeats", lambda: len(fleet.router.log_lines("/heartbeat 200")) >= 3)
     for process in (fleet.router, fleet.nodes["node-a"]):
         assert not [line for line in process.log().splitlines() if "httpx" in line or "HTTP Request:" in line]
 
@@ -203,60 +212,65 @@ def test_node_with_a_wrong_token_never_joins(fleet: Fleet, tmp_path: Path) -> No
                                    fleet.router.url, "--node-id", "rogue"], tmp_path,
                           env={"SDSERVE_NODE_TOKEN": "not-the-token"}, name="rogue").start(ready=False)
     try:
-        time.sleep(3)
+        assert rogue.log_lines("refused registration: 401"), rogue.log()[-2000:]
         assert "rogue" not in fleet.views()
-        assert "refused registration: 401" in rogue.log()
     finally:
         rogue.kill()
 
 
-def test_kill_9_during_load_loses_nothing_and_the_node_comes_back(fleet: Fleet) -> None:
+def test_kill_9_during_load_loses_nothing_and_the_node_comes_back(fleet: Fleet, gate: StepGate) -> None:
     victim = fleet.nodes["node-c"]
     body = {"prompt": "under fire", "size": "128x128", "steps": 6, "response_format": "b64_json"}
 
     async def scenario() -> list:
-        victim.signal(signal.SIGSTOP)  # its requests wait on it, however fast the hardware renders
-        load = asyncio.ensure_future(generate_many(fleet.router.url, 45, body, timeout=120))
-        deadline = time.monotonic() + 20
-        while fleet.views()["node-c"]["in_flight"] == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert fleet.views()["node-c"]["in_flight"] > 0
+        load = asyncio.ensure_future(generate_many(fleet.router.url, 45, body))
+        # renders are held: requests wait on node-c, however fast the hardware renders
+        await asyncio.to_thread(until, "requests wait on node-c", lambda: fleet.views()["node-c"]["in_flight"] > 0)
         victim.kill()  # SIGKILL: no goodbye
-        return await asyncio.wait_for(load, timeout=150)  # nothing hangs
+        gate.release()
+        return await asyncio.wait_for(load, timeout=PATIENCE)  # nothing hangs
 
-    responses = asyncio.run(scenario())
+    gate.hold()
+    try:
+        responses = asyncio.run(scenario())
+    finally:
+        gate.release()
     assert statuses(responses) == [200] * 45  # retried on the survivors
     assert fleet.views()["node-c"]["state"] == "unhealthy"
-    after = httpx.post(fleet.router.url + GEN, json={"prompt": "x", "size": "64x64", "steps": 1}, timeout=60)
+    after = httpx.post(fleet.router.url + GEN, json={"prompt": "x", "size": "64x64", "steps": 1}, timeout=PATIENCE)
     assert after.status_code == 200
     victim.start()  # same port, same id
-    fleet.wait_nodes({"node-c"}, timeout=60)
+    fleet.wait_nodes({"node-c"})
 
 
-def test_draining_node_finishes_its_work_and_leaves(fleet: Fleet) -> None:
+def test_draining_node_finishes_its_work_and_leaves(fleet: Fleet, gate: StepGate) -> None:
+    """node-b is sent a render, held; it drains (SIGTERM) while the render runs: it finishes that one, takes
+    no new work, and leaves."""
     fleet.wait_nodes({"node-a", "node-b", "node-c"})
     node = fleet.nodes["node-b"]
     slow = {"prompt": "long", "size": "256x256", "steps": 20, "response_format": "b64_json"}
 
     async def scenario() -> tuple[list, list, dict]:
         first = asyncio.ensure_future(generate_many(fleet.router.url, 3, slow))
-        deadline = time.monotonic() + 20
-        while fleet.views()["node-b"]["in_flight"] == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(until, "node-b renders", lambda: fleet.views()["node-b"]["in_flight"] > 0)
         node.signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while fleet.views().get("node-b", {}).get("state") == "healthy" and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # until its heartbeat says draining
+        await asyncio.to_thread(until, "node-b's heartbeat says it drains",
+                                lambda: fleet.views().get("node-b", {}).get("state") != "healthy")
+        gate.release()
         before = sent_to(fleet, "node-b")  # counted by the router's metrics: node-b may leave meanwhile
         # Enough light work that the least-loaded choice would pick node-b too, if draining did not count.
         second = await generate_many(fleet.router.url, 24, {**slow, "steps": 2})
         return await first, second, sent_to(fleet, "node-b") - before
 
-    first, second, to_b = asyncio.run(scenario())
+    gate.hold()
+    try:
+        first, second, to_b = asyncio.run(scenario())
+    finally:
+        gate.release()
     assert statuses(first) == [200] * 3
     assert statuses(second) == [200] * 24
     assert to_b == 0  # new work went elsewhere
-    assert node.process.wait(60) == 0
+    assert node.process.wait(PATIENCE) == 0
     assert node.log_lines("draining: taking no new work")
     assert node.log_lines("deregistered from router")
     assert fleet.router.log_lines("node node-b", "deregistered")
@@ -281,11 +295,10 @@ def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fle
     async def scenario() -> list:
         load = asyncio.ensure_future(generate_many(fleet.router.url, 3, body))
         await asyncio.to_thread(gate.wait_held)
-        deadline = time.monotonic() + 20
-        while sum(v["in_flight"] for v in fleet.views().values()) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(until, "three requests on the nodes",
+                                lambda: sum(v["in_flight"] for v in fleet.views().values()) >= 3)
         fleet.router.signal(signal.SIGTERM)  # stops accepting, finishes what it has
-        await asyncio.sleep(6)  # past the heartbeat timeout (4 s) and a probe round: leases would have expired
+        await asyncio.sleep(LEASE + 2)  # past the heartbeat timeout and a probe round: leases would have expired
         gate.release()
         return await load
 
@@ -295,9 +308,9 @@ def test_router_sigterm_finishes_in_flight_then_restart_nodes_register_again(fle
     finally:
         gate.release()
     assert [getattr(r, "status_code", repr(r)) for r in responses] == [200] * 3
-    assert fleet.router.process.wait(60) == 0
+    assert fleet.router.process.wait(PATIENCE) == 0
     fleet.router.start(ready=False)
-    fleet.wait_nodes({"node-a", "node-b", "node-c"}, timeout=30)
+    fleet.wait_nodes({"node-a", "node-b", "node-c"})
     response = httpx.post(fleet.router.url + GEN, json={"prompt": "again", "size": "64x64", "steps": 1}, timeout=60)
     assert response.status_code == 200
     for name in ("node-a", "node-b", "node-c"):
@@ -362,13 +375,8 @@ def test_standalone_accepts_remote_nodes(models_dir: Path, tmp_path: Path) -> No
     helper = ServerProcess("node", ["--models-dir", str(models_dir), "--model", "tiny-sdxl", "--router",
                                     standalone.url, "--node-id", "helper"], tmp_path, env=ENV, name="helper").start()
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            listed = {m["id"] for m in httpx.get(standalone.url + "/v1/models").json()["data"]}
-            if listed == {"tiny-sd15", "tiny-sdxl"}:
-                break
-            time.sleep(0.2)
-        assert listed == {"tiny-sd15", "tiny-sdxl"}
+        until("the standalone lists the helper's model too", lambda: {
+            m["id"] for m in httpx.get(standalone.url + "/v1/models").json()["data"]} == {"tiny-sd15", "tiny-sdxl"})
         response = httpx.post(standalone.url + GEN, json={"model": "tiny-sdxl", "prompt": "p", "size": "64x64",
                                                           "steps": 1}, timeout=60)
         assert response.status_code == 200

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests import adapters
+from tests.patience import until
 from tests.router.fleet import ADMIN_HEADERS, GEN, Fleet
 from tests.server.conftest import wait_for_models
 
@@ -149,7 +149,7 @@ def test_reload_without_restart(lora_fleet: Fleet) -> None:
     node_b = lora_fleet.nodes["node-b"]
     listing = httpx.post(node_b.url + "/v0/adapters/reload", headers=ADMIN_HEADERS, timeout=30)
     assert listing.status_code == 200 and "fresh" in [a["name"] for a in listing.json()["lora-sd15"]]
-    deadline = time.monotonic() + 15
-    while (answer := _post(lora_fleet, body)).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.5)  # the router learns of it with node-b's next heartbeat
-    _image(answer)
+    answers = []  # the router learns of it with node-b's next heartbeat
+    until("the router offers the new adapter", lambda: answers.append(_post(lora_fleet, body)) or
+          answers[-1].status_code == 200)
+    _image(answers[-1])

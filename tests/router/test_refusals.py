@@ -20,6 +20,7 @@ from server.router.node_client import NodeClient
 from server.router.registry import Registry
 from server.wire import RenderOrder
 from tests.faults import StepGate
+from tests.patience import PATIENCE, until
 from tests.processes import ServerProcess, free_port
 from tests.router.fleet import GEN, TOKEN, Fleet
 
@@ -40,16 +41,14 @@ def _node(models_dir: Path, work: Path, gate: StepGate | None, drain_timeout: fl
 
 def _wait_refusing(node: ServerProcess) -> None:
     """Until the node reports draining, or its listener has closed."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def refusing() -> bool:
         try:
-            status = httpx.get(node.url + "/v0/status", headers={"authorization": f"Bearer {TOKEN}"}, timeout=5)
-            if status.json()["draining"]:
-                return
+            status = httpx.get(node.url + "/v0/status", headers={"authorization": f"Bearer {TOKEN}"},
+                               timeout=PATIENCE)
+            return status.json()["draining"]
         except httpx.ConnectError:
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{node.name} never started draining:\n{node.log()}")
+            return True
+    until(f"{node.name} starts draining", refusing)
 
 
 async def _registered(registry: Registry, node: ServerProcess) -> None:
@@ -147,15 +146,17 @@ def test_a_full_fleet_answers_429_with_the_nodes_estimate_and_a_stopping_router_
     try:
         fleet.start()
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(httpx.post, fleet.router.url + GEN, json=body, timeout=120)
+            running = pool.submit(httpx.post, fleet.router.url + GEN, json=body, timeout=PATIENCE)
             gate.wait_held()
-            least = math.ceil(37 * step) - 2  # the report's age, rounded, and a heartbeat's interval
-            deadline = time.monotonic() + 30
-            while fleet.views()["only"]["load"]["tiny-sd15"]["retry_after"] < least and time.monotonic() < deadline:
-                time.sleep(0.1)  # until a heartbeat carries the estimate made while it runs
-            refused = httpx.post(fleet.router.url + GEN, json={**body, "steps": 1}, timeout=60)
+            estimate = math.ceil(37 * step)  # what the node reports while the render is held (it steps no more)
+            until("a heartbeat carries the estimate made while it runs",
+                  lambda: fleet.views()["only"]["load"]["tiny-sd15"]["retry_after"] >= estimate)
+            looked, age = time.monotonic(), fleet.views()["only"]["last_heartbeat_seconds"]
+            refused = httpx.post(fleet.router.url + GEN, json={**body, "steps": 1}, timeout=PATIENCE)
+            # the router tells the estimate less the report's age: at most its age then, and the time since
+            least = estimate - math.ceil(age + time.monotonic() - looked)
             fleet.router.signal(signal.SIGTERM)
-            stopped = running.result(60)
+            stopped = running.result(PATIENCE)
     finally:
         gate.release()
         fleet.stop()

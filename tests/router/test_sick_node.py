@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults import environment, until
+from tests.faults import environment
+from tests.patience import until
 from tests.router.fleet import GEN, Fleet
 
 BODY = {"model": "tiny-sd15", "prompt": "a wedge", "size": "64x64", "steps": 3, "response_format": "b64_json"}

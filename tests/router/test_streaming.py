@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,23 +15,33 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.faults import StepGate
+from tests.patience import PATIENCE, until
 from tests.router.fleet import Fleet
 
 BASE = {"model": "tiny-sd15", "size": "64x64"}
 
 
 @pytest.fixture(scope="module")
-def pair(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def gate_b(tmp_path_factory: pytest.TempPathFactory) -> StepGate:
+    """Holds node-b's renders."""
+    return StepGate(tmp_path_factory.mktemp("gate-b"))
+
+
+@pytest.fixture(scope="module")
+def pair(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, gate_b: StepGate) -> Iterator[Fleet]:
     fleet = Fleet(models_dir, tmp_path_factory.mktemp("stream-fleet"))
     for name in ("node-a", "node-b"):
         fleet.add_node(name, "tiny-sd15", extra=["--keepalive-interval", "0.02"])
+    fleet.nodes["node-b"].env.update(gate_b.env)
     yield fleet.start()
+    gate_b.release()
     fleet.stop()
 
 
 @pytest.fixture(scope="module")
 def sdk(pair: Fleet) -> OpenAI:
-    return OpenAI(base_url=f"{pair.router.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{pair.router.url}/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 def test_stream_through_the_router(sdk: OpenAI) -> None:
@@ -56,33 +65,36 @@ def test_unbuffered_keepalive_reaches_the_client_through_the_router(pair: Fleet)
     any hardware (300 sequential UNet calls), so the order does not depend on this machine's speed."""
     body = {"prompt": "silence", "stream": True, "partial_images": 0, "steps": 150, "seed": 1,
             "model": "tiny-sd15", "size": "256x256"}
-    with httpx.stream("POST", f"{pair.router.url}/v1/images/generations", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{pair.router.url}/v1/images/generations", json=body, timeout=PATIENCE) as response:
         assert response.status_code == 200
         first = next(line for line in response.iter_lines() if line)
     assert first == ": keep-alive"
 
 
-def test_node_dead_before_the_first_event_is_replaced(pair: Fleet, sdk: OpenAI) -> None:
-    """node-b hangs (SIGSTOP) while idle. A burst of streams right after it is spread over both nodes by
-    outstanding work, before any probe (2 s timeout) can notice, so some are sent to node-b: the router
-    replaces it once it is lost, and every client still gets its events from node-a."""
-    deadline = time.monotonic() + 10  # fresh heartbeats: both idle
-    while any(load["work"] for view in pair.views().values() for load in view["load"].values()):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    pair.nodes["node-b"].signal(signal.SIGSTOP)
+def test_node_dead_before_the_first_event_is_replaced(pair: Fleet, sdk: OpenAI, gate_b: StepGate) -> None:
+    """A burst of streams is spread over both nodes by outstanding work; node-b holds its renders before
+    their first event (a step gate), then hangs (SIGSTOP): the router replaces it once it is lost, and every
+    client still gets its events from node-a."""
+    until("fresh heartbeats say both nodes are idle",
+          lambda: not any(load["work"] for view in pair.views().values() for load in view["load"].values()))
 
     def stream(seed: int) -> list[str]:
         return [e.type for e in sdk.images.generate(prompt="retry me", stream=True, partial_images=1, **BASE,
                                                     extra_body={"seed": seed, "steps": 2})]
 
+    gate_b.hold()
     try:
         with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(stream, range(4)))
+            streams = pool.map(stream, range(4))
+            gate_b.wait_held()  # sent to node-b, which has sent no event yet
+            pair.nodes["node-b"].signal(signal.SIGSTOP)
+            results = list(streams)
     finally:
+        gate_b.release()
         pair.nodes["node-b"].kill()
     assert results == [["image_generation.partial_image", "image_generation.completed"]] * 4
-    assert pair.router.log_lines("node node-b failed", "retrying", timeout=0), pair.router.log()[-2000:]
+    # node-b had accepted them (keep-alives only, no event): the router reopened them on node-a
+    assert pair.router.log_lines("node node-b failed", timeout=0), pair.router.log()[-2000:]
 
 
 def test_node_dying_mid_stream_gives_an_error_event(pair: Fleet, sdk: OpenAI) -> None:

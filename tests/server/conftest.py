@@ -11,14 +11,15 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import TINY
+from tests.patience import PATIENCE
 from tests.processes import ServerProcess
 
 
-def wait_for_models(process: ServerProcess, expected: set[str], timeout: float = 120.0) -> None:
+def wait_for_models(process: ServerProcess, expected: set[str], timeout: float = PATIENCE) -> None:
     """Readiness means one model can render; the tests want every model loaded."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        listed = httpx.get(f"{process.url}/v1/models", timeout=5).json()["data"]
+        listed = httpx.get(f"{process.url}/v1/models", timeout=PATIENCE).json()["data"]
         if {model["id"] for model in listed} >= expected:
             return
         time.sleep(0.2)

@@ -20,6 +20,7 @@ from server.node.batcher import Batching
 from server.node.queue import ModelQueue
 from server.node.ticket import Ticket
 from server.wire import PartialImage, RenderOrder
+from tests.patience import PATIENCE
 
 Model = Callable[[str], Path]
 
@@ -113,7 +114,7 @@ def test_renders_per_slot_and_rows_per_call_are_apart(pipeline: engines.Pipeline
         first, second = alone.enqueue(order(30, 6)), alone.enqueue(order(31, 2))
         with pytest.raises(ApiError):
             alone.enqueue(order(32, 2))  # one interleaved, one waiting: full
-        await asyncio.wait_for(asyncio.gather(alone.outcome(first), alone.outcome(second)), 25)
+        await asyncio.wait_for(asyncio.gather(alone.outcome(first), alone.outcome(second)), PATIENCE)
 
     try:
         assert alone.capacity == 1

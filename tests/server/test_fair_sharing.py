@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import re
 import threading
 import time
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.faults import environment, until
+from tests.faults import environment
+from tests.patience import PATIENCE, until
 from tests.processes import ServerProcess
 
 KEYS = """# tenants
@@ -55,7 +57,7 @@ class Requests:
     def send(self, name: str, key: str, path: str = GEN, body: dict | None = None) -> None:
         body = body or {"prompt": name, "size": SIZES[key], "steps": 2, "response_format": "b64_json"}
         def post() -> None:
-            self.answers[name] = httpx.post(self.url + path, json=body, timeout=120,
+            self.answers[name] = httpx.post(self.url + path, json=body, timeout=PATIENCE,
                                             headers={"Authorization": f"Bearer sk-{key}"})
         thread = threading.Thread(target=post)
         thread.start()
@@ -63,7 +65,7 @@ class Requests:
 
     def wait(self) -> dict[str, int]:
         for thread in self.threads:
-            thread.join(120)
+            thread.join(PATIENCE)
         return {name: answer.status_code for name, answer in self.answers.items()}
 
 
@@ -118,15 +120,22 @@ def test_a_key_over_its_rate_gets_429_with_an_honest_retry_after(tiny_sd15: Path
     with serving(tiny_sd15, tmp_path, faults, slots=1) as server:
         carol = {"Authorization": "Bearer sk-carol"}
         body = {"prompt": "rated", "size": "64x64", "steps": 1, "response_format": "b64_json"}
-        started = time.monotonic()
-        assert [httpx.post(server.url + GEN, json=body, headers=carol, timeout=60).status_code
-                for _ in range(2)] == [200, 200]
-        refused = httpx.post(server.url + GEN, json=body, headers=carol, timeout=60)
+        sent = time.monotonic()
+        first = httpx.post(server.url + GEN, json=body, headers=carol, timeout=PATIENCE)
+        answered = time.monotonic()  # the server took the first token between `sent` and now
+        assert [first.status_code, httpx.post(server.url + GEN, json=body, headers=carol,
+                                              timeout=PATIENCE).status_code] == [200, 200]
+        time.sleep(max(0.0, answered + 2 - time.monotonic()))  # a while since the first token: Retry-After < 30
+        asked = time.monotonic()
+        refused = httpx.post(server.url + GEN, json=body, headers=carol, timeout=PATIENCE)
+        refused_at = time.monotonic()
         assert refused.status_code == 429, refused.text
         error = refused.json()["error"]
         assert error["code"] == "rate_limit_exceeded" and "2 requests per minute" in error["message"]
-        # a token every 30 s: the next one comes 30 s after the first request, less what has passed since
-        assert 1 <= int(refused.headers["retry-after"]) <= 30 - int(time.monotonic() - started) + 1
+        # a token every 30 s: the next one comes 30 s after the first request, less what passed between the
+        # first token and the refusal (at least `asked - answered`, at most `refused_at - sent`), however slow
+        assert max(1, math.ceil(30 - (refused_at - sent))) <= int(refused.headers["retry-after"]) \
+            <= max(1, math.ceil(30 - (asked - answered)))
         basic = {"Authorization": "Basic " + base64.b64encode(b"carol:sk-carol").decode()}
         a1111 = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "rated", "steps": 1, "width": 64,
                                                                    "height": 64}, headers=basic, timeout=60)

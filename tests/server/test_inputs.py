@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import socket
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from server import images
 from server.errors import ApiError
 from server.openai.routes import JSON_BODY_LIMIT
 from server.openai.uploads import upload
+from tests.patience import until
 from tests.processes import ServerProcess
 from tests.server.test_operations import metric, wait_until_idle
 
@@ -178,10 +178,7 @@ def test_a_full_queue_is_429_before_any_upload_is_decoded(server: ServerProcess)
     try:
         for sock in holders:
             sock.sendall(head + body)
-        deadline = time.monotonic() + 60
-        while metric(server, "sdserve_queue_depth", 'model="tiny-sd21"') < 8 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(server, "sdserve_queue_depth", 'model="tiny-sd21"') >= 8, "the holders never filled the queue"
+        until("the holders fill the queue", lambda: metric(server, "sdserve_queue_depth", 'model="tiny-sd21"') >= 8)
         response = httpx.post(server.url + VARY, data={"model": "tiny-sd21"}, timeout=60,
                               files={"image": ("a.png", b"not an image at all", "image/png")})
         assert response.status_code == 429, response.text
@@ -189,9 +186,7 @@ def test_a_full_queue_is_429_before_any_upload_is_decoded(server: ServerProcess)
     finally:
         for sock in holders:
             sock.close()
-    deadline = time.monotonic() + 30
-    while metric(server, "sdserve_renders_in_flight", 'model="tiny-sd21"') > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_idle(server, 'model="tiny-sd21"')  # the holders' renders stop at their next step
     again = httpx.post(server.url + VARY, data={"model": "tiny-sd21"}, timeout=60,
                        files={"image": ("a.png", b"not an image at all", "image/png")})
     assert again.status_code == 400 and again.json()["error"]["code"] == "invalid_image_format"

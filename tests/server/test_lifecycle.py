@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from server.node.pool import EnginePool
 from server.settings import Settings
 from server.supervisor import supervise
 from tests.faults import StepGate
+from tests.patience import PATIENCE, until
 from tests.processes import ROOT, ServerProcess
 from tests.server.test_operations import metric, wait_until_idle
 
@@ -64,8 +64,12 @@ def test_the_loader_survives_any_exception(models_dir: Path) -> None:
     """An absurd thread count makes ONNX Runtime raise a TypeError, not one of our errors."""
     settings = Settings(models_dir=str(models_dir), models=["tiny-sd15", "tiny-sd21"], backend="cpu", threads=2**40)
     pool = EnginePool(settings, Metrics())
-    pool.start()
-    pool.wait_loaded(60)
+
+    async def load_all() -> None:  # the start-up loads run on the event loop
+        pool.start()
+        await asyncio.wait_for(pool.wait_loaded(), 60)
+
+    asyncio.run(load_all())
     assert pool.states.keys() == {"tiny-sd15", "tiny-sd21"}
     assert set(pool.failed()) == {"tiny-sd15", "tiny-sd21"}  # each tried and reported; none left "loading"
     # ONNX Runtime's TypeError, reported (the backend wraps it as an EngineFailure so that `auto` falls back)
@@ -102,10 +106,7 @@ QUICK = {"prompt": "quick", "size": "64x64", "steps": 1, "response_format": "b64
 
 
 async def _until(server: ServerProcess, name: str, value: float) -> None:
-    deadline = time.monotonic() + 30
-    while metric(server, name) < value and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert metric(server, name) >= value
+    await asyncio.to_thread(until, f"{name} reaches {value:g}", lambda: metric(server, name) >= value)
 
 
 def test_retry_after_is_the_running_renders_remaining_steps(lean: ServerProcess, gate: StepGate) -> None:
@@ -155,7 +156,7 @@ def test_what_outlasts_the_drain_timeout_is_answered_503_and_the_server_exits_in
             queued = asyncio.ensure_future(client.post(GEN, json=BLOCKER))
             await _until(lean, "sdserve_queue_depth", 1)
             lean.signal(signal.SIGTERM)
-            exit_status = await asyncio.to_thread(lean.process.wait, 30)  # TimeoutExpired if it waits longer
+            exit_status = await asyncio.to_thread(lean.process.wait, PATIENCE)  # TimeoutExpired if it waits longer
             return exit_status, [await running, await queued]
 
     gate.hold()
@@ -187,7 +188,7 @@ def test_a_failing_background_task_is_logged_and_restarted(caplog: pytest.LogCap
         task.cancel()
 
     with caplog.at_level(logging.ERROR, logger="sdserve.server"):
-        asyncio.run(asyncio.wait_for(scenario(), 10))
+        asyncio.run(asyncio.wait_for(scenario(), PATIENCE))
     assert len(runs) == 3
     failures = [r for r in caplog.records if "background task flaky failed" in r.getMessage()]
     assert len(failures) == 2 and all(r.exc_info for r in failures)

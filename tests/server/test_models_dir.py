@@ -9,14 +9,15 @@ from pathlib import Path
 
 import httpx
 
+from tests.patience import PATIENCE
 from tests.processes import ServerProcess
 
 
-def _readyz_once_settled(process: ServerProcess, timeout: float = 90.0) -> httpx.Response:
+def _readyz_once_settled(process: ServerProcess, timeout: float = PATIENCE) -> httpx.Response:
     """/readyz after the loader has finished (its last word in the log), whatever it says."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        answer = httpx.get(process.url + "/readyz", timeout=10)
+        answer = httpx.get(process.url + "/readyz", timeout=PATIENCE)
         if answer.status_code == 200 or "loading" not in answer.text:
             return answer
         time.sleep(0.2)

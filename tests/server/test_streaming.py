@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from PIL import Image
 
+from tests.faults import StepGate
+from tests.patience import PATIENCE, until
 from tests.processes import ServerProcess
 
 MODEL = "tiny-sd15"
@@ -45,13 +46,19 @@ def decoded(b64: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def stream_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gate(tmp_path_factory: pytest.TempPathFactory) -> StepGate:
+    return StepGate(tmp_path_factory.mktemp("gate"))
+
+
+@pytest.fixture(scope="module")
+def stream_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, gate: StepGate
+                  ) -> Iterator[ServerProcess]:
     """One render slot and no queue: a second request while one renders is refused (429), which makes
     "the slot is free again" observable without timing."""
     work = tmp_path_factory.mktemp("stream-server")
     process = ServerProcess("standalone", ["--models-dir", str(models_dir), "--model", MODEL, "--images-dir",
                                            str(work / "images"), "--queue-depth", "0", "--keepalive-interval",
-                                           "0.05"], work).start()
+                                           "0.05"], work, env=gate.env).start()
     yield process
     process.stop()
 
@@ -125,12 +132,35 @@ def test_errors_before_the_stream_are_plain_http(stream_server: ServerProcess) -
         assert response.json()["error"]["param"] == param
 
 
-def test_disconnect_after_first_event_cancels_and_frees_the_slot(stream_server: ServerProcess) -> None:
-    """The first partial arrives while the render still runs: the server's log shows the render cancelled
-    at a step before the last, after the step of that partial; the slot is free for the next request."""
+def test_disconnect_after_first_event_cancels_and_frees_the_slot(stream_server: ServerProcess,
+                                                                 gate: StepGate) -> None:
+    """The first partial arrives while the render still runs (held after the next step, however fast the
+    machine): the server's log shows the render cancelled at a step before the last, after the step of that
+    partial; the slot is free for the next request."""
     url = f"{stream_server.url}/v1/images/generations"
     body = {"prompt": "a long render", "stream": True, "partial_images": 3, "steps": 100, "seed": 9, **BASE}
     lines: list[str] = []
+    gate.hold(after_steps=26)
+    try:
+        cancelled = _leave_after_the_first_event(url, body, lines, stream_server)
+    finally:
+        gate.release()
+    first_event = next(i for i, line in enumerate(lines) if line.startswith("event: "))
+    assert all(line == ": keep-alive" for line in lines[:first_event] if line)  # only comments before it
+    assert "image_generation.partial_image" in lines[-1]
+    assert cancelled, stream_server.log()[-2000:]
+    partial_step = int(re.search(r"at step (\d+)/100", stream_server.log_lines("leaver-1: partial image 0")[0])[1])
+    step = int(re.search(r"cancelled at step (\d+)/100", cancelled[0])[1])
+    assert partial_step == 25 and partial_step <= step < 100
+    statuses = []  # the slot frees as the render thread leaves its step; no queue here: 429 till then
+    until("the slot is free for the next request", lambda: statuses.append(httpx.post(
+        url, json={**body, "stream": False, "steps": 1, "response_format": "b64_json"}, timeout=PATIENCE
+    ).status_code) or statuses[-1] != 429)
+    assert statuses[-1] == 200, statuses
+
+
+def _leave_after_the_first_event(url: str, body: dict, lines: list[str], server: ServerProcess) -> list[str]:
+    """Reads the stream up to its first event, hangs up; the log lines of the render's cancellation."""
     with httpx.stream("POST", url, json=body, headers={"x-request-id": "leaver-1"}, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -138,23 +168,7 @@ def test_disconnect_after_first_event_cancels_and_frees_the_slot(stream_server: 
             lines.append(line)
             if line.startswith("data: "):
                 break  # the first event: leave
-    first_event = next(i for i, line in enumerate(lines) if line.startswith("event: "))
-    assert all(line == ": keep-alive" for line in lines[:first_event] if line)  # only comments before it
-    assert "image_generation.partial_image" in lines[-1]
-    cancelled = stream_server.log_lines("leaver-1 cancelled at step")
-    assert cancelled, stream_server.log()[-2000:]
-    partial_step = int(re.search(r"at step (\d+)/100", stream_server.log_lines("leaver-1: partial image 0")[0])[1])
-    step = int(re.search(r"cancelled at step (\d+)/100", cancelled[0])[1])
-    assert partial_step == 25 and partial_step <= step < 100
-    statuses = []
-    for _ in range(20):  # the slot frees as the render thread leaves its step; no queue here: 429 till then
-        response = httpx.post(url, json={**body, "stream": False, "steps": 1, "response_format": "b64_json"},
-                              timeout=60)
-        statuses.append(response.status_code)
-        if response.status_code != 429:
-            break
-        time.sleep(0.05)
-    assert statuses[-1] == 200, statuses
+    return server.log_lines("leaver-1 cancelled at step")
 
 
 def test_json_edit_with_data_urls_equals_the_multipart_edit(sdk: OpenAI, stream_server: ServerProcess) -> None:
