@@ -151,6 +151,17 @@ def test_the_periodic_rescan_finds_a_new_folder(two_models: Path, tiny_model: Ca
     assert states(server)["tiny-sdxl"]["state"] == "available"
 
 
+def test_the_periodic_rescan_leaves_a_failed_model_failed(two_models: Path, tiny_model: Callable,
+                                                          start: Callable) -> None:
+    """Read afresh on every periodic rescan, a model that failed came back as available (so offered, so
+    ready, so tried again on every request); only an asked-for rescan or load tries it again."""
+    server = start(two_models, "--max-loaded-bytes", "1000", "--rescan-interval", "0.2")
+    assert generate(server, "tiny-sd15").status_code == 507
+    (two_models / "tiny-sdxl").symlink_to(tiny_model("tiny-sdxl"))
+    until("a periodic rescan ran after the failure", lambda: "tiny-sdxl" in states(server))
+    assert states(server)["tiny-sd15"]["state"] == "failed"
+
+
 def test_a1111_checkpoint_routes_load_unload_and_refresh(two_models: Path, tiny_model: Callable,
                                                          start: Callable) -> None:
     server = start(two_models, "--max-loaded-models", "1", "--rescan-interval", "0")
