@@ -42,7 +42,11 @@ async def reload(state: AppState, selected: str | None) -> None:
 async def switch(state: AppState, name: str) -> None:
     """`sd_model_checkpoint` changed: load it now, as A1111 does (nodes behind a router load it on demand)."""
     if state.models is not None:
-        await load(state, state.models, name)
+        try:
+            await load(state, state.models, name)
+        except ApiError as error:  # known (checked before) yet not here: only remote nodes serve it, on demand
+            if error.code != "model_not_found":
+                raise
 
 
 async def load(state: AppState, models: Models, name: str) -> None:
