@@ -27,6 +27,11 @@ from server.wire import RenderedImages, RenderOrder, StreamEvent
 log = logging.getLogger("sdserve.server")
 
 
+
+def draining_error() -> ApiError:
+    """What an order that arrives while this node drains gets (a router sends it elsewhere)."""
+    return ApiError(503, "this node is draining and takes no new work", code="draining", headers={"Retry-After": "5"})
+
 class EnginePool:
     """Every model directory under the models dir, known at start-up; loaded as `server.node.cache` says.
     A model that fails to load, for any reason, is reported (log, `failed`, metrics) and the others serve."""
@@ -148,9 +153,13 @@ class EnginePool:
     async def open_events(self, order: RenderOrder) -> AsyncGenerator[StreamEvent, None]:
         """A streamed order's events (refusals raise here, before any event); its model's load, if it waits for
         one, counts toward its timeout."""
-        started = time.monotonic()
-        queue = await self.queue_for(order)
-        return stream.open_events(queue, order, self.settings.request_timeout - (time.monotonic() - started))
+        started, timeout = time.monotonic(), self.settings.request_timeout
+        try:  # bounded as a non-streamed order's whole answer is
+            queue = await asyncio.wait_for(self.queue_for(order), timeout)
+        except TimeoutError:
+            raise ApiError(504, f"model '{order.model}' did not load within the {timeout:g} s request timeout",
+                           code="timeout") from None
+        return stream.open_events(queue, order, timeout - (time.monotonic() - started))
 
     async def open_stream(self, order: RenderOrder) -> AsyncIterator[bytes]:
         """A streamed order as OpenAI's frames (refusals raise here, before any byte)."""
@@ -160,12 +169,14 @@ class EnginePool:
         """The model's queue, loaded first if need be, or the error a request for it gets (503 draining or
         sick, 404 unknown, its load's error)."""
         if self.draining:
-            raise ApiError(503, "this node is draining and takes no new work", code="draining",
-                           headers={"Retry-After": "5"})
+            raise draining_error()
         if sick := self.sick():
             raise ApiError(503, f"this node is unhealthy and takes no new work: {sick}", code="unhealthy",
                            headers={"Retry-After": str(int(self.settings.stall_seconds))})
-        return await self.cache.acquire(order.model)
+        queue = await self.cache.acquire(order.model)
+        if self.draining:  # it began draining while the model loaded: refused as if it had been draining before
+            raise draining_error()
+        return queue
 
     def load(self) -> dict[str, dict[str, int]]:
         """Per model: renders running, waiting, their work units (for balancing), the wait estimate and how many
