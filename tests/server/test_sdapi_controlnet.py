@@ -46,7 +46,7 @@ def router(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     node = fleet.add_node("node-a", MODEL)
     fleet.router.start(ready=False, timeout=LOADING)
     node.start(ready=False, timeout=LOADING)
-    fleet.wait_nodes({"node-a"}, timeout=LOADING)
+    fleet.wait_nodes({"node-a"})
     yield fleet.router
     fleet.stop()
 
@@ -165,10 +165,13 @@ def _openai(server: ServerProcess, **fields: object) -> np.ndarray:
     return np.asarray(picture.convert("RGB"))
 
 
-def test_txt2img_canny_unit_renders_what_the_openai_route_renders(standalone: ServerProcess,
-                                                                  model_dir: Path) -> None:
+@pytest.mark.parametrize("front", ["standalone", "router"])
+def test_txt2img_canny_unit_renders_what_the_openai_route_renders(request: pytest.FixtureRequest, model_dir: Path,
+                                                                  front: str) -> None:
     """webuiapi's ControlNetUnit, named `name [hash]`, with an 80x96 picture cropped to 64x64 ("Crop and
-    Resize"), is the OpenAI `controlnet` unit with the same image, scale, window and thresholds."""
+    Resize"), is the OpenAI `controlnet` unit with the same image, scale, window and thresholds (on a router:
+    sent to the node that has the ControlNet)."""
+    standalone = request.getfixturevalue(front)
     picture = Image.fromarray(_picture(4))
     unit = webuiapi.ControlNetUnit(image=picture, module="canny", model=_title(model_dir), weight=1.4,
                                    guidance_start=0.1, guidance_end=0.8, threshold_a=40, threshold_b=160,
