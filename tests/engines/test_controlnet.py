@@ -5,6 +5,7 @@ previews behave; bad units are refused naming the field. Parity with diffusers: 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 from collections.abc import Callable
@@ -148,11 +149,13 @@ def test_refusals_name_the_field(pipelines: dict[str, engines.Pipeline], tiny_mo
     assert "python -m export … --controlnet" in unsupported.message
 
 
-def test_the_pipeline_lists_its_controlnets(pipelines: dict[str, engines.Pipeline]) -> None:
+def test_the_pipeline_lists_its_controlnets(pipelines: dict[str, engines.Pipeline], controlnet_model: Model) -> None:
     info = pipelines["tiny-sdxl"].info
+    graph = controlnet_model("tiny-sdxl") / "controlnets" / "tiny-controlnet-sdxl" / "model.onnx"
     assert info.controlnet_inputs
     assert info.controlnets == [ControlNetInfo(name="tiny-controlnet-sdxl", family="sdxl",
-                                               source="tiny-controlnet-sdxl")]
+                                               source="tiny-controlnet-sdxl",
+                                               sha256=hashlib.sha256(graph.read_bytes()).hexdigest())]
     assert info.refused_controlnets == {}
 
 
