@@ -1,6 +1,7 @@
-"""sd-webui-controlnet's routes (/controlnet) through the real `webuiapi` package, on a standalone server and
-on a router whose node hosts the ControlNet: the model list with `[hash]` names, the modules, and `detect`
-checked against OpenCV's Canny on the same pixels."""
+"""sd-webui-controlnet through the real `webuiapi` package, on a standalone server and on a router whose node
+hosts the ControlNet: its routes (the model list with `[hash]` names, the modules, and `detect` checked against
+OpenCV's Canny on the same pixels), and its units on txt2img and img2img (`alwayson_scripts.controlnet.args`),
+which render what the OpenAI route's `controlnet` field renders; bad units are 422s naming their field."""
 
 from __future__ import annotations
 
@@ -183,6 +184,20 @@ def test_txt2img_canny_unit_renders_what_the_openai_route_renders(request: pytes
     assert np.array_equal(guided, openai)
     plain = _rendered(_api(standalone).txt2img(**RENDER, alwayson_scripts={}))
     assert not np.array_equal(guided, plain)  # the unit changed the render: the comparison is not of two plain ones
+
+
+def test_resize_and_fill_fits_the_image_inside_on_its_border_colour(standalone: ServerProcess) -> None:
+    """webuiapi's default resize_mode, "Resize and Fill": a 32x16 picture is scaled to 64x32 and centred on the
+    median colour of its border, as sd-webui-controlnet fills; the OpenAI route gets that image made here."""
+    picture = np.random.default_rng(8).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    border = np.concatenate([picture[0], picture[-1], picture[:, 0], picture[:, -1]])
+    filled = Image.new("RGB", (64, 64), tuple(int(v) for v in np.median(border, axis=0)))
+    filled.paste(Image.fromarray(picture).resize((64, 32), Image.Resampling.LANCZOS), (0, 16))
+    unit = webuiapi.ControlNetUnit(image=Image.fromarray(picture), module="none", model=NET, weight=1.5)
+    guided = _rendered(_api(standalone).txt2img(**RENDER, controlnet_units=[unit], alwayson_scripts={}))
+    openai = _openai(standalone, controlnet=[{"model": NET, "image": base64.b64encode(_png(filled)).decode(),
+                                              "scale": 1.5}])
+    assert np.array_equal(guided, openai)
 
 
 def test_img2img_unit_without_an_image_uses_the_init_image(standalone: ServerProcess) -> None:
