@@ -74,7 +74,7 @@ def read(scripts: dict[str, Any]) -> tuple[str, list[tuple[int, Unit]]]:
     name, script = next(((n, s) for n, s in scripts.items() if n.lower() == "controlnet"), ("controlnet", None))
     units = (script.get("args", []) if isinstance(script, dict) else script) or []
     args = f"alwayson_scripts.{name}.args"
-    read = []
+    enabled = []
     for i, raw in enumerate(units):
         try:
             unit = msgspec.convert(raw, Unit, strict=False)
@@ -82,8 +82,8 @@ def read(scripts: dict[str, Any]) -> tuple[str, list[tuple[int, Unit]]]:
             text, path = str(exc), re.search(r"\$\.(\w+)", str(exc))
             raise orders.invalid(f"{args}.{i}" + (f".{path.group(1)}" if path else ""), text) from None
         if unit.enabled:
-            read.append((i, unit))
-    return args, read
+            enabled.append((i, unit))
+    return args, enabled
 
 
 def orders_for(scripts: dict[str, Any], info: ModelInfo, settings: Settings, size: tuple[int, int],
