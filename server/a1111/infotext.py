@@ -24,7 +24,9 @@ from PIL import Image
 from server.wire import RenderOrder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's re_param
+# A1111's re_param, with its key bounded (A1111's keys are short): an unbounded key tried at every position of a
+# long line without a colon took time growing with the line's square (a 20 kB line, 5 s of the event loop).
+_PAIR = re.compile(r'\s*(\w[\w \-/]{0,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 

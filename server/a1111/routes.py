@@ -157,11 +157,12 @@ async def set_options(request: Request) -> Response[None]:
         raise orders.invalid("body", f"options must be a JSON object: {exc}") from None
     if "sd_model_checkpoint" in update:
         update["sd_model_checkpoint"] = _known_model(state, update["sd_model_checkpoint"])
-        await checkpoints.switch(state, update["sd_model_checkpoint"])  # loaded before the answer, as A1111 does
     _check_options(update)
     for name, value in update.items():  # options are kept: bounded, as A1111's own set is
         if len(msgspec.json.encode(value)) > MAX_OPTION_BYTES:
             raise orders.invalid(name, f"option values are at most {MAX_OPTION_BYTES} bytes of JSON")
+    if "sd_model_checkpoint" in update:  # every option checked first: a refused update loads nothing
+        await checkpoints.switch(state, update["sd_model_checkpoint"])  # loaded before the answer, as A1111 does
 
     def bounded(merged: dict[str, Any]) -> None:
         if len(merged) > MAX_OPTIONS:
@@ -192,7 +193,8 @@ async def png_info(request: Request) -> PNGInfoResponse:
     image = await anyio.to_thread.run_sync(orders.decode_image, body.image.strip(), "image",
                                            AppState.of(request).settings)
     text, items = infotext.read(image)
-    return PNGInfoResponse(info=text, items=items, parameters=infotext.parse(text) if text else {})
+    parameters = await anyio.to_thread.run_sync(infotext.parse, text) if text else {}
+    return PNGInfoResponse(info=text, items=items, parameters=parameters)
 
 
 def router() -> Router:

@@ -66,20 +66,24 @@ class ModelCache:
         return ((self.max_models is None or len(held) < self.max_models)
                 and (self.max_bytes is None or sum(e.size for e in held) + entry.size <= self.max_bytes))
 
-    async def rescan(self) -> tuple[list[str], list[str]]:
+    async def rescan(self, retry_failed: bool = True) -> tuple[list[str], list[str]]:
         """Look at the models folder again: folders added become available, folders removed leave (a model in
-        use stays until a rescan finds it idle), models that failed are read afresh. (added, removed)."""
+        use stays until a rescan finds it idle), and with `retry_failed` (an asked-for rescan, not the periodic
+        one) models that failed are read afresh. A loaded model stays as it is. (added, removed)."""
         found = {path.name: path for path in await asyncio.to_thread(self._found)}
-        fresh = [path for name, path in found.items() if name not in self.entries
-                 or (self.entries[name].state == "failed" and not self.entries[name].busy())
-                 or self.entries[name].path != path]
+        fresh = [path for name, path in found.items()
+                 if name not in self.entries or self._replaceable(self.entries[name], path, retry_failed)]
         described = await asyncio.to_thread(lambda: [self._describe(path) for path in fresh])
-        removed = [name for name, entry in self.entries.items() if name not in found and not entry.busy()]
-        for name in removed:
-            await self._unload(self.entries.pop(name), "its folder was removed")
+        removed = []
+        for name in [name for name in self.entries if name not in found]:
+            entry = self.entries.get(name)
+            if entry is not None and not entry.busy():  # checked before each: a request may have queued meanwhile
+                removed.append(name)
+                await self._unload(self.entries.pop(name), "its folder was removed")
         added = [entry.name for entry in described if entry.name not in self.entries]
         for entry in described:
-            if entry.name not in self.entries or not self.entries[entry.name].busy():
+            current = self.entries.get(entry.name)
+            if current is None or self._replaceable(current, entry.path, retry_failed):
                 self.entries[entry.name] = entry
         self.empty = await asyncio.to_thread(nothing_servable, self.settings.models_dir, self.settings.models)
         if added or removed:
@@ -87,10 +91,17 @@ class ModelCache:
                      ", ".join(removed) or "none")
         return sorted(added), sorted(removed)
 
+    @staticmethod
+    def _replaceable(entry: Entry, path: Path, retry_failed: bool) -> bool:
+        """A rescan reads a known model afresh only while nothing holds it: failed (when asked), or moved."""
+        if entry.busy() or entry.queue is not None:
+            return False
+        return (entry.state == "failed" and retry_failed) or (entry.state != "failed" and entry.path != path)
+
     async def rescan_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            await self.rescan()
+            await self.rescan(retry_failed=False)  # a model that failed stays failed until asked: no retry loop
 
     async def reread(self) -> None:
         """After the LoRA directory was read again: the models not loaded are described again (their adapters)."""
@@ -149,10 +160,12 @@ class ModelCache:
 
     async def unload_idle(self) -> list[str]:
         """Unload every loaded model that is idle (A1111's unload-checkpoint)."""
-        idle = [e for e in self.entries.values() if e.queue is not None and not e.busy()]
-        for entry in idle:
-            await self._unload(entry, "asked to")
-        return [e.name for e in idle]
+        unloaded = []
+        for entry in list(self.entries.values()):
+            if entry.queue is not None and not entry.busy():  # checked before each: a request may queue meanwhile
+                unloaded.append(entry.name)
+                await self._unload(entry, "asked to")
+        return unloaded
 
     def _entry(self, name: str) -> Entry:
         entry = self.entries.get(name)

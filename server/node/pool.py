@@ -97,8 +97,10 @@ class EnginePool:
 
     async def reload_adapters(self) -> None:
         """Read the LoRA directory again for every model (renders in flight keep their adapters)."""
+        queues = list(self.queues.values())  # taken on the event loop, which alone changes the cache
+
         def reload() -> None:
-            for queue in self.queues.values():
+            for queue in queues:
                 queue.pipeline.load_adapters(self.settings.lora_dir)
 
         await asyncio.to_thread(reload)
