@@ -90,7 +90,7 @@ def _detect(body: DetectRequest, source: str, settings: Settings) -> bytes:
     image = orders.decode_image(source, param, settings).convert("RGB")
     if body.controlnet_module == "none":
         return images.png(image)
-    resolution, low, high = (_slider(value, slider) for value, slider in zip(
+    resolution, low, high = (slider(value, bounds) for value, bounds in zip(
         (body.controlnet_processor_res, body.controlnet_threshold_a, body.controlnet_threshold_b),
         MODULES["canny"], strict=True))
     scale = resolution / min(image.size)
@@ -105,8 +105,8 @@ def _detect(body: DetectRequest, source: str, settings: Settings) -> bytes:
     return images.png(Image.fromarray(edges).convert("RGB"))
 
 
-def _slider(value: float, slider: Slider) -> float:
-    return value if slider.min <= value <= slider.max else slider.value
+def slider(value: float, bounds: Slider) -> float:
+    return value if bounds.min <= value <= bounds.max else bounds.value
 
 
 def _pad64(size: int) -> int:

@@ -48,9 +48,9 @@ async def loras(request: Request) -> list[LoraItem]:
     return [LoraItem(name=name, alias=name, path=f"{name}.safetensors") for name in names]
 
 
-@get("/scripts", summary="Scripts txt2img and img2img take: none yet (ControlNet's units are not rendered here)")
+@get("/scripts", summary="Scripts txt2img and img2img take: ControlNet's always-on script (no selectable ones)")
 async def scripts() -> ScriptsList:
-    return ScriptsList(txt2img=[], img2img=[])
+    return ScriptsList(txt2img=["controlnet"], img2img=["controlnet"])
 
 
 @get("/embeddings", summary="Textual-inversion embeddings: none (the engines load none)")

@@ -68,7 +68,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     height: int | None = None
     override_settings: OverrideSettings | None = None
     script_name: str | None = None  # a selectable script: none here, so any name is a 422
-    alwayson_scripts: dict[str, Any] = msgspec.field(default_factory=dict)  # only ControlNet's, with no unit
+    alwayson_scripts: dict[str, Any] = msgspec.field(default_factory=dict)  # only ControlNet's: a1111.units
     send_images: bool = True
     save_images: bool = False
     # accepted, no effect here: one line each in the README

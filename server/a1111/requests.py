@@ -169,8 +169,8 @@ def build(request: Txt2ImgRequest | Img2ImgRequest, info: ModelInfo, options: di
 
 
 def check_scripts(request: GenerationRequest) -> None:
-    """A1111 refuses scripts it does not have (422); here there are none to select, and ControlNet's always-on
-    script takes no enabled unit yet (its units are not rendered)."""
+    """A1111 refuses scripts it does not have (422); here there are none to select, and ControlNet's is the one
+    always-on script (its units: `server.a1111.units`)."""
     if request.script_name:
         raise invalid("script_name", f"Script '{request.script_name}' not found: this server has no selectable "
                       "scripts")
@@ -179,11 +179,8 @@ def check_scripts(request: GenerationRequest) -> None:
             raise invalid(f"alwayson_scripts.{name}", f"always on script {name} not found; this server has "
                           "ControlNet's only")
         units = script.get("args", []) if isinstance(script, dict) else script
-        if not isinstance(units, list):
-            raise invalid(f"alwayson_scripts.{name}", "'args' must be a list of ControlNet units")
-        if any(not isinstance(unit, dict) or unit.get("enabled", True) is not False for unit in units):
-            raise invalid(f"alwayson_scripts.{name}.args", "ControlNet units are not rendered on this server "
-                          "yet; send none, or only units with \"enabled\": false")
+        if not isinstance(units, list) or not all(isinstance(unit, dict) for unit in units):
+            raise invalid(f"alwayson_scripts.{name}.args", "'args' must be a list of ControlNet units (objects)")
 
 
 def prompt_adapters(prompt: str, info: ModelInfo) -> tuple[str, list[LoraRef], list[str]]:
@@ -216,13 +213,13 @@ def img2img_inputs(request: Img2ImgRequest, size: tuple[int, int], settings: Set
     if request.resize_mode not in (0, 1, 2, 3):
         raise invalid("resize_mode", "resize_mode must be 0, 1, 2 or 3")
     picture = decode_image(request.init_images[0], "init_images", settings)
-    fitted = _resize(picture.convert("RGB"), size, request.resize_mode)
+    fitted = resize(picture.convert("RGB"), size, request.resize_mode)
     if not request.mask:
         return images.png(fitted), None
     mask = decode_image(request.mask, "mask", settings).convert("L")
     if request.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
-    return images.png(fitted), images.png(_resize(mask, size, request.resize_mode))
+    return images.png(fitted), images.png(resize(mask, size, request.resize_mode))
 
 
 def decode_image(text: str, param: str, settings: Settings) -> Image.Image:
@@ -241,7 +238,7 @@ def decode_image(text: str, param: str, settings: Settings) -> Image.Image:
         raise invalid(param, exc.message) from None
 
 
-def _resize(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Image:
+def resize(image: Image.Image, size: tuple[int, int], mode: int) -> Image.Image:
     if mode in (0, 3):
         return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
     return fit(image, *size)

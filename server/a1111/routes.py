@@ -31,7 +31,7 @@ from litestar.exceptions import HTTPException
 
 from engines.manifest import sdserve_version
 from server import errors
-from server.a1111 import checkpoints, infotext
+from server.a1111 import checkpoints, infotext, units
 from server.a1111 import protocol as a1111
 from server.a1111 import requests as orders
 from server.a1111.controlnet import CONTROLNET_ROUTES
@@ -98,8 +98,10 @@ async def _render(request: Request, kind: Kind) -> Response[ImagesResponse]:
         image, mask = await anyio.to_thread.run_sync(orders.img2img_inputs, body, size, state.settings)
         strength = body.denoising_strength
     order, comments = orders.build(body, info, options, state.request_id(request), strength, image, mask)
+    guides = await anyio.to_thread.run_sync(units.orders_for, body.alwayson_scripts, info, state.settings,
+                                            (order.width, order.height), image)
     previews = preview_count(options, order.steps, order.strength)
-    order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews,
+    order = msgspec.structs.replace(for_tenant(request, order), partial_images=previews, controlnet=guides,
                                     preview=preview_mode(options, info.tiny_decoder),
                                     events="image_edit" if kind == "img2img" else "image_generation")
     task = Task(client=_client(request), order=order, kind=kind, previews=previews)
@@ -218,7 +220,8 @@ def handle(request: Request, exc: Exception) -> Response[Any]:
     detail = mapped.content.error
     if mapped.status_code == 400:
         param = "prompt" if detail.param == "lora" else detail.param  # adapters come from prompt tags here
-        loc = ["body", *param.split(".")] if param not in (None, "body") else ["body"]
+        loc = ["body", *(int(part) if part.isdigit() else part for part in param.split("."))] \
+            if param not in (None, "body") else ["body"]  # list indexes as FastAPI's: numbers
         return Response(ValidationErrorBody([ValidationProblem(loc=loc, msg=detail.message)]), status_code=422)
     body = HTTPErrorBody(error="HTTPException", detail=detail.message, body="", errors=detail.message)
     return Response(body, status_code=mapped.status_code, headers=dict(mapped.headers))

@@ -1,6 +1,7 @@
-"""sd-webui-controlnet's routes (/controlnet) through the real `webuiapi` package, on a standalone server and
-on a router whose node hosts the ControlNet: the model list with `[hash]` names, the modules, and `detect`
-checked against OpenCV's Canny on the same pixels."""
+"""sd-webui-controlnet through the real `webuiapi` package, on a standalone server and on a router whose node
+hosts the ControlNet: its routes (the model list with `[hash]` names, the modules, and `detect` checked against
+OpenCV's Canny on the same pixels), and its units on txt2img and img2img (`alwayson_scripts.controlnet.args`),
+which render what the OpenAI route's `controlnet` field renders; bad units are 422s naming their field."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def router(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     node = fleet.add_node("node-a", MODEL)
     fleet.router.start(ready=False, timeout=LOADING)
     node.start(ready=False, timeout=LOADING)
-    fleet.wait_nodes({"node-a"}, timeout=LOADING)
+    fleet.wait_nodes({"node-a"})
     yield fleet.router
     fleet.stop()
 
@@ -144,3 +145,104 @@ def test_detect_refusals_are_422_naming_the_field(standalone: ServerProcess, bod
     assert answer.status_code == 422, answer.text
     problem = answer.json()["detail"][0]
     assert problem["loc"] == ["body", loc] and named in problem["msg"]
+
+
+# -- units on txt2img and img2img (alwayson_scripts.controlnet.args) ------------------------------------
+
+RENDER = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4, "cfg_scale": 5.0, "seed": 5,
+          "sampler_name": "Euler"}
+
+
+def _rendered(result: webuiapi.WebUIApiResult) -> np.ndarray:
+    return np.asarray(result.image.convert("RGB"))
+
+
+def _openai(server: ServerProcess, **fields: object) -> np.ndarray:
+    body = {"model": MODEL, "prompt": RENDER["prompt"], "size": "64x64", "steps": 4, "guidance_scale": 5.0,
+            "seed": 5, "sampler": "euler", "response_format": "b64_json", **fields}
+    answer = httpx.post(server.url + "/v1/images/generations", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
+    return np.asarray(picture.convert("RGB"))
+
+
+@pytest.mark.parametrize("front", ["standalone", "router"])
+def test_txt2img_canny_unit_renders_what_the_openai_route_renders(request: pytest.FixtureRequest, model_dir: Path,
+                                                                  front: str) -> None:
+    """webuiapi's ControlNetUnit, named `name [hash]`, with an 80x96 picture cropped to 64x64 ("Crop and
+    Resize"), is the OpenAI `controlnet` unit with the same image, scale, window and thresholds (on a router:
+    sent to the node that has the ControlNet)."""
+    standalone = request.getfixturevalue(front)
+    picture = Image.fromarray(_picture(4))
+    unit = webuiapi.ControlNetUnit(image=picture, module="canny", model=_title(model_dir), weight=1.4,
+                                   guidance_start=0.1, guidance_end=0.8, threshold_a=40, threshold_b=160,
+                                   resize_mode="Crop and Resize", processor_res=80)
+    guided = _rendered(_api(standalone).txt2img(**RENDER, controlnet_units=[unit], alwayson_scripts={}))
+    openai = _openai(standalone, controlnet=[{
+        "model": NET, "image": base64.b64encode(_png(picture)).decode(), "scale": 1.4, "start": 0.1, "end": 0.8,
+        "preprocess": "canny", "low": 40, "high": 160}])
+    assert np.array_equal(guided, openai)
+    plain = _rendered(_api(standalone).txt2img(**RENDER, alwayson_scripts={}))
+    assert not np.array_equal(guided, plain)  # the unit changed the render: the comparison is not of two plain ones
+
+
+def test_resize_and_fill_fits_the_image_inside_on_its_border_colour(standalone: ServerProcess) -> None:
+    """webuiapi's default resize_mode, "Resize and Fill": a 32x16 picture is scaled to 64x32 and centred on the
+    median colour of its border, as sd-webui-controlnet fills; the OpenAI route gets that image made here."""
+    picture = np.random.default_rng(8).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    border = np.concatenate([picture[0], picture[-1], picture[:, 0], picture[:, -1]])
+    filled = Image.new("RGB", (64, 64), tuple(int(v) for v in np.median(border, axis=0)))
+    filled.paste(Image.fromarray(picture).resize((64, 32), Image.Resampling.LANCZOS), (0, 16))
+    unit = webuiapi.ControlNetUnit(image=Image.fromarray(picture), module="none", model=NET, weight=1.5)
+    guided = _rendered(_api(standalone).txt2img(**RENDER, controlnet_units=[unit], alwayson_scripts={}))
+    openai = _openai(standalone, controlnet=[{"model": NET, "image": base64.b64encode(_png(filled)).decode(),
+                                              "scale": 1.5}])
+    assert np.array_equal(guided, openai)
+
+
+def test_img2img_unit_without_an_image_uses_the_init_image(standalone: ServerProcess) -> None:
+    """As sd-webui-controlnet does; the model named without its hash, the module as `None`."""
+    init = Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    api = _api(standalone)
+
+    def img2img(*units: webuiapi.ControlNetUnit) -> np.ndarray:
+        return _rendered(api.img2img(images=[init], denoising_strength=0.7, **RENDER, controlnet_units=list(units),
+                                     alwayson_scripts={}))
+
+    without_image = img2img(webuiapi.ControlNetUnit(module="None", model=NET, weight=1.5))
+    with_init = img2img(webuiapi.ControlNetUnit(image=init, module="none", model=NET, weight=1.5))
+    assert np.array_equal(without_image, with_init)
+    assert not np.array_equal(without_image, img2img())
+
+
+def _unit(**fields: object) -> dict:
+    image = base64.b64encode(_png(Image.fromarray(_picture(5)))).decode()
+    return {"image": image, "module": "canny", "model": NET, "weight": 1.0, "enabled": True} | fields
+
+
+@pytest.mark.parametrize(("units", "loc", "named"), [
+    ([_unit(module="depth_midas")], [0, "module"], "depth_midas"),
+    ([_unit(model="nope [12345678]")], [0, "model"], "nope"),
+    ([_unit(enabled=False, module="x"), _unit(weight=3)], [1, "weight"], "args[1].weight"),
+    ([_unit(guidance_start=0.9, guidance_end=0.2)], [0, "guidance_start"], "below"),
+    ([_unit(threshold_a="low")], [0, "threshold_a"], "float"),
+    ([_unit(control_mode="My prompt is more important")], [0, "control_mode"], "Balanced"),
+    ([_unit(image="")], [0, "image"], "txt2img"),
+    ([_unit(image="bm90IGFuIGltYWdl")], [0, "image"], "image"),
+    ([_unit()] * 5, [], "at most 4"),
+])
+def test_bad_units_are_422_naming_the_field_and_nothing_renders(standalone: ServerProcess, units: list,
+                                                                loc: list, named: str) -> None:
+    before = _renders(standalone)
+    answer = httpx.post(standalone.url + "/sdapi/v1/txt2img", timeout=60, json={
+        **RENDER, "alwayson_scripts": {"ControlNet": {"args": units}}})
+    assert answer.status_code == 422, answer.text
+    problem = answer.json()["detail"][0]
+    assert problem["loc"] == ["body", "alwayson_scripts", "ControlNet", "args", *loc] and named in problem["msg"]
+    assert _renders(standalone) == before
+
+
+def _renders(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sdserve_render_seconds_count"))

@@ -70,8 +70,8 @@ def _resident_bytes(pid: int) -> int:
 
 
 def test_start_up_routes_through_webuiapi(server: ServerProcess, api: webuiapi.WebUIApi) -> None:
-    assert not api.has_controlnet  # /scripts answered: no ControlNet script while its units are not rendered
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert not api.has_controlnet  # /scripts answered; webuiapi looks for the "controlnet m2m" script, not here
+    assert api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_realesrgan_models() == []
     flags = api.get_cmd_flags()
@@ -114,10 +114,12 @@ def test_png_info_without_parameters_and_of_a_non_image(server: ServerProcess, a
     ({"script_name": "x/y/z plot"}, ["body", "script_name"]),
     ({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, ["body", "alwayson_scripts", "ADetailer"]),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"module": "canny", "model": "x"}]}}},
-     ["body", "alwayson_scripts", "ControlNet", "args"]),
+     ["body", "alwayson_scripts", "ControlNet", "args", 0, "model"]),
+    ({"alwayson_scripts": {"ControlNet": {"args": [True]}}}, ["body", "alwayson_scripts", "ControlNet", "args"]),
 ])
 def test_scripts_this_server_does_not_run_are_422(server: ServerProcess, extra: dict, loc: list[str]) -> None:
-    """As A1111 refuses a script it does not have; ControlNet units are refused until they render."""
+    """As A1111 refuses a script it does not have; a ControlNet unit on a model without ControlNet inputs names
+    its model."""
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 1, **extra}
     answer = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, auth=BASIC, timeout=30)
     assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == loc
