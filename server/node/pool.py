@@ -27,10 +27,10 @@ from server.wire import RenderedImages, RenderOrder, StreamEvent
 log = logging.getLogger("sdserve.server")
 
 
-
 def draining_error() -> ApiError:
     """What an order that arrives while this node drains gets (a router sends it elsewhere)."""
     return ApiError(503, "this node is draining and takes no new work", code="draining", headers={"Retry-After": "5"})
+
 
 class EnginePool:
     """Every model directory under the models dir, known at start-up; loaded as `server.node.cache` says.
@@ -154,8 +154,9 @@ class EnginePool:
         """A streamed order's events (refusals raise here, before any event); its model's load, if it waits for
         one, counts toward its timeout."""
         started, timeout = time.monotonic(), self.settings.request_timeout
-        try:  # bounded as a non-streamed order's whole answer is
-            queue = await asyncio.wait_for(self.queue_for(order), timeout)
+        try:  # bounded as a non-streamed order's whole answer is; in this task, so it queues before any other runs
+            async with asyncio.timeout(timeout):
+                queue = await self.queue_for(order)
         except TimeoutError:
             raise ApiError(504, f"model '{order.model}' did not load within the {timeout:g} s request timeout",
                            code="timeout") from None
